@@ -1,0 +1,181 @@
+//! The exact metric's second half: from accumulated counts to the metric, in float64.
+//!
+//! Exact evaluation is confusion-matrix style. A back end computes the accumulator nodes
+//! ([`Node::Count`], [`Node::NllSum`]) per batch and adds them up over a dataset; this
+//! module then evaluates everything above them once. Undefined ratios (`x / 0` under
+//! [`DivGuard::Auto`]) are NaN internally and skipped by `mean`, like the published
+//! evaluator's nanmean; a metric that ends up NaN is reported as undefined.
+
+use crate::ir::{DivGuard, Handle, Mode, Module, Node, Shape};
+use std::collections::BTreeMap;
+
+/// A number or one number per class.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Scalar(f64),
+    Classes(Vec<f64>),
+}
+
+impl Value {
+    pub fn as_vec(&self) -> Vec<f64> {
+        match self {
+            Value::Scalar(v) => vec![*v],
+            Value::Classes(v) => v.clone(),
+        }
+    }
+    fn map(&self, f: impl Fn(f64) -> f64) -> Value {
+        match self {
+            Value::Scalar(v) => Value::Scalar(f(*v)),
+            Value::Classes(v) => Value::Classes(v.iter().map(|x| f(*x)).collect()),
+        }
+    }
+    fn zip(&self, other: &Value, f: impl Fn(f64, f64) -> f64) -> Value {
+        match (self, other) {
+            (Value::Scalar(a), Value::Scalar(b)) => Value::Scalar(f(*a, *b)),
+            (Value::Classes(a), Value::Scalar(b)) => Value::Classes(a.iter().map(|x| f(*x, *b)).collect()),
+            (Value::Scalar(a), Value::Classes(b)) => Value::Classes(b.iter().map(|y| f(*a, *y)).collect()),
+            (Value::Classes(a), Value::Classes(b)) => Value::Classes(a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect()),
+        }
+    }
+}
+
+/// Running sums of every accumulator node of an exact module.
+#[derive(Clone, Debug, Default)]
+pub struct Accumulator {
+    sums: BTreeMap<Handle, Vec<f64>>,
+    /// Number of batches added.
+    pub batches: usize,
+}
+
+/// The accumulator nodes of a module, in arena order: what a back end must compute.
+pub fn accumulator_nodes(module: &Module) -> Vec<Handle> {
+    module.handles().filter(|h| module.node(*h).is_accumulator()).collect()
+}
+
+impl Accumulator {
+    /// Add one batch's values for `node` (per class, or a single number).
+    pub fn add(&mut self, node: Handle, values: &[f64]) {
+        let entry = self.sums.entry(node).or_insert_with(|| vec![0.0; values.len()]);
+        if entry.len() != values.len() {
+            // A different class count than earlier batches: keep the union's length.
+            entry.resize(entry.len().max(values.len()), 0.0);
+        }
+        for (sum, value) in entry.iter_mut().zip(values) {
+            *sum += value;
+        }
+    }
+
+    pub fn get(&self, node: Handle) -> Option<&[f64]> {
+        self.sums.get(&node).map(Vec::as_slice)
+    }
+}
+
+/// The exact result: the metric (NaN when undefined) and the module's reported values.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    pub value: f64,
+    pub reports: Vec<(String, Value)>,
+}
+
+/// Why the accumulated counts cannot be finished.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FinishError {
+    #[error("no values were accumulated for {0} (no batch was evaluated)")]
+    Missing(Handle),
+}
+
+/// Evaluate the module's root (and reports) from accumulated sums.
+pub fn finish(module: &Module, accumulated: &Accumulator) -> Result<Evaluation, FinishError> {
+    assert_eq!(module.mode, Mode::Exact, "finish evaluates exact modules");
+    let mut values: Vec<Option<Value>> = vec![None; module.len()];
+    for handle in module.handles() {
+        let get = |h: Handle| values[h.index()].clone();
+        let node = module.node(handle);
+        let value = match node {
+            Node::Count(_) | Node::NllSum => {
+                let sums = accumulated.get(handle).ok_or(FinishError::Missing(handle))?;
+                Some(match module.shape(handle) {
+                    Shape::Classes(_) => Value::Classes(sums.to_vec()),
+                    _ => Value::Scalar(sums.first().copied().unwrap_or(0.0)),
+                })
+            }
+            Node::Const(c) => Some(Value::Scalar(c.get())),
+            Node::Add(a, b) => both(get(*a), get(*b), |x, y| x + y),
+            Node::Sub(a, b) => both(get(*a), get(*b), |x, y| x - y),
+            Node::Mul(a, b) => both(get(*a), get(*b), |x, y| x * y),
+            Node::Div { num, den, guard } => match guard {
+                DivGuard::Auto => both(get(*num), get(*den), |x, y| if y == 0.0 { f64::NAN } else { x / y }),
+                DivGuard::Explicit => both(get(*num), get(*den), |x, y| x / y),
+            },
+            Node::Neg(a) => get(*a).map(|v| v.map(|x| -x)),
+            Node::Compare { op, lhs, rhs } => {
+                both(get(*lhs), get(*rhs), |x, y| if op.apply(x, y) { 1.0 } else { 0.0 })
+            }
+            // Logical operators on class masks (pixel-level ones have no value here).
+            Node::And(a, b) => both(get(*a), get(*b), |x, y| if x > 0.5 && y > 0.5 { 1.0 } else { 0.0 }),
+            Node::Or(a, b) => both(get(*a), get(*b), |x, y| if x > 0.5 || y > 0.5 { 1.0 } else { 0.0 }),
+            Node::Xor(a, b) => both(get(*a), get(*b), |x, y| if (x > 0.5) != (y > 0.5) { 1.0 } else { 0.0 }),
+            Node::Not(a) => get(*a).map(|v| v.map(|x| if x > 0.5 { 0.0 } else { 1.0 })),
+            Node::Slice { input, start, end } => get(*input).map(|v| match v {
+                Value::Classes(values) => {
+                    let end = end.unwrap_or(values.len()).min(values.len());
+                    Value::Classes(values.get(*start..end).map(<[f64]>::to_vec).unwrap_or_default())
+                }
+                scalar => scalar,
+            }),
+            Node::Mean { value, filter } => {
+                let selected = selected(get(*value), filter.and_then(|f| get(f)));
+                selected.map(|entries| {
+                    let defined: Vec<f64> = entries.into_iter().filter(|x| !x.is_nan()).collect();
+                    Value::Scalar(if defined.is_empty() {
+                        f64::NAN
+                    } else {
+                        defined.iter().sum::<f64>() / defined.len() as f64
+                    })
+                })
+            }
+            Node::Sum { value, filter } => {
+                selected(get(*value), filter.and_then(|f| get(f))).map(|entries| Value::Scalar(entries.iter().sum()))
+            }
+            Node::Term { value, .. } | Node::CurveTag { input: value, .. } | Node::Scope { input: value, .. } => {
+                get(*value)
+            }
+            // Pixel-level nodes have no accumulated value.
+            Node::Pred
+            | Node::Softmax
+            | Node::Labels
+            | Node::Valid
+            | Node::Curve { .. }
+            | Node::Erode { .. }
+            | Node::Dilate { .. }
+            | Node::AnyClass(_) => None,
+        };
+        values[handle.index()] = value;
+    }
+    let value = match &values[module.root.index()] {
+        Some(Value::Scalar(v)) => *v,
+        Some(Value::Classes(v)) => v.first().copied().unwrap_or(f64::NAN),
+        None => f64::NAN,
+    };
+    let reports = module
+        .reports
+        .iter()
+        .filter_map(|r| values[r.value.index()].clone().map(|v| (r.name.clone(), v)))
+        .collect();
+    Ok(Evaluation { value, reports })
+}
+
+fn both(a: Option<Value>, b: Option<Value>, f: impl Fn(f64, f64) -> f64) -> Option<Value> {
+    Some(a?.zip(&b?, f))
+}
+
+fn selected(value: Option<Value>, filter: Option<Value>) -> Option<Vec<f64>> {
+    let values = value?.as_vec();
+    Some(match filter {
+        None => values,
+        Some(mask) => {
+            let mask = mask.as_vec();
+            values.into_iter().zip(mask).filter(|(_, m)| *m > 0.5).map(|(v, _)| v).collect()
+        }
+    })
+}

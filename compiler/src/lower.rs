@@ -1,0 +1,651 @@
+//! Lowering: a checked program plus parameter values becomes an exact IR [`Module`].
+//!
+//! Parameters are known here, so `if` picks a branch, slice bounds and radii become
+//! numbers and class ranges are checked (`X[1:] & Y` needs `Y` to cover the same classes).
+//! Sugar disappears: `boundary(X)` is `X ^ erode(X, 1)`, `ce` is the summed pixel
+//! cross-entropy over the number of valid pixels. Structurally equal nodes are built once
+//! (see [`crate::ir::Builder`]), which is the compiler's common-subexpression elimination.
+
+use crate::check::{FileDiagnostics, Kind};
+use crate::ir::{Builder, ClassRange, CmpOp, DivGuard, Handle, Mode, Module, Node, Report, RootKind, Shape};
+use crate::program::{Program, SourceId};
+use grammar::ast::{self, BinaryOp, ExprKind, Literal, ParamType, Span, UnaryOp};
+use grammar::{suggest, Diagnostic};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Largest radius accepted by `erode` and `dilate`.
+pub const MAX_RADIUS: i64 = 64;
+/// Bézier pieces per curve when a definition does not say (`with pieces = N`).
+pub const DEFAULT_PIECES: usize = 2;
+
+/// A parameter value, typed.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamValue::Int(v) => write!(f, "{v}"),
+            ParamValue::Float(v) => write!(f, "{v:?}"),
+            ParamValue::Bool(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// Why lowering failed.
+#[derive(Debug)]
+pub enum LowerError {
+    /// The main file defines no metric or loss.
+    NoEntry,
+    /// A `--set NAME=VALUE` override is wrong; the message is one full sentence.
+    Param(String),
+    /// Errors found with parameter values known (class ranges, radii), per file.
+    Diagnostics(Vec<FileDiagnostics>),
+}
+
+/// Resolve `--set` overrides against the entry's declared parameters.
+pub fn resolve_params(definition: &ast::Definition, overrides: &[(String, String)]) -> Result<BTreeMap<String, ParamValue>, LowerError> {
+    let mut values = BTreeMap::new();
+    for param in &definition.params {
+        values.insert(param.name.name.clone(), literal_value(param.ty, &param.default));
+    }
+    for (name, raw) in overrides {
+        let Some(param) = definition.params.iter().find(|p| &p.name.name == name) else {
+            let known: Vec<&str> = definition.params.iter().map(|p| p.name.name.as_str()).collect();
+            let prefix_match = known.iter().copied().find(|k| name.starts_with(k) || k.starts_with(name.as_str()));
+            let hint = match prefix_match.or_else(|| suggest(name, known.iter().copied())) {
+                Some(best) => format!(" Did you mean `{best}`?"),
+                None if known.is_empty() => " It declares no parameters.".to_string(),
+                None => format!(" Its parameters are: {}.", known.join(", ")),
+            };
+            return Err(LowerError::Param(format!(
+                "`{}` has no parameter `{name}`.{hint}",
+                definition.name.name
+            )));
+        };
+        let raw_trimmed = raw.trim();
+        let value = match param.ty {
+            ParamType::Int => raw_trimmed.parse::<i64>().ok().map(ParamValue::Int),
+            ParamType::Float => raw_trimmed.parse::<f64>().ok().filter(|v| v.is_finite()).map(ParamValue::Float),
+            ParamType::Bool => match raw_trimmed {
+                "true" => Some(ParamValue::Bool(true)),
+                "false" => Some(ParamValue::Bool(false)),
+                _ => None,
+            },
+        };
+        let Some(value) = value else {
+            let expected = match param.ty {
+                ParamType::Int => "an integer such as 3",
+                ParamType::Float => "a finite number such as 0.5",
+                ParamType::Bool => "`true` or `false`",
+            };
+            return Err(LowerError::Param(format!("parameter `{name}` expects {expected}, but got `{raw}`.")));
+        };
+        values.insert(name.clone(), value);
+    }
+    Ok(values)
+}
+
+fn literal_value(ty: ParamType, literal: &Literal) -> ParamValue {
+    match (ty, literal) {
+        (ParamType::Float, Literal::Int(v)) => ParamValue::Float(*v as f64),
+        (_, Literal::Int(v)) => ParamValue::Int(*v),
+        (_, Literal::Float(v)) => ParamValue::Float(*v),
+        (_, Literal::Bool(v)) => ParamValue::Bool(*v),
+    }
+}
+
+/// Lower the program's entry with the given parameter overrides. The program must have
+/// passed [`crate::check::check_program`].
+pub fn lower(program: &Program, overrides: &[(String, String)]) -> Result<Module, LowerError> {
+    let (definition, is_loss) = program.entry().ok_or(LowerError::NoEntry)?;
+    let params = resolve_params(definition, overrides)?;
+    let mut lowering = Lowering { program, builder: Builder::default(), diagnostics: Vec::new(), min_classes: 1, source: 0 };
+    let pieces = definition_pieces(definition);
+    let mut env: Vec<(String, Value)> = params.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect();
+    for binding in &definition.lets {
+        let value = lowering.expr(&binding.value, &env, None);
+        env.push((binding.name.name.clone(), value));
+    }
+    let root_value = lowering.expr(&definition.body, &env, None);
+    let root = lowering.to_node(root_value, definition.body.span);
+    if !lowering.diagnostics.is_empty() {
+        let mut by_file: BTreeMap<SourceId, Vec<Diagnostic>> = BTreeMap::new();
+        for (source, diagnostic) in lowering.diagnostics {
+            by_file.entry(source).or_default().push(diagnostic);
+        }
+        return Err(LowerError::Diagnostics(
+            by_file.into_iter().map(|(source, diagnostics)| FileDiagnostics { source, diagnostics }).collect(),
+        ));
+    }
+    let root = root.expect("no diagnostics implies a root node");
+    let mut reports = Vec::new();
+    if let Some(per_class) = top_level_reduction(&definition.body, &env, &lowering) {
+        reports.push(Report { name: "per_class".into(), value: per_class });
+    }
+    for handle in 0..lowering.builder.nodes.len() {
+        if let Node::Term { name, .. } = &lowering.builder.nodes[handle] {
+            let name = name.clone();
+            reports.push(Report { name, value: handle_at(handle) });
+        }
+    }
+    let root_kind = if is_loss { RootKind::Loss } else { RootKind::Metric };
+    let min_classes = lowering.min_classes;
+    Ok(lowering.builder.finish(definition.name.name.clone(), Mode::Exact, root_kind, root, reports, min_classes, pieces))
+}
+
+fn handle_at(index: usize) -> Handle {
+    // Handles are dense indices; the builder hands them out in order.
+    crate::ir::handle_from_index(index)
+}
+
+fn definition_pieces(definition: &ast::Definition) -> usize {
+    definition
+        .options
+        .iter()
+        .find_map(|o| match (o.key.name.as_str(), &o.value) {
+            ("pieces", Literal::Int(n)) if *n >= 1 => Some(*n as usize),
+            _ => None,
+        })
+        .unwrap_or(DEFAULT_PIECES)
+}
+
+/// If the body is `mean(v, ...)` or `sum(v, ...)`, the per-class values `v`.
+fn top_level_reduction(body: &ast::Expr, env: &[(String, Value)], lowering: &Lowering) -> Option<Handle> {
+    let mut expr = body;
+    while let ExprKind::Paren(inner) = &expr.kind {
+        expr = inner;
+    }
+    let ExprKind::Call { callee, args } = &expr.kind else { return None };
+    if callee.name != "mean" && callee.name != "sum" {
+        return None;
+    }
+    let first = args.iter().find(|a| a.name.is_none())?;
+    // Re-lowering finds the existing node through hash-consing; nothing new is built for a
+    // well-formed body, but we only look up, never add: walk by name for the common case.
+    match &first.value.kind {
+        ExprKind::Name(ident) => match env.iter().rev().find(|(n, _)| n == &ident.name) {
+            Some((_, Value::Node(handle))) => Some(*handle),
+            _ => None,
+        },
+        _ => {
+            // Find the node whose span is exactly the argument's.
+            let span = first.value.span;
+            (0..lowering.builder.nodes.len())
+                .rev()
+                .find(|&i| lowering.builder.spans[i] == span && matches!(lowering.builder.shapes[i], Shape::Classes(_)))
+                .map(handle_at)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Value {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Node(Handle),
+    /// Already reported.
+    Error,
+}
+
+impl From<ParamValue> for Value {
+    fn from(value: ParamValue) -> Value {
+        match value {
+            ParamValue::Int(v) => Value::Int(v),
+            ParamValue::Float(v) => Value::Float(v),
+            ParamValue::Bool(v) => Value::Bool(v),
+        }
+    }
+}
+
+/// The metric term being lowered inside a loss: its name and curve pieces.
+#[derive(Clone)]
+struct TermScope {
+    name: String,
+    pieces: usize,
+}
+
+struct Lowering<'p> {
+    program: &'p Program,
+    builder: Builder,
+    diagnostics: Vec<(SourceId, Diagnostic)>,
+    min_classes: usize,
+    source: SourceId,
+}
+
+impl<'p> Lowering<'p> {
+    fn error(&mut self, diagnostic: Diagnostic) -> Value {
+        self.diagnostics.push((self.source, diagnostic));
+        Value::Error
+    }
+
+    fn add(&mut self, node: Node, shape: Shape, span: Span) -> Value {
+        Value::Node(self.builder.add(node, shape, span, "lower"))
+    }
+
+    /// A node for a value: compile-time numbers become constants.
+    fn to_node(&mut self, value: Value, span: Span) -> Option<Handle> {
+        match value {
+            Value::Node(handle) => Some(handle),
+            Value::Int(v) => Some(self.builder.constant(v as f64, span, "lower")),
+            Value::Float(v) => Some(self.builder.constant(v, span, "lower")),
+            Value::Bool(_) | Value::Error => None,
+        }
+    }
+
+    fn expr(&mut self, expr: &ast::Expr, env: &[(String, Value)], scope: Option<&TermScope>) -> Value {
+        let span = expr.span;
+        match &expr.kind {
+            ExprKind::Literal(Literal::Int(v)) => Value::Int(*v),
+            ExprKind::Literal(Literal::Float(v)) => Value::Float(*v),
+            ExprKind::Literal(Literal::Bool(v)) => Value::Bool(*v),
+            ExprKind::Paren(inner) => self.expr(inner, env, scope),
+            ExprKind::Name(ident) => self.name(ident, env, scope),
+            ExprKind::Unary { op, operand, .. } => {
+                let value = self.expr(operand, env, scope);
+                match (op, value) {
+                    (_, Value::Error) => Value::Error,
+                    (UnaryOp::Not, Value::Bool(b)) => Value::Bool(!b),
+                    (UnaryOp::Neg, Value::Int(v)) => Value::Int(v.saturating_neg()),
+                    (UnaryOp::Neg, Value::Float(v)) => Value::Float(-v),
+                    (UnaryOp::Not, Value::Node(h)) => {
+                        let shape = self.builder.shape(h);
+                        self.add(Node::Not(h), shape, span)
+                    }
+                    (UnaryOp::Neg, Value::Node(h)) => {
+                        let shape = self.builder.shape(h);
+                        self.add(Node::Neg(h), shape, span)
+                    }
+                    _ => Value::Error,
+                }
+            }
+            ExprKind::Binary { op, op_span, lhs, rhs } => {
+                let left = self.expr(lhs, env, scope);
+                let right = self.expr(rhs, env, scope);
+                self.binary(*op, *op_span, left, right, lhs, rhs, span)
+            }
+            ExprKind::If { cond, then_branch, else_branch } => match self.expr(cond, env, scope) {
+                Value::Bool(true) => self.expr(then_branch, env, scope),
+                Value::Bool(false) => self.expr(else_branch, env, scope),
+                _ => Value::Error,
+            },
+            ExprKind::Annotated { operand, curve } => {
+                let Value::Node(input) = self.expr(operand, env, scope) else { return Value::Error };
+                let shape = self.builder.shape(input);
+                let name = match curve.name.as_str() {
+                    "none" => None,
+                    other => Some(match scope {
+                        Some(term) => format!("{}.{other}", term.name),
+                        None => other.to_string(),
+                    }),
+                };
+                self.add(Node::CurveTag { input, name }, shape, span)
+            }
+            ExprKind::Slice { base, start, end } => {
+                let base_value = self.expr(base, env, scope);
+                let bound = |this: &mut Self, e: &Option<Box<ast::Expr>>| -> Result<Option<usize>, ()> {
+                    match e {
+                        None => Ok(None),
+                        Some(e) => match this.expr(e, env, scope) {
+                            Value::Int(v) if v >= 0 => Ok(Some(v as usize)),
+                            Value::Int(v) => {
+                                this.error(Diagnostic::error(
+                                    "E0301",
+                                    format!("slice bounds cannot be negative, but this is {v}"),
+                                    e.span,
+                                    "negative bound",
+                                ));
+                                Err(())
+                            }
+                            _ => Err(()),
+                        },
+                    }
+                };
+                let (Ok(start_value), Ok(end_value)) = (bound(self, start), bound(self, end)) else {
+                    return Value::Error;
+                };
+                let Value::Node(input) = base_value else { return Value::Error };
+                let start_value = start_value.unwrap_or(0);
+                if let Some(end_value) = end_value {
+                    if end_value <= start_value {
+                        return self.error(Diagnostic::error(
+                            "E0302",
+                            format!("this slice keeps no class: {start_value}:{end_value}"),
+                            span,
+                            "empty class range",
+                        ));
+                    }
+                }
+                if start_value == 0 && end_value.is_none() {
+                    return Value::Node(input);
+                }
+                let shape = match self.builder.shape(input) {
+                    Shape::ClassPixels(r) => Shape::ClassPixels(r.slice(start_value, end_value)),
+                    Shape::Classes(r) => Shape::Classes(r.slice(start_value, end_value)),
+                    _ => return Value::Error,
+                };
+                if let Shape::ClassPixels(r) | Shape::Classes(r) = shape {
+                    self.min_classes = self.min_classes.max(r.end.unwrap_or(r.start + 1)).max(r.start + 1);
+                }
+                self.add(Node::Slice { input, start: start_value, end: end_value }, shape, span)
+            }
+            ExprKind::Call { callee, args } => self.call(expr, callee, args, env, scope),
+        }
+    }
+
+    fn name(&mut self, ident: &ast::Ident, env: &[(String, Value)], scope: Option<&TermScope>) -> Value {
+        let span = ident.span;
+        match ident.name.as_str() {
+            "P" => {
+                let pred = self.builder.add(Node::Pred, Shape::ClassPixels(ClassRange::ALL), span, "lower");
+                match scope {
+                    Some(term) => self.add(
+                        Node::Scope { input: pred, name: term.name.clone(), pieces: term.pieces },
+                        Shape::ClassPixels(ClassRange::ALL),
+                        span,
+                    ),
+                    None => Value::Node(pred),
+                }
+            }
+            "L" => self.add(Node::Labels, Shape::ClassPixels(ClassRange::ALL), span),
+            "V" => self.add(Node::Valid, Shape::Pixels, span),
+            "ce" if !env.iter().any(|(n, _)| n == "ce") => {
+                let nll = self.builder.add(Node::NllSum, Shape::Scalar, span, "lower.ce");
+                let valid = self.builder.add(Node::Valid, Shape::Pixels, span, "lower.ce");
+                let pixels = self.builder.add(Node::Count(valid), Shape::Scalar, span, "lower.ce");
+                Value::Node(self.builder.add(
+                    Node::Div { num: nll, den: pixels, guard: DivGuard::Auto },
+                    Shape::Scalar,
+                    span,
+                    "lower.ce",
+                ))
+            }
+            name => env.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or(Value::Error),
+        }
+    }
+
+    fn shape_error(&mut self, op_span: Span, what: &str, a: Shape, b: Shape, lhs: Span, rhs: Span) -> Value {
+        self.error(
+            Diagnostic::error("E0303", format!("{what} covers different classes on each side"), op_span, "class ranges differ")
+                .with_secondary(lhs, describe_shape(a))
+                .with_secondary(rhs, describe_shape(b))
+                .with_help("slice both sides the same way, e.g. `x[1:]` and `y[1:]`"),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn binary(&mut self, op: BinaryOp, op_span: Span, left: Value, right: Value, lhs: &ast::Expr, rhs: &ast::Expr, span: Span) -> Value {
+        // Compile-time folding.
+        match (&left, &right) {
+            (Value::Error, _) | (_, Value::Error) => return Value::Error,
+            (Value::Bool(a), Value::Bool(b)) => {
+                return Value::Bool(match op {
+                    BinaryOp::And => *a && *b,
+                    BinaryOp::Or => *a || *b,
+                    BinaryOp::Xor | BinaryOp::Ne => a != b,
+                    BinaryOp::Eq => a == b,
+                    _ => return Value::Error,
+                })
+            }
+            (Value::Int(a), Value::Int(b)) if op != BinaryOp::Div => {
+                let (a, b) = (*a, *b);
+                return match op {
+                    BinaryOp::Add => Value::Int(a.saturating_add(b)),
+                    BinaryOp::Sub => Value::Int(a.saturating_sub(b)),
+                    BinaryOp::Mul => Value::Int(a.saturating_mul(b)),
+                    _ => match cmp_op(op) {
+                        Some(c) => Value::Bool(c.apply(a as f64, b as f64)),
+                        None => Value::Error,
+                    },
+                };
+            }
+            _ => {}
+        }
+        if let (Some(a), Some(b)) = (compile_time_number(&left), compile_time_number(&right)) {
+            return match op {
+                BinaryOp::Add => Value::Float(a + b),
+                BinaryOp::Sub => Value::Float(a - b),
+                BinaryOp::Mul => Value::Float(a * b),
+                BinaryOp::Div if b != 0.0 => Value::Float(a / b),
+                BinaryOp::Div => self.error(Diagnostic::error(
+                    "E0304",
+                    "division by zero in a constant expression",
+                    span,
+                    "this divides by zero",
+                )),
+                _ => match cmp_op(op) {
+                    Some(c) => Value::Bool(c.apply(a, b)),
+                    None => Value::Error,
+                },
+            };
+        }
+        let (Some(a), Some(b)) = (self.to_node(left, lhs.span), self.to_node(right, rhs.span)) else { return Value::Error };
+        let (sa, sb) = (self.builder.shape(a), self.builder.shape(b));
+        match op {
+            BinaryOp::And | BinaryOp::Or | BinaryOp::Xor => {
+                let shape = match (sa, sb) {
+                    (Shape::Pixels, Shape::Pixels) => Shape::Pixels,
+                    (Shape::ClassPixels(r), Shape::Pixels) | (Shape::Pixels, Shape::ClassPixels(r)) => Shape::ClassPixels(r),
+                    (Shape::ClassPixels(r1), Shape::ClassPixels(r2)) if r1 == r2 => Shape::ClassPixels(r1),
+                    (Shape::Classes(r1), Shape::Classes(r2)) if r1 == r2 => Shape::Classes(r1),
+                    _ => return self.shape_error(op_span, &format!("`{}`", op.symbol()), sa, sb, lhs.span, rhs.span),
+                };
+                let node = match op {
+                    BinaryOp::And => Node::And(a, b),
+                    BinaryOp::Or => Node::Or(a, b),
+                    _ => Node::Xor(a, b),
+                };
+                self.add(node, shape, span)
+            }
+            _ => {
+                let shape = match (sa, sb) {
+                    (Shape::Scalar, Shape::Scalar) => Shape::Scalar,
+                    (Shape::Classes(r), Shape::Scalar) | (Shape::Scalar, Shape::Classes(r)) => Shape::Classes(r),
+                    (Shape::Classes(r1), Shape::Classes(r2)) if r1 == r2 => Shape::Classes(r1),
+                    _ => return self.shape_error(op_span, &format!("`{}`", op.symbol()), sa, sb, lhs.span, rhs.span),
+                };
+                let node = match op {
+                    BinaryOp::Add => Node::Add(a, b),
+                    BinaryOp::Sub => Node::Sub(a, b),
+                    BinaryOp::Mul => Node::Mul(a, b),
+                    BinaryOp::Div => Node::Div { num: a, den: b, guard: division_guard(rhs) },
+                    _ => match cmp_op(op) {
+                        Some(c) => Node::Compare { op: c, lhs: a, rhs: b },
+                        None => return Value::Error,
+                    },
+                };
+                self.add(node, shape, span)
+            }
+        }
+    }
+
+    fn call(&mut self, expr: &ast::Expr, callee: &ast::Ident, args: &[ast::Arg], env: &[(String, Value)], scope: Option<&TermScope>) -> Value {
+        let span = expr.span;
+        let name = callee.name.as_str();
+        if !matches!(name, "count" | "mean" | "sum" | "erode" | "dilate" | "boundary" | "any") {
+            return self.metric_term(callee, args, env, scope, span);
+        }
+        let mut positional = Vec::new();
+        let mut filter = None;
+        for arg in args {
+            let value = self.expr(&arg.value, env, scope);
+            if let Value::Error = value {
+                return Value::Error;
+            }
+            match &arg.name {
+                None => positional.push((value, arg.value.span)),
+                Some(_) => filter = Some((value, arg.value.span)),
+            }
+        }
+        let Some((first, first_span)) = positional.first().cloned() else { return Value::Error };
+        let Value::Node(input) = first else { return Value::Error };
+        let shape = self.builder.shape(input);
+        match name {
+            "count" => {
+                let out = match shape {
+                    Shape::ClassPixels(r) => Shape::Classes(r),
+                    _ => Shape::Scalar,
+                };
+                self.add(Node::Count(input), out, span)
+            }
+            "any" => match shape {
+                Shape::ClassPixels(_) => self.add(Node::AnyClass(input), Shape::Pixels, span),
+                _ => Value::Error,
+            },
+            "erode" | "dilate" => {
+                let Some((Value::Int(radius), radius_span)) = positional.get(1).cloned() else { return Value::Error };
+                if !(0..=MAX_RADIUS).contains(&radius) {
+                    return self.error(
+                        Diagnostic::error(
+                            "E0305",
+                            format!("`{name}` radius must be between 0 and {MAX_RADIUS}, but it is {radius}"),
+                            radius_span,
+                            "radius out of range",
+                        )
+                        .with_note("the window is a square of side 2·radius + 1"),
+                    );
+                }
+                if radius == 0 {
+                    return Value::Node(input);
+                }
+                let radius = radius as u32;
+                let node = if name == "erode" { Node::Erode { input, radius } } else { Node::Dilate { input, radius } };
+                self.add(node, shape, span)
+            }
+            "boundary" => {
+                let eroded = self.builder.add(Node::Erode { input, radius: 1 }, shape, span, "lower.boundary");
+                Value::Node(self.builder.add(Node::Xor(input, eroded), shape, span, "lower.boundary"))
+            }
+            "mean" | "sum" => {
+                let Shape::Classes(range) = shape else { return Value::Error };
+                let filter = match filter {
+                    None => None,
+                    Some((Value::Node(mask), mask_span)) => {
+                        let mask_shape = self.builder.shape(mask);
+                        if mask_shape != Shape::Classes(range) {
+                            return self.shape_error(span, &format!("`{name}(..., where: ...)`"), shape, mask_shape, first_span, mask_span);
+                        }
+                        Some(mask)
+                    }
+                    Some(_) => return Value::Error,
+                };
+                let node = if name == "mean" { Node::Mean { value: input, filter } } else { Node::Sum { value: input, filter } };
+                self.add(node, Shape::Scalar, span)
+            }
+            _ => Value::Error,
+        }
+    }
+
+    fn metric_term(&mut self, callee: &ast::Ident, args: &[ast::Arg], env: &[(String, Value)], scope: Option<&TermScope>, span: Span) -> Value {
+        let Some((definition, source)) = self.program.find_metric_with_source(&callee.name) else { return Value::Error };
+        let mut term_env: Vec<(String, Value)> = definition
+            .params
+            .iter()
+            .map(|p| (p.name.name.clone(), Value::from(literal_value(p.ty, &p.default))))
+            .collect();
+        let mut label_parts = Vec::new();
+        for arg in args {
+            let value = self.expr(&arg.value, env, scope);
+            let Some(arg_name) = &arg.name else { return Value::Error };
+            let param = definition.params.iter().find(|p| p.name.name == arg_name.name);
+            let value = match (param.map(|p| p.ty), value) {
+                (Some(ParamType::Float), Value::Int(v)) => Value::Float(v as f64),
+                (_, Value::Node(_)) => {
+                    return self.error(Diagnostic::error(
+                        "E0306",
+                        "metric parameters must be known at compile time",
+                        arg.value.span,
+                        "this is a run-time value",
+                    ))
+                }
+                (_, value) => value,
+            };
+            label_parts.push(format!("{}={}", arg_name.name, value_text(&value)));
+            if let Some(slot) = term_env.iter_mut().find(|(n, _)| n == &arg_name.name) {
+                slot.1 = value;
+            }
+        }
+        let term_name = callee.name.clone();
+        let term = TermScope { name: term_name.clone(), pieces: definition_pieces(definition) };
+        let outer_source = self.source;
+        self.source = source;
+        for binding in &definition.lets {
+            let value = self.expr(&binding.value, &term_env, Some(&term));
+            term_env.push((binding.name.name.clone(), value));
+        }
+        let value = self.expr(&definition.body, &term_env, Some(&term));
+        let node = self.to_node(value, definition.body.span);
+        self.source = outer_source;
+        let Some(value) = node else { return Value::Error };
+        let label = if label_parts.is_empty() { term_name } else { format!("{}({})", term_name, label_parts.join(", ")) };
+        self.add(Node::Term { value, name: label }, Shape::Scalar, span)
+    }
+}
+
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::Int(v) => v.to_string(),
+        Value::Float(v) => format!("{v:?}"),
+        Value::Bool(v) => v.to_string(),
+        Value::Node(_) | Value::Error => "?".into(),
+    }
+}
+
+fn compile_time_number(value: &Value) -> Option<f64> {
+    match value {
+        Value::Int(v) => Some(*v as f64),
+        Value::Float(v) => Some(*v),
+        _ => None,
+    }
+}
+
+fn cmp_op(op: BinaryOp) -> Option<CmpOp> {
+    Some(match op {
+        BinaryOp::Lt => CmpOp::Lt,
+        BinaryOp::Le => CmpOp::Le,
+        BinaryOp::Gt => CmpOp::Gt,
+        BinaryOp::Ge => CmpOp::Ge,
+        BinaryOp::Eq => CmpOp::Eq,
+        BinaryOp::Ne => CmpOp::Ne,
+        _ => return None,
+    })
+}
+
+/// A denominator written as `d + literal` (or `literal + d`) carries its own epsilon.
+fn division_guard(denominator: &ast::Expr) -> DivGuard {
+    let mut expr = denominator;
+    while let ExprKind::Paren(inner) = &expr.kind {
+        expr = inner;
+    }
+    let is_literal = |e: &ast::Expr| matches!(e.kind, ExprKind::Literal(Literal::Float(_) | Literal::Int(_)));
+    match &expr.kind {
+        ExprKind::Binary { op: BinaryOp::Add, lhs, rhs, .. } if is_literal(rhs) || is_literal(lhs) => DivGuard::Explicit,
+        _ => DivGuard::Auto,
+    }
+}
+
+fn describe_shape(shape: Shape) -> String {
+    match shape {
+        Shape::Pixels => "a pixel set".into(),
+        Shape::ClassPixels(r) => format!("per-class pixel sets of classes [{r}]"),
+        Shape::Classes(r) => format!("per-class numbers of classes [{r}]"),
+        Shape::Scalar => "a number".into(),
+    }
+}
+
+/// The kind a shape corresponds to, for messages.
+pub fn kind_of_shape(shape: Shape) -> Kind {
+    match shape {
+        Shape::Pixels => Kind::PixelSet,
+        Shape::ClassPixels(_) => Kind::ClassSet,
+        Shape::Classes(_) => Kind::ClassVec,
+        Shape::Scalar => Kind::Number,
+    }
+}

@@ -1,0 +1,68 @@
+//! Every example metric compiles; its exact and relaxed IR are pinned by snapshots, and the
+//! curve layouts of the six published metrics are the published ones.
+
+use compiler::{compile_file, print};
+use std::path::{Path, PathBuf};
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("examples directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_compiles_and_snapshots() {
+    let files = examples();
+    assert!(files.len() >= 12, "expected the example library, found {}", files.len());
+    for path in files {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let compiled = compile_file(&path, &[]).unwrap_or_else(|e| panic!("{name}: {}", e.render(false)));
+        let text = format!(
+            "{}\n{}",
+            print::dump(&compiled.exact, None),
+            print::dump(&compiled.relaxed, Some(&compiled.manifest))
+        );
+        insta::assert_snapshot!(format!("ir_{name}"), text);
+    }
+}
+
+fn curve_names(file: &str, overrides: &[(String, String)]) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(file);
+    let compiled = compile_file(&path, overrides).unwrap_or_else(|e| panic!("{}", e.render(false)));
+    compiled.manifest.curves.iter().map(|c| format!("{}:{}", c.name, c.pieces)).collect()
+}
+
+#[test]
+fn published_curve_layouts() {
+    let check = |file: &str, expected: &[&str]| assert_eq!(curve_names(file, &[]), expected, "{file}");
+    check("miou.metric", &["and_P:2", "or_P:2"]);
+    check("fwiou.metric", &["and_P:2", "or_P:2"]);
+    check("biou.metric", &["and_P:2", "or_P:2"]);
+    check("macc.metric", &["and_P:2"]);
+    check("gacc.metric", &["and_P:2"]);
+    check("bf1.metric", &["and_P:1", "and_erode_P:1", "or_P:1", "or_erode_P:1"]);
+    check("miou_biou.metric", &["miou.and_P:2", "miou.or_P:2", "biou.and_P:2", "biou.or_P:2"]);
+    let no_bg = [("drop_bg".to_string(), "false".to_string()), ("tol".to_string(), "0".to_string())];
+    assert_eq!(curve_names("bf1.metric", &no_bg).len(), 4);
+}
+
+#[test]
+fn bad_overrides_are_one_sentence() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/biou.metric");
+    let cases = [
+        ("tolerance", "3", "`biou` has no parameter `tolerance`. Did you mean `tol`?"),
+        ("tol", "three", "parameter `tol` expects an integer such as 3, but got `three`."),
+        ("drop_bg", "yes", "parameter `drop_bg` expects `true` or `false`, but got `yes`."),
+    ];
+    for (name, value, expected) in cases {
+        let error = compile_file(&path, &[(name.to_string(), value.to_string())]).unwrap_err();
+        assert_eq!(error.render(false).trim(), format!("error: {expected}"));
+    }
+    let error = compile_file(&path, &[("tol".into(), "99".into())]).unwrap_err();
+    assert!(error.render(false).contains("radius must be between 0 and 64, but it is 99"), "{}", error.render(false));
+}
