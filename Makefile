@@ -1,0 +1,48 @@
+# losscc: two commands. `make demo` runs the main job, `make test` runs every test.
+# Both create the project's Python environment (.venv, pinned torch for libtorch) if missing.
+
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+PYTHON ?= python3
+CARGO ?= cargo
+
+# tch builds against the libtorch inside the project environment's torch package.
+export LIBTORCH_USE_PYTORCH := 1
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+
+LOSSCC := target/release/losscc
+DATA := tests/data/asl-vectors
+
+.PHONY: all venv build test demo clean
+
+all: build
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	@touch $@
+
+venv: $(VENV)/.installed
+
+build: venv
+	$(CARGO) build --release --workspace --bins --examples
+
+test: build
+	$(CARGO) test --release --workspace
+
+demo: build
+	@echo "== check every example metric =="
+	$(LOSSCC) check examples/*.metric
+	@echo
+	@echo "== the relaxed IR of boundary F1 (four curves, the published layout) =="
+	$(LOSSCC) check examples/bf1.metric --emit relaxed
+	@echo "== evaluate BIoU with identity curves on a reference batch =="
+	$(LOSSCC) eval examples/biou.metric --logits $(DATA)/case1_logits.npy --labels $(DATA)/case1_labels.npy --set tol=3
+	@echo
+	@echo "== train a small network with the mIoU surrogate, in a user's own tch loop =="
+	target/release/examples/train_tch examples/miou.metric
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,323 @@
+//! The tch back end: interprets IR modules on libtorch tensors, on CPU or CUDA.
+//!
+//! * Relaxed modules run end to end with autograd: the surrogate loss.
+//! * Exact modules run up to their accumulator nodes (counts, summed cross-entropy),
+//!   which are returned as float64 numbers for [`compiler::accumulate`] to finish.
+//!
+//! Guarantees: with inputs that passed [`check_inputs`], every value is finite: curve
+//! square roots are clamped, surrogate denominators carry `+1e-8`, and a reduction over
+//! no class yields an undefined marker instead of NaN.
+
+use compiler::curve::{Curve, Segment, SQRT_FLOOR};
+use compiler::ir::{CmpOp, DivGuard, Handle, Mode, Module, Node, Shape, SURROGATE_EPS};
+use tch::{Kind, Reduction, Tensor};
+
+/// The ignore label: pixels with it belong to no class.
+pub const IGNORE_LABEL: i64 = 255;
+
+/// Bad inputs, each a single sentence that says what to do.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum InputError {
+    #[error("logits must have 4 dimensions [N, C, H, W], but they have shape {0:?}; add a batch dimension or check the layout")]
+    LogitsRank(Vec<i64>),
+    #[error("labels must have 3 dimensions [N, H, W], but they have shape {0:?}")]
+    LabelsRank(Vec<i64>),
+    #[error("logits of shape {logits:?} and labels of shape {labels:?} disagree on N, H or W; labels must be [N, H, W] for logits [N, C, H, W]")]
+    ShapeMismatch { logits: Vec<i64>, labels: Vec<i64> },
+    #[error("logits must be float32 or float64, but they are {0:?}")]
+    LogitsKind(Kind),
+    #[error("labels must be int64 class indices, but they are {0:?}")]
+    LabelsKind(Kind),
+    #[error("the logits contain {0} non-finite values (NaN or infinity); check the network's output")]
+    NonFinite(i64),
+    #[error("label value {value} is neither a class in 0..{classes} nor the ignore label 255 ({count} pixels have such values)")]
+    LabelValue { value: i64, classes: i64, count: i64 },
+    #[error("this metric needs at least {needed} classes (it slices classes), but the logits have {got}")]
+    TooFewClasses { needed: usize, got: i64 },
+    #[error("an image must be at least 1x1 pixels, but the logits have shape {0:?}")]
+    Empty(Vec<i64>),
+}
+
+/// Check logits `[N,C,H,W]` float and labels `[N,H,W]` int64 for a module.
+pub fn check_inputs(logits: &Tensor, labels: &Tensor, min_classes: usize) -> Result<(), InputError> {
+    let ls = logits.size();
+    let ys = labels.size();
+    if ls.len() != 4 {
+        return Err(InputError::LogitsRank(ls));
+    }
+    if ys.len() != 3 {
+        return Err(InputError::LabelsRank(ys));
+    }
+    if ls[0] != ys[0] || ls[2] != ys[1] || ls[3] != ys[2] {
+        return Err(InputError::ShapeMismatch { logits: ls, labels: ys });
+    }
+    if ls.iter().any(|&d| d == 0) {
+        return Err(InputError::Empty(ls));
+    }
+    if !matches!(logits.kind(), Kind::Float | Kind::Double) {
+        return Err(InputError::LogitsKind(logits.kind()));
+    }
+    if labels.kind() != Kind::Int64 {
+        return Err(InputError::LabelsKind(labels.kind()));
+    }
+    let classes = ls[1];
+    if (classes as usize) < min_classes {
+        return Err(InputError::TooFewClasses { needed: min_classes, got: classes });
+    }
+    let non_finite = logits.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+    if non_finite > 0 {
+        return Err(InputError::NonFinite(non_finite));
+    }
+    let bad = (labels.lt(0).logical_or(&labels.ge(classes))).logical_and(&labels.ne(IGNORE_LABEL));
+    let count = bad.sum(Kind::Int64).int64_value(&[]);
+    if count > 0 {
+        let value = labels.masked_select(&bad).get(0).int64_value(&[]);
+        return Err(InputError::LabelValue { value, classes, count });
+    }
+    Ok(())
+}
+
+/// `g(x)` for a whole tensor, with gradients finite everywhere on `[0, 1]`.
+pub fn apply_curve(x: &Tensor, curve: &Curve) -> Tensor {
+    let x = x.clamp(0.0, 1.0);
+    let segments = curve.segments();
+    let mut result: Option<Tensor> = None;
+    for segment in segments.iter().rev() {
+        let y = segment_value(&x, segment);
+        result = Some(match result {
+            None => y,
+            Some(later) => y.where_self(&x.le(segment.end[0]), &later),
+        });
+    }
+    result.expect("a curve has at least one piece")
+}
+
+fn segment_value(x: &Tensor, segment: &Segment) -> Tensor {
+    let width = segment.width();
+    if width <= 0.0 {
+        // A vertical piece covers a single x; its end value is the curve's value there.
+        return x.zeros_like() + segment.end[1];
+    }
+    let x_norm = ((x - segment.start[0]) / width).clamp(0.0, 1.0);
+    let t = if segment.linear {
+        x_norm
+    } else {
+        let m = segment.m;
+        let disc = (x_norm * (1.0 - 2.0 * m) + m * m).clamp_min(SQRT_FLOOR);
+        ((disc.sqrt().neg() + m) / (2.0 * m - 1.0)).clamp(0.0, 1.0)
+    };
+    let s = t.ones_like() - &t;
+    &s * &s * segment.start[1] + &t * &s * (2.0 * segment.middle[1]) + &t * &t * segment.end[1]
+}
+
+fn one_hot(classes_index: &Tensor, classes: i64, kind: Kind) -> Tensor {
+    let range = Tensor::arange(classes, (Kind::Int64, classes_index.device())).view([1, classes, 1, 1]);
+    classes_index.unsqueeze(1).eq_tensor(&range).to_kind(kind)
+}
+
+fn pool(x: &Tensor, radius: u32, erode: bool) -> Tensor {
+    let k = 2 * radius as i64 + 1;
+    let r = radius as i64;
+    // max_pool2d pads with -inf: for dilation the border is outside; erosion is the
+    // negated dilation of the negation, so there the border counts as inside.
+    if erode {
+        x.neg().max_pool2d([k, k], [1, 1], [r, r], [1, 1], false).neg()
+    } else {
+        x.max_pool2d([k, k], [1, 1], [r, r], [1, 1], false)
+    }
+}
+
+fn compare(op: CmpOp, a: &Tensor, b: &Tensor) -> Tensor {
+    match op {
+        CmpOp::Lt => a.lt_tensor(b),
+        CmpOp::Le => a.le_tensor(b),
+        CmpOp::Gt => a.gt_tensor(b),
+        CmpOp::Ge => a.ge_tensor(b),
+        CmpOp::Eq => a.eq_tensor(b),
+        CmpOp::Ne => a.ne_tensor(b),
+    }
+}
+
+/// The result of running a relaxed module.
+pub struct Surrogate {
+    /// The loss: `1 − metric` for metrics, the expression for losses; 0 when undefined.
+    pub loss: Tensor,
+    /// The root value (surrogate metric or loss expression).
+    pub value: Tensor,
+    /// False when no class qualified for a filtered mean: the loss is 0 with zero gradient.
+    pub defined: bool,
+    /// Metric terms of a loss that were undefined for this batch (they contribute 0).
+    pub undefined_terms: Vec<String>,
+    /// Reported values (per-class values, terms), detached.
+    pub reports: Vec<(String, Tensor)>,
+}
+
+/// Run a relaxed module with autograd.
+pub fn surrogate(module: &Module, curves: &[Curve], logits: &Tensor, labels: &Tensor) -> Surrogate {
+    assert_eq!(module.mode, Mode::Relaxed);
+    let classes = logits.size()[1];
+    let kind = logits.kind();
+    let mut values: Vec<Option<Tensor>> = Vec::with_capacity(module.len());
+    let mut undefined: Vec<bool> = Vec::with_capacity(module.len());
+    let mut undefined_terms = Vec::new();
+    for handle in module.handles() {
+        let node = module.node(handle);
+        let v = |h: &Handle| values[h.index()].as_ref().expect("operands come first");
+        let mut is_undefined = node.operands().iter().any(|o| undefined[o.index()]);
+        let value = match node {
+            Node::Softmax => logits.softmax(1, kind),
+            Node::Labels => one_hot(labels, classes, kind),
+            Node::Valid => labels.ne(IGNORE_LABEL).unsqueeze(1).to_kind(kind),
+            Node::Const(c) => Tensor::from(c.get()).to_kind(kind).to_device(logits.device()),
+            Node::Curve { input, curve } => apply_curve(v(input), &curves[curve.0 as usize]),
+            Node::Erode { input, radius } => pool(v(input), *radius, true),
+            Node::Dilate { input, radius } => pool(v(input), *radius, false),
+            Node::AnyClass(input) => v(input).amax([1].as_slice(), true),
+            Node::Slice { input, start, end } => slice(v(input), module.shape(*input), *start, *end),
+            Node::Count(input) => match module.shape(*input) {
+                Shape::ClassPixels(_) => v(input).sum_dim_intlist([0i64, 2, 3].as_slice(), false, kind),
+                _ => v(input).sum(kind),
+            },
+            Node::NllSum => logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, IGNORE_LABEL, 0.0),
+            Node::Add(a, b) => v(a) + v(b),
+            Node::Sub(a, b) => v(a) - v(b),
+            Node::Mul(a, b) => v(a) * v(b),
+            Node::Div { num, den, guard } => match guard {
+                DivGuard::Auto => v(num) / (v(den) + SURROGATE_EPS),
+                DivGuard::Explicit => v(num) / v(den),
+            },
+            Node::Neg(a) => v(a).neg(),
+            Node::Compare { op, lhs, rhs } => compare(*op, &v(lhs).detach(), &v(rhs).detach()).to_kind(kind),
+            Node::Mean { value, filter } => match filter {
+                None => v(value).mean(kind),
+                Some(mask) => {
+                    let mask = v(mask);
+                    let selected = mask.sum(kind);
+                    if selected.double_value(&[]) <= 0.0 {
+                        is_undefined = true;
+                        (v(value) * mask).sum(kind)
+                    } else {
+                        (v(value) * mask).sum(kind) / selected
+                    }
+                }
+            },
+            Node::Sum { value, filter } => match filter {
+                None => v(value).sum(kind),
+                Some(mask) => (v(value) * v(mask)).sum(kind),
+            },
+            Node::Term { value, name } => {
+                if is_undefined {
+                    // An undefined term counts as a perfect score: `1 - term` adds nothing.
+                    is_undefined = false;
+                    undefined_terms.push(name.clone());
+                    v(value).detach().zeros_like() + 1.0
+                } else {
+                    v(value).shallow_clone()
+                }
+            }
+            Node::Pred
+            | Node::CurveTag { .. }
+            | Node::Scope { .. }
+            | Node::And(..)
+            | Node::Or(..)
+            | Node::Xor(..)
+            | Node::Not(..) => unreachable!("validated relaxed modules hold no exact nodes"),
+        };
+        values.push(Some(value));
+        undefined.push(is_undefined);
+    }
+    let root = values[module.root.index()].take().expect("root computed");
+    let defined = !undefined[module.root.index()];
+    let loss = if !defined {
+        root.detach().zeros_like() + &root * 0.0
+    } else {
+        match module.root_kind {
+            compiler::ir::RootKind::Metric => root.ones_like() - &root,
+            compiler::ir::RootKind::Loss => root.shallow_clone(),
+        }
+    };
+    let reports = module
+        .reports
+        .iter()
+        .filter_map(|r| values[r.value.index()].as_ref().map(|t| (r.name.clone(), t.detach())))
+        .collect();
+    Surrogate { loss, value: root, defined, undefined_terms, reports }
+}
+
+fn slice(x: &Tensor, shape: Shape, start: usize, end: Option<usize>) -> Tensor {
+    let dim = match shape {
+        Shape::ClassPixels(_) => 1,
+        _ => 0,
+    };
+    let size = x.size()[dim] as usize;
+    let end = end.unwrap_or(size).min(size);
+    x.narrow(dim as i64, start as i64, (end - start.min(end)) as i64)
+}
+
+/// Run an exact module up to its accumulators; returns `(node, values)` per accumulator.
+pub fn exact_counts(module: &Module, logits: &Tensor, labels: &Tensor) -> Vec<(Handle, Vec<f64>)> {
+    assert_eq!(module.mode, Mode::Exact);
+    let classes = logits.size()[1];
+    let set_kind = Kind::Float;
+    let mut values: Vec<Option<Tensor>> = (0..module.len()).map(|_| None).collect();
+    let mut out = Vec::new();
+    let _guard = tch::no_grad_guard();
+    for handle in module.handles() {
+        let node = module.node(handle);
+        let v = |h: &Handle| values[h.index()].as_ref();
+        let value = match node {
+            Node::Pred => Some(one_hot(&logits.argmax(1, false), classes, set_kind)),
+            Node::Labels => Some(one_hot(labels, classes, set_kind)),
+            Node::Valid => Some(labels.ne(IGNORE_LABEL).unsqueeze(1).to_kind(set_kind)),
+            Node::CurveTag { input, .. } | Node::Scope { input, .. } => v(input).map(Tensor::shallow_clone),
+            Node::And(a, b) => pixel(module, handle).then(|| v(a).unwrap() * v(b).unwrap()),
+            Node::Or(a, b) => pixel(module, handle).then(|| v(a).unwrap().maximum(v(b).unwrap())),
+            Node::Xor(a, b) => pixel(module, handle).then(|| v(a).unwrap().ne_tensor(v(b).unwrap()).to_kind(set_kind)),
+            Node::Not(a) => pixel(module, handle).then(|| v(a).unwrap().ones_like() - v(a).unwrap()),
+            Node::Erode { input, radius } => v(input).map(|x| pool(x, *radius, true)),
+            Node::Dilate { input, radius } => v(input).map(|x| pool(x, *radius, false)),
+            Node::AnyClass(input) => v(input).map(|x| x.amax([1].as_slice(), true)),
+            Node::Slice { input, start, end } => {
+                pixel(module, handle).then(|| slice(v(input).unwrap(), module.shape(*input), *start, *end))
+            }
+            Node::Count(input) => {
+                let x = v(input).expect("counts take pixel sets");
+                let counted = match module.shape(*input) {
+                    Shape::ClassPixels(_) => x.sum_dim_intlist([0i64, 2, 3].as_slice(), false, Kind::Double),
+                    _ => x.sum(Kind::Double).reshape([1]),
+                };
+                out.push((handle, Vec::<f64>::try_from(counted.to_device(tch::Device::Cpu)).unwrap_or_default()));
+                None
+            }
+            Node::NllSum => {
+                let nll = logits.to_kind(Kind::Double).cross_entropy_loss::<Tensor>(
+                    labels,
+                    None,
+                    Reduction::Sum,
+                    IGNORE_LABEL,
+                    0.0,
+                );
+                out.push((handle, vec![nll.double_value(&[])]));
+                None
+            }
+            // Numbers above the accumulators are finished in float64 by the compiler.
+            Node::Const(_)
+            | Node::Add(..)
+            | Node::Sub(..)
+            | Node::Mul(..)
+            | Node::Div { .. }
+            | Node::Neg(_)
+            | Node::Compare { .. }
+            | Node::Mean { .. }
+            | Node::Sum { .. }
+            | Node::Term { .. } => None,
+            Node::Softmax | Node::Curve { .. } => unreachable!("validated exact modules hold no surrogate nodes"),
+        };
+        values[handle.index()] = value;
+    }
+    out
+}
+
+fn pixel(module: &Module, handle: Handle) -> bool {
+    matches!(module.shape(handle), Shape::Pixels | Shape::ClassPixels(_))
+}

@@ -1,0 +1,206 @@
+//! The `losscc` command as users run it: exit codes, JSON output, and one clear sentence
+//! for every kind of bad input.
+
+use runtime::npy;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn losscc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_losscc")).args(args).output().expect("run losscc")
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn example(name: &str) -> String {
+    root().join("examples").join(name).display().to_string()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("losscc-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn check_accepts_every_example() {
+    let mut files: Vec<String> = std::fs::read_dir(root().join("examples"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    let mut args = vec!["check"];
+    args.extend(files.iter().map(String::as_str));
+    let output = losscc(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stderr(&output).matches("ok: ").count(), files.len());
+}
+
+#[test]
+fn check_reports_every_error_with_line_and_column() {
+    let dir = scratch("check");
+    let file = dir.join("bad.metric");
+    std::fs::write(&file, "metric m {\n    let a = count(P & Q);\n    mean(count(P) + V)\n}\n").unwrap();
+    let output = losscc(&["check", file.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(text.contains("unknown name `Q`"), "{text}");
+    assert!(text.contains("bad.metric:2:23"), "{text}");
+    assert!(text.contains("`+` cannot combine a per-class number and a pixel set"), "{text}");
+    assert!(text.contains("bad.metric:3:19"), "{text}");
+}
+
+#[test]
+fn eval_prints_loss_and_metric_as_json() {
+    let data = root().join("tests/data/asl-vectors");
+    let output = losscc(&[
+        "eval",
+        &example("biou.metric"),
+        "--logits",
+        data.join("case1_logits.npy").to_str().unwrap(),
+        "--labels",
+        data.join("case1_labels.npy").to_str().unwrap(),
+        "--set",
+        "tol=3",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let loss = value["loss"].as_f64().unwrap();
+    let metric = value["metric"].as_f64().unwrap();
+    assert!(loss > 0.0 && loss < 1.0, "{value}");
+    assert!((metric - 0.13393711118990131).abs() < 1e-6, "{value}");
+    assert_eq!(value["exact"]["per_class"].as_array().unwrap().len(), 4);
+    assert_eq!(value["params"]["tol"], 3);
+}
+
+/// Runs `eval` on miou with the given tensors and returns (exit code, stderr).
+fn eval_with(name: &str, write: impl Fn(&Path, &Path)) -> (Option<i32>, String) {
+    let dir = scratch(name);
+    let (logits, labels) = (dir.join("logits.npy"), dir.join("labels.npy"));
+    write(&logits, &labels);
+    let output = losscc(&[
+        "eval",
+        &example("miou.metric"),
+        "--logits",
+        logits.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+    ]);
+    (output.status.code(), stderr(&output))
+}
+
+#[test]
+fn bad_inputs_get_one_clear_sentence() {
+    let good_logits = |p: &Path| npy::write_f32(p, &[1, 3, 4, 4], vec![0.5; 48]).unwrap();
+    let good_labels = |p: &Path| npy::write_i64(p, &[1, 4, 4], vec![1; 16]).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&Path, &Path)>, &str)> = vec![
+        (
+            "shape",
+            Box::new(|l, y| {
+                good_logits(l);
+                npy::write_i64(y, &[1, 4, 5], vec![0; 20]).unwrap();
+            }),
+            "disagree on N, H or W",
+        ),
+        (
+            "label",
+            Box::new(|l, y| {
+                good_logits(l);
+                npy::write_i64(y, &[1, 4, 4], (0..16).map(|i| if i == 3 { 7 } else { 0 }).collect()).unwrap();
+            }),
+            "label value 7 is neither a class in 0..3 nor the ignore label 255",
+        ),
+        (
+            "nonfinite",
+            Box::new(|l, y| {
+                let mut values = vec![0.5f32; 48];
+                values[5] = f32::NAN;
+                npy::write_f32(l, &[1, 3, 4, 4], values).unwrap();
+                good_labels(y);
+            }),
+            "the logits contain 1 non-finite values",
+        ),
+        (
+            "dtype",
+            Box::new(|l, y| {
+                good_logits(l);
+                npy::write_f32(y, &[1, 4, 4], vec![1.0; 16]).unwrap();
+            }),
+            "but labels must be integer class indices",
+        ),
+        (
+            "rank",
+            Box::new(|l, y| {
+                npy::write_f32(l, &[3, 4, 4], vec![0.5; 48]).unwrap();
+                good_labels(y);
+            }),
+            "logits must have 4 dimensions [N, C, H, W]",
+        ),
+        ("missing", Box::new(|_, y| good_labels(y)), "cannot open"),
+    ];
+    for (name, write, expected) in cases {
+        let (code, text) = eval_with(name, write);
+        assert_eq!(code, Some(1), "{name}: {text}");
+        assert!(text.contains(expected), "{name}: expected `{expected}` in: {text}");
+        assert_eq!(text.trim().lines().count(), 1, "{name}: one sentence, got: {text}");
+        assert!(!text.contains("panicked"), "{name}: {text}");
+    }
+}
+
+#[test]
+fn bad_params_files_are_explained() {
+    let dir = scratch("params");
+    let data = root().join("tests/data/asl-vectors");
+    let cases = [
+        (r#"{"control_points": [[0.5, 0.5]]}"#, "the parameters have 1 curves but `miou` has 2"),
+        (
+            r#"{"control_points": [[0.5, 0.5, 0.4, 0.6, 0.9, 0.9], [0.2, 0.2, 0.5, 0.5, 0.7, 0.7]]}"#,
+            "goes back from the previous point",
+        ),
+        (r#"{"curves": 3}"#, "neither losscc's format"),
+        ("not json", "not valid JSON"),
+    ];
+    for (index, (text, expected)) in cases.iter().enumerate() {
+        let params = dir.join(format!("p{index}.json"));
+        std::fs::write(&params, text).unwrap();
+        let output = losscc(&[
+            "eval",
+            &example("miou.metric"),
+            "--logits",
+            data.join("case0_logits.npy").to_str().unwrap(),
+            "--labels",
+            data.join("case0_labels.npy").to_str().unwrap(),
+            "--params",
+            params.to_str().unwrap(),
+        ]);
+        assert_eq!(output.status.code(), Some(1));
+        assert!(stderr(&output).contains(expected), "expected `{expected}` in {}", stderr(&output));
+    }
+}
+
+#[test]
+fn fmt_round_trips_examples() {
+    for name in ["miou.metric", "bf1.metric", "tversky.metric"] {
+        let output = losscc(&["fmt", &example(name)]);
+        assert!(output.status.success());
+        let formatted = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(formatted, std::fs::read_to_string(root().join("examples").join(name)).unwrap());
+        assert_eq!(losscc(&["fmt", "--check", &example(name)]).status.code(), Some(0));
+    }
+}
+
+#[test]
+fn emit_stages() {
+    let output = losscc(&["check", &example("bf1.metric"), "--emit", "relaxed"]);
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("curve #3 or_erode_P"), "{text}");
+    let output = losscc(&["check", &example("miou.metric"), "--emit", "ast"]);
+    assert!(String::from_utf8(output.stdout).unwrap().starts_with("metric miou"));
+}
