@@ -17,6 +17,7 @@ pub mod check;
 pub mod curve;
 pub mod ir;
 pub mod lower;
+pub mod onnx;
 pub mod params;
 pub mod print;
 pub mod program;

@@ -7,6 +7,7 @@
 
 pub mod loss;
 pub mod npy;
+pub mod onnx_runtime;
 pub mod tch_backend;
 
 pub use loss::{Evaluator, Loss, LossError};

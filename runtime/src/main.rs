@@ -29,6 +29,12 @@ enum Emit {
     Relaxed,
 }
 
+#[derive(Copy, Clone, ValueEnum)]
+enum OnnxEmit {
+    /// One line per ONNX node, with the IR node and rule it came from.
+    OnnxText,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Parse and type-check metric files; print diagnostics with source positions.
@@ -51,6 +57,24 @@ enum Command {
         /// Rewrite the file in place.
         #[arg(long, conflicts_with = "check")]
         write: bool,
+    },
+    /// Compile to an ONNX loss graph (opset 17) that other frameworks load.
+    Compile {
+        file: PathBuf,
+        /// Where to write the model.
+        #[arg(short = 'o', long = "output", required_unless_present = "emit")]
+        output: Option<PathBuf>,
+        /// Curve parameters (losscc format or the published `control_points` layout).
+        #[arg(long)]
+        params: Option<PathBuf>,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Emit the exact metric's per-class counts graph instead of the loss.
+        #[arg(long)]
+        exact: bool,
+        /// Print a readable listing of the graph.
+        #[arg(long, value_enum)]
+        emit: Option<OnnxEmit>,
     },
     /// Evaluate the surrogate loss and the exact metric on saved tensors; prints JSON.
     Eval {
@@ -163,6 +187,31 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Compile { file, output, params, set, exact, emit } => {
+            let overrides = parse_sets(&set).map_err(anyhow::Error::msg)?;
+            let loss = load_loss(&file, &overrides, params.as_deref())?;
+            let compiled = loss.compiled();
+            let model = if exact {
+                compiler::onnx::emit_exact(compiled)?
+            } else {
+                compiler::onnx::emit_loss(compiled, &loss.params().curves)?
+            };
+            if emit.is_some() {
+                print!("{}", compiler::onnx::listing(&model));
+            }
+            if let Some(output) = output {
+                let bytes = compiler::onnx::to_bytes(&model);
+                std::fs::write(&output, &bytes).with_context(|| format!("cannot write `{}`", output.display()))?;
+                eprintln!(
+                    "wrote {} ({} bytes, {} nodes, {} curves)",
+                    output.display(),
+                    bytes.len(),
+                    model.graph.node.len(),
+                    compiled.manifest.curves.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Eval { file, logits, labels, params, set } => {
             let overrides = parse_sets(&set).map_err(anyhow::Error::msg)?;
             let value = eval(&file, &logits, &labels, params.as_deref(), &overrides)?;
@@ -228,7 +277,8 @@ fn json_number(value: f64) -> Value {
     }
 }
 
-fn eval(file: &Path, logits: &Path, labels: &Path, params: Option<&Path>, overrides: &[(String, String)]) -> Result<Value> {
+/// Compile a metric and load its curves, rendering diagnostics for the user.
+fn load_loss(file: &Path, overrides: &[(String, String)], params: Option<&Path>) -> Result<Loss> {
     let mut loss = match Loss::from_file(file, overrides) {
         Ok(loss) => loss,
         Err(LossError::Compile(failure)) => {
@@ -240,6 +290,11 @@ fn eval(file: &Path, logits: &Path, labels: &Path, params: Option<&Path>, overri
     if let Some(params) = params {
         loss.load_params(params)?;
     }
+    Ok(loss)
+}
+
+fn eval(file: &Path, logits: &Path, labels: &Path, params: Option<&Path>, overrides: &[(String, String)]) -> Result<Value> {
+    let loss = load_loss(file, overrides, params)?;
     let logits = runtime::npy::read_logits(logits)?;
     let labels = runtime::npy::read_labels(labels)?;
     let surrogate = loss.forward_detailed(&logits, &labels)?;
