@@ -31,6 +31,7 @@ build: venv
 
 test: build
 	$(CARGO) test --release --workspace
+	$(VENV)/bin/python -m unittest discover -s tests/python -v
 
 demo: build
 	@echo "== check every example metric =="
@@ -43,6 +44,12 @@ demo: build
 	@echo
 	@echo "== train a small network with the mIoU surrogate, in a user's own tch loop =="
 	target/release/examples/train_tch examples/miou.metric
+	@echo
+	@echo "== compile the mIoU + BIoU loss to ONNX, and train a PyTorch model with it through onnx2torch =="
+	@mkdir -p out
+	$(LOSSCC) compile examples/miou_biou.metric -o out/miou_biou.onnx
+	$(LOSSCC) compile examples/miou.metric -o out/miou.onnx
+	$(VENV)/bin/python -W ignore examples/python/train_with_onnx_loss.py out/miou.onnx --steps 200
 
 clean:
 	$(CARGO) clean

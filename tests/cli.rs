@@ -204,3 +204,19 @@ fn emit_stages() {
     let output = losscc(&["check", &example("miou.metric"), "--emit", "ast"]);
     assert!(String::from_utf8(output.stdout).unwrap().starts_with("metric miou"));
 }
+
+#[test]
+fn compile_writes_onnx_and_lists_it() {
+    let dir = scratch("compile");
+    let model = dir.join("bf1.onnx");
+    let output = losscc(&["compile", &example("bf1.metric"), "-o", model.to_str().unwrap(), "--set", "tol=2"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let bytes = std::fs::read(&model).unwrap();
+    assert!(bytes.len() > 1000);
+    assert!(stderr(&output).contains("4 curves"));
+    let listing = losscc(&["compile", &example("macc.metric"), "--emit", "onnx-text"]);
+    let text = String::from_utf8(listing.stdout).unwrap();
+    assert!(text.starts_with("graph losscc_macc (opset 17, IR 8)"), "{text}");
+    assert!(text.contains("Softmax(logits) {axis=1}  # IR %0 `softmax` from rule relax.pred"), "{text}");
+    assert!(text.contains("output loss"));
+}

@@ -44,13 +44,22 @@ pub enum OnnxError {
     Curves { expected: usize, got: usize },
 }
 
+/// ONNX's `i` field of `AttributeProto` (field number 3).
+const ATTRIBUTE_I_FIELD: u32 = 3;
+
 fn attr_int(name: &str, value: i64) -> AttributeProto {
-    AttributeProto {
+    let mut attribute = AttributeProto {
         name: name.into(),
         type_: EnumOrUnknown::new(AttributeType::INT),
         i: value,
         ..Default::default()
+    };
+    if value == 0 {
+        // proto3 code never writes a zero scalar, but ONNX is proto2 and onnx2torch tests
+        // `HasField('i')`: write the zero explicitly so every reader sees the attribute.
+        attribute.special_fields.mut_unknown_fields().add_varint(ATTRIBUTE_I_FIELD, 0);
     }
+    attribute
 }
 
 fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
@@ -280,7 +289,9 @@ impl Emitter {
                 None => y,
                 Some(later) => {
                     let end = self.float(segment.end[0]);
-                    let inside = self.op("LessOrEqual", &[&x, &end], vec![]);
+                    // `x <= end` as `not (x > end)`: onnx2torch has no opset-16 LessOrEqual.
+                    let beyond = self.op("Greater", &[&x, &end], vec![]);
+                    let inside = self.op("Not", &[&beyond], vec![]);
                     self.op("Where", &[&inside, &y, &later], vec![])
                 }
             });
@@ -567,9 +578,16 @@ fn nll_sum(emitter: &mut Emitter) -> String {
 fn compare(emitter: &mut Emitter, op: CmpOp, a: &str, b: &str) -> String {
     let result = match op {
         CmpOp::Lt => emitter.op("Less", &[a, b], vec![]),
-        CmpOp::Le => emitter.op("LessOrEqual", &[a, b], vec![]),
+        // onnx2torch converts no opset-16 LessOrEqual/GreaterOrEqual: negate the strict ones.
+        CmpOp::Le => {
+            let greater = emitter.op("Greater", &[a, b], vec![]);
+            emitter.op("Not", &[&greater], vec![])
+        }
         CmpOp::Gt => emitter.op("Greater", &[a, b], vec![]),
-        CmpOp::Ge => emitter.op("GreaterOrEqual", &[a, b], vec![]),
+        CmpOp::Ge => {
+            let less = emitter.op("Less", &[a, b], vec![]);
+            emitter.op("Not", &[&less], vec![])
+        }
         CmpOp::Eq => emitter.op("Equal", &[a, b], vec![]),
         CmpOp::Ne => {
             let equal = emitter.op("Equal", &[a, b], vec![]);

@@ -90,6 +90,9 @@ enum Command {
         params: Option<PathBuf>,
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
+        /// Also write d loss / d logits (float32 .npy, same shape as the logits) here.
+        #[arg(long)]
+        grad: Option<PathBuf>,
     },
 }
 
@@ -212,9 +215,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Eval { file, logits, labels, params, set } => {
+        Command::Eval { file, logits, labels, params, set, grad } => {
             let overrides = parse_sets(&set).map_err(anyhow::Error::msg)?;
-            let value = eval(&file, &logits, &labels, params.as_deref(), &overrides)?;
+            let value = eval(&file, &logits, &labels, params.as_deref(), &overrides, grad.as_deref())?;
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(ExitCode::SUCCESS)
         }
@@ -293,11 +296,27 @@ fn load_loss(file: &Path, overrides: &[(String, String)], params: Option<&Path>)
     Ok(loss)
 }
 
-fn eval(file: &Path, logits: &Path, labels: &Path, params: Option<&Path>, overrides: &[(String, String)]) -> Result<Value> {
+fn eval(
+    file: &Path,
+    logits: &Path,
+    labels: &Path,
+    params: Option<&Path>,
+    overrides: &[(String, String)],
+    grad: Option<&Path>,
+) -> Result<Value> {
     let loss = load_loss(file, overrides, params)?;
     let logits = runtime::npy::read_logits(logits)?;
     let labels = runtime::npy::read_labels(labels)?;
+    let logits = if grad.is_some() { logits.set_requires_grad(true) } else { logits };
     let surrogate = loss.forward_detailed(&logits, &labels)?;
+    if let Some(grad_path) = grad {
+        surrogate.loss.backward();
+        let gradient = logits.grad().to_kind(tch::Kind::Float).contiguous();
+        let shape: Vec<usize> = gradient.size().iter().map(|&d| d as usize).collect();
+        let values = Vec::<f32>::try_from(gradient.reshape([-1]))?;
+        runtime::npy::write_f32(grad_path, &shape, values)?;
+    }
+    let logits = logits.detach();
     let mut evaluator = loss.evaluator();
     evaluator.add_batch(&logits, &labels)?;
     let exact = evaluator.finish()?;
