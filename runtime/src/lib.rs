@@ -5,6 +5,8 @@
 //! source itself and never decides relaxation rules. Inputs are validated once, at the API
 //! boundary ([`tch_backend::check_inputs`]), before any tensor work.
 
+pub mod bench;
+pub mod fused;
 pub mod loss;
 pub mod npy;
 pub mod onnx_runtime;

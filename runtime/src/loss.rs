@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::fused;
 use crate::tch_backend::{self, InputError};
 use compiler::accumulate::{self, Accumulator, Evaluation};
 use compiler::params::{self, Params};
@@ -40,6 +41,8 @@ pub enum LossError {
 pub struct Loss {
     compiled: Compiled,
     params: Params,
+    /// Use the fused CPU kernel where it applies (see [`crate::fused`]).
+    fast_path: bool,
 }
 
 impl Loss {
@@ -55,7 +58,7 @@ impl Loss {
 
     pub fn new(compiled: Compiled) -> Loss {
         let params = Params::identity(&compiled.manifest);
-        Loss { compiled, params }
+        Loss { compiled, params, fast_path: true }
     }
 
     pub fn compiled(&self) -> &Compiled {
@@ -88,11 +91,32 @@ impl Loss {
         Ok(self.forward_detailed(logits, labels)?.loss)
     }
 
+    /// Turn the fused CPU kernel on or off (on by default; off runs the op-by-op reference).
+    pub fn set_fast_path(&mut self, on: bool) {
+        self.fast_path = on;
+    }
+
+    /// Whether `forward` on these logits takes the fused kernel.
+    pub fn uses_fast_path(&self, logits: &Tensor) -> bool {
+        self.fast_path && fused::applicable(logits) && self.plan(logits).is_some()
+    }
+
+    fn plan(&self, logits: &Tensor) -> Option<fused::FusedPlan> {
+        let classes = logits.size().get(1).copied().unwrap_or(0) as usize;
+        fused::FusedPlan::new(&self.compiled.relaxed, &self.params.curves, classes)
+    }
+
     /// The surrogate with its undefined flags and reported values.
     pub fn forward_detailed(&self, logits: &Tensor, labels: &Tensor) -> Result<tch_backend::Surrogate, LossError> {
         tch_backend::check_inputs(logits, labels, self.compiled.relaxed.min_classes)?;
         let labels = labels.to_device(logits.device());
-        Ok(tch_backend::surrogate(&self.compiled.relaxed, &self.params.curves, logits, &labels))
+        let module = &self.compiled.relaxed;
+        if self.fast_path && fused::applicable(logits) {
+            if let Some(plan) = self.plan(logits) {
+                return Ok(fused::surrogate(module, &self.params.curves, &plan, logits, &labels));
+            }
+        }
+        Ok(tch_backend::surrogate(module, &self.params.curves, logits, &labels))
     }
 
     /// A fresh exact evaluator (counts accumulate over batches).

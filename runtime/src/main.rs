@@ -35,6 +35,12 @@ enum OnnxEmit {
     OnnxText,
 }
 
+#[derive(Copy, Clone, ValueEnum)]
+enum BenchDevice {
+    Cpu,
+    Cuda,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Parse and type-check metric files; print diagnostics with source positions.
@@ -75,6 +81,29 @@ enum Command {
         /// Print a readable listing of the graph.
         #[arg(long, value_enum)]
         emit: Option<OnnxEmit>,
+    },
+    /// Median forward+backward time of the loss against libtorch cross-entropy.
+    Bench {
+        file: PathBuf,
+        /// Logits shape `N,C,H,W`.
+        #[arg(long, default_value = "4,21,256,256")]
+        shape: String,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: BenchDevice,
+        #[arg(long, default_value_t = 10)]
+        iterations: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Time the op-by-op reference path instead of the fused kernel.
+        #[arg(long)]
+        reference: bool,
+        #[arg(long)]
+        params: Option<PathBuf>,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
     },
     /// Evaluate the surrogate loss and the exact metric on saved tensors; prints JSON.
     Eval {
@@ -211,6 +240,37 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     bytes.len(),
                     model.graph.node.len(),
                     compiled.manifest.curves.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { file, shape, device, iterations, warmup, json, reference, params, set } => {
+            let overrides = parse_sets(&set).map_err(anyhow::Error::msg)?;
+            let dims: Vec<i64> = shape.split(',').map(|d| d.trim().parse::<i64>()).collect::<Result<_, _>>().map_err(|_| {
+                anyhow::anyhow!("`--shape {shape}` must be four positive integers N,C,H,W, e.g. 4,21,256,256.")
+            })?;
+            let shape: [i64; 4] = match dims.as_slice() {
+                [n, c, h, w] if dims.iter().all(|&d| d > 0) => [*n, *c, *h, *w],
+                _ => anyhow::bail!("`--shape {shape}` must be four positive integers N,C,H,W, e.g. 4,21,256,256."),
+            };
+            let device = match device {
+                BenchDevice::Cpu => tch::Device::Cpu,
+                BenchDevice::Cuda if tch::Cuda::is_available() => tch::Device::Cuda(0),
+                BenchDevice::Cuda => anyhow::bail!(
+                    "no CUDA GPU is available to libtorch on this machine; run with `--device cpu`, or on a machine with an NVIDIA GPU and its driver."
+                ),
+            };
+            let mut loss = load_loss(&file, &overrides, params.as_deref())?;
+            loss.set_fast_path(!reference);
+            let report = runtime::bench::run(&loss, shape, device, warmup, iterations.max(1))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("| loss | shape | device | loss ms | cross-entropy ms | ratio | peak extra MB |");
+                println!("|---|---|---|---|---|---|---|");
+                println!(
+                    "| {} | {:?} | {} | {:.2} | {:.2} | {:.2}x | {:.0} |",
+                    report.metric, report.shape, report.device, report.loss_ms, report.ce_ms, report.ratio, report.peak_extra_mb
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,109 @@
+//! `losscc bench`: the compiled loss against libtorch cross-entropy on the same tensors.
+//!
+//! Both run forward plus backward on identical logits and labels, interleaved iteration by
+//! iteration after a warm-up so that machine noise hits both alike; the medians and their
+//! ratio are reported. Peak extra memory is the growth of the process's resident-set high
+//! water mark (CPU) while the loss runs.
+
+use crate::Loss;
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Reduction, Tensor};
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub metric: String,
+    pub shape: [i64; 4],
+    pub device: String,
+    pub iterations: usize,
+    pub loss_ms: f64,
+    pub ce_ms: f64,
+    pub ratio: f64,
+    pub peak_extra_mb: f64,
+    /// `fused` or `reference` (op by op).
+    pub path: String,
+}
+
+/// Deterministic blocky labels with an ignored band, like segmentation ground truth.
+pub fn bench_inputs(shape: [i64; 4], device: Device) -> (Tensor, Tensor) {
+    let [n, c, h, w] = shape;
+    tch::manual_seed(0);
+    let logits = Tensor::randn([n, c, h, w], (Kind::Float, device)) * 2.0;
+    let ys = Tensor::arange(h, (Kind::Int64, device)).view([1, h, 1]);
+    let xs = Tensor::arange(w, (Kind::Int64, device)).view([1, 1, w]);
+    let images = Tensor::arange(n, (Kind::Int64, device)).view([n, 1, 1]);
+    let labels = (ys.divide_scalar_mode(17, "floor") * 3 + xs.divide_scalar_mode(23, "floor") + images).remainder(c);
+    let band = (ys.remainder(17)).eq(0).logical_or(&xs.remainder(23).eq(0));
+    let labels = labels.where_self(&band.logical_not(), &labels.full_like(255));
+    (logits, labels.expand([n, h, w], false).contiguous())
+}
+
+fn high_water_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// Time the loss and cross-entropy, forward and backward, `iterations` times each.
+pub fn run(loss: &Loss, shape: [i64; 4], device: Device, warmup: usize, iterations: usize) -> anyhow::Result<BenchReport> {
+    let (logits, labels) = bench_inputs(shape, device);
+    let leaf = logits.set_requires_grad(true);
+    let step_loss = || -> anyhow::Result<()> {
+        let value = loss.forward(&leaf, &labels)?;
+        value.backward();
+        let _ = leaf.grad().zero_();
+        Ok(())
+    };
+    let step_ce = || {
+        let value = leaf.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, 255, 0.0);
+        value.backward();
+        let _ = leaf.grad().zero_();
+    };
+    // Validate once, outside the timing (forward checks its inputs every call, as users get).
+    step_ce();
+    let before = high_water_mb();
+    step_loss()?;
+    let peak_extra_mb = (high_water_mb() - before).max(0.0);
+    for _ in 0..warmup {
+        step_loss()?;
+        step_ce();
+    }
+    sync(device);
+    let (mut loss_times, mut ce_times) = (Vec::new(), Vec::new());
+    for _ in 0..iterations {
+        let start = Instant::now();
+        step_loss()?;
+        sync(device);
+        loss_times.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        step_ce();
+        sync(device);
+        ce_times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let (loss_ms, ce_ms) = (median(loss_times), median(ce_times));
+    Ok(BenchReport {
+        metric: loss.compiled().exact.name.clone(),
+        shape,
+        device: format!("{device:?}"),
+        iterations,
+        loss_ms,
+        ce_ms,
+        ratio: loss_ms / ce_ms,
+        peak_extra_mb,
+        path: if loss.uses_fast_path(&leaf) { "fused".into() } else { "reference".into() },
+    })
+}

@@ -1,0 +1,72 @@
+//! The fused CPU kernel equals the op-by-op reference path: values and gradients to 1e-5
+//! for every example metric it covers (all but those with pooling on predictions), on
+//! random inputs with random curves and ignored pixels.
+
+use compiler::curve::Curve;
+use compiler::params::Params;
+use runtime::Loss;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+fn examples() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn fused_kernel_equals_reference_path() {
+    tch::manual_seed(11);
+    let mut fused_count = 0;
+    for path in examples() {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let mut loss = Loss::from_file(&path, &[]).unwrap();
+        let manifest = loss.compiled().manifest.clone();
+        let curves: Vec<Curve> = manifest
+            .curves
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let u: Vec<f64> =
+                    (0..Curve::search_len(spec.pieces)).map(|j| 0.1 + 0.8 * (((i * 7 + j * 3) % 10) as f64 / 10.0)).collect();
+                Curve::from_search(&u, spec.pieces).unwrap()
+            })
+            .collect();
+        loss.set_params(Params { fixed: vec![false; curves.len()], curves });
+        let logits = Tensor::randn([2, 5, 19, 23], (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let labels = Tensor::randint(5, [2, 19, 23], (Kind::Int64, tch::Device::Cpu));
+        let ignore = Tensor::rand([2, 19, 23], (Kind::Float, tch::Device::Cpu)).lt(0.1);
+        let labels = labels.where_self(&ignore.logical_not(), &labels.full_like(255));
+
+        let run = |fast: bool, loss: &mut Loss| {
+            loss.set_fast_path(fast);
+            let x = logits.copy().set_requires_grad(true);
+            let value = loss.forward(&x, &labels).unwrap();
+            value.backward();
+            (value.double_value(&[]), x.grad())
+        };
+        let uses_fast = {
+            loss.set_fast_path(true);
+            loss.uses_fast_path(&logits)
+        };
+        assert_eq!(uses_fast, name != "bf1", "{name}: which path applies");
+        if !uses_fast {
+            continue;
+        }
+        fused_count += 1;
+        let (fast_value, fast_grad) = run(true, &mut loss);
+        let (reference_value, reference_grad) = run(false, &mut loss);
+        assert!(
+            (fast_value - reference_value).abs() <= 1e-5 * reference_value.abs().max(1e-3),
+            "{name}: fused {fast_value} vs reference {reference_value}"
+        );
+        let scale = reference_grad.abs().max().double_value(&[]).max(1e-9);
+        let difference = (&fast_grad - &reference_grad).abs().max().double_value(&[]);
+        assert!(difference <= 1e-5 * scale, "{name}: gradients differ by {difference:e} (scale {scale:e})");
+    }
+    assert_eq!(fused_count, examples().len() - 1);
+}
