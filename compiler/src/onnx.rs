@@ -238,6 +238,77 @@ impl Emitter {
         }
     }
 
+    /// `g(x)` with control points read from the `curves` input at run time: the same
+    /// formula as [`Emitter::curve`], with the linear and degenerate cases chosen by `Where`
+    /// (their unused branches stay finite, so gradients with respect to `x` stay finite).
+    fn curve_from_input(&mut self, x: &str, offset: usize, pieces: usize) -> String {
+        let x = self.clip(x, 0.0, 1.0);
+        let coordinate = |this: &mut Self, index: usize| {
+            let at = this.ints(&[(offset + index) as i64], true);
+            this.op("Gather", &["curves", &at], vec![attr_int("axis", 0)])
+        };
+        // Points: (0,0), the 2k-1 free points, (1,1).
+        let mut points: Vec<(String, String)> = vec![(self.float(0.0), self.float(0.0))];
+        for point in 0..2 * pieces - 1 {
+            points.push((coordinate(self, 2 * point), coordinate(self, 2 * point + 1)));
+        }
+        points.push((self.float(1.0), self.float(1.0)));
+        let mut result: Option<String> = None;
+        for piece in (0..pieces).rev() {
+            let (sx, sy) = points[2 * piece].clone();
+            let (mx, my) = points[2 * piece + 1].clone();
+            let (ex, ey) = points[2 * piece + 2].clone();
+            let (zero, one, two) = (self.float(0.0), self.float(1.0), self.float(2.0));
+            let width = self.op("Sub", &[&ex, &sx], vec![]);
+            let tiny = self.float(1e-12);
+            let safe_width = self.op("Max", &[&width, &tiny], vec![]);
+            let shifted = self.op("Sub", &[&x, &sx], vec![]);
+            let normalised = self.op("Div", &[&shifted, &safe_width], vec![]);
+            let x_norm = self.clip(&normalised, 0.0, 1.0);
+            let middle_offset = self.op("Sub", &[&mx, &sx], vec![]);
+            let m = self.op("Div", &[&middle_offset, &safe_width], vec![]);
+            // t = (m - sqrt(max(m^2 + (1 - 2m) x', floor))) / (2m - 1), or x' when 2m - 1 ~ 0.
+            let two_m = self.op("Mul", &[&two, &m], vec![]);
+            let slope = self.op("Sub", &[&one, &two_m], vec![]);
+            let m2 = self.op("Mul", &[&m, &m], vec![]);
+            let scaled = self.op("Mul", &[&x_norm, &slope], vec![]);
+            let disc = self.op("Add", &[&scaled, &m2], vec![]);
+            let disc = self.clip(&disc, SQRT_FLOOR, f32::MAX as f64);
+            let root = self.op("Sqrt", &[&disc], vec![]);
+            let numerator = self.op("Sub", &[&m, &root], vec![]);
+            let denominator = self.op("Sub", &[&two_m, &one], vec![]);
+            let magnitude = self.op("Abs", &[&denominator], vec![]);
+            let linear_tolerance = self.float(1e-6);
+            let is_linear = self.op("Less", &[&magnitude, &linear_tolerance], vec![]);
+            let safe_denominator = self.op("Where", &[&is_linear, &one, &denominator], vec![]);
+            let quadratic_t = self.op("Div", &[&numerator, &safe_denominator], vec![]);
+            let quadratic_t = self.clip(&quadratic_t, 0.0, 1.0);
+            let t = self.op("Where", &[&is_linear, &x_norm, &quadratic_t], vec![]);
+            let s = self.op("Sub", &[&one, &t], vec![]);
+            let ss = self.op("Mul", &[&s, &s], vec![]);
+            let ts = self.op("Mul", &[&t, &s], vec![]);
+            let tt = self.op("Mul", &[&t, &t], vec![]);
+            let a = self.op("Mul", &[&ss, &sy], vec![]);
+            let two_my = self.op("Mul", &[&two, &my], vec![]);
+            let b = self.op("Mul", &[&ts, &two_my], vec![]);
+            let c = self.op("Mul", &[&tt, &ey], vec![]);
+            let ab = self.op("Add", &[&a, &b], vec![]);
+            let y = self.op("Add", &[&ab, &c], vec![]);
+            // A vertical piece covers one x; its value there is its end's y.
+            let has_width = self.op("Greater", &[&width, &zero], vec![]);
+            let y = self.op("Where", &[&has_width, &y, &ey], vec![]);
+            result = Some(match result {
+                None => y,
+                Some(later) => {
+                    let beyond = self.op("Greater", &[&x, &ex], vec![]);
+                    let inside = self.op("Not", &[&beyond], vec![]);
+                    self.op("Where", &[&inside, &y, &later], vec![])
+                }
+            });
+        }
+        result.expect("a curve has at least one piece")
+    }
+
     /// `g(x)` with the curve's folded per-piece coefficients as initializers.
     fn curve(&mut self, x: &str, curve: &Curve) -> String {
         let x = self.clip(x, 0.0, 1.0);
@@ -300,8 +371,25 @@ impl Emitter {
     }
 }
 
-/// Emit the surrogate loss graph with the given curves (manifest order).
+/// Where the loss graph gets its curves from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CurveSource {
+    /// Folded into initializers (the default: the graph is the loss).
+    Baked,
+    /// A graph input `curves`: float32, every curve's flat control points concatenated in
+    /// manifest order (`losscc.curves` in the metadata gives pieces per curve), so an
+    /// external search can vary them without recompiling.
+    Input,
+}
+
+/// Emit the surrogate loss graph with the given curves (manifest order), baked in.
 pub fn emit_loss(compiled: &Compiled, curves: &[Curve]) -> Result<ModelProto, OnnxError> {
+    emit_loss_with(compiled, curves, CurveSource::Baked)
+}
+
+/// Emit the surrogate loss graph; with [`CurveSource::Input`], `curves` only give the
+/// layout and the values recorded in the metadata.
+pub fn emit_loss_with(compiled: &Compiled, curves: &[Curve], source: CurveSource) -> Result<ModelProto, OnnxError> {
     let module = &compiled.relaxed;
     if curves.len() != compiled.manifest.curves.len() {
         return Err(OnnxError::Curves { expected: compiled.manifest.curves.len(), got: curves.len() });
@@ -331,7 +419,13 @@ pub fn emit_loss(compiled: &Compiled, curves: &[Curve]) -> Result<ModelProto, On
             Node::Labels => emitter.one_hot_labels(),
             Node::Valid => emitter.valid(),
             Node::Const(c) => emitter.float(c.get()),
-            Node::Curve { input, curve } => emitter.curve(&v(input), &curves[curve.0 as usize]),
+            Node::Curve { input, curve } => match source {
+                CurveSource::Baked => emitter.curve(&v(input), &curves[curve.0 as usize]),
+                CurveSource::Input => {
+                    let offset: usize = curves[..curve.0 as usize].iter().map(|c| c.flat().len()).sum();
+                    emitter.curve_from_input(&v(input), offset, curves[curve.0 as usize].pieces())
+                }
+            },
             Node::Erode { input, radius } => emitter.pool(&v(input), *radius, true),
             Node::Dilate { input, radius } => emitter.pool(&v(input), *radius, false),
             Node::AnyClass(input) => {
@@ -433,7 +527,13 @@ pub fn emit_loss(compiled: &Compiled, curves: &[Curve]) -> Result<ModelProto, On
         ..Default::default()
     });
     let outputs = vec![value_info("loss", DataType::FLOAT, &[])];
-    Ok(model(compiled, curves, emitter, outputs, "loss"))
+    let mut model = model(compiled, curves, emitter, outputs, "loss");
+    if source == CurveSource::Input {
+        if let Some(graph) = model.graph.as_mut() {
+            graph.input.push(value_info("curves", DataType::FLOAT, &["curve_coordinates"]));
+        }
+    }
+    Ok(model)
 }
 
 /// Emit the exact metric's accumulator graph: one output per count.

@@ -78,6 +78,10 @@ enum Command {
         /// Emit the exact metric's per-class counts graph instead of the loss.
         #[arg(long)]
         exact: bool,
+        /// Take the curves from an extra graph input `curves` (all control points, flat, in
+        /// manifest order) instead of baking them in, so an external search can vary them.
+        #[arg(long, conflicts_with = "exact")]
+        curves_input: bool,
         /// Print a readable listing of the graph.
         #[arg(long, value_enum)]
         emit: Option<OnnxEmit>,
@@ -219,14 +223,16 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Compile { file, output, params, set, exact, emit } => {
+        Command::Compile { file, output, params, set, exact, curves_input, emit } => {
             let overrides = parse_sets(&set).map_err(anyhow::Error::msg)?;
             let loss = load_loss(&file, &overrides, params.as_deref())?;
             let compiled = loss.compiled();
             let model = if exact {
                 compiler::onnx::emit_exact(compiled)?
             } else {
-                compiler::onnx::emit_loss(compiled, &loss.params().curves)?
+                let source =
+                    if curves_input { compiler::onnx::CurveSource::Input } else { compiler::onnx::CurveSource::Baked };
+                compiler::onnx::emit_loss_with(compiled, &loss.params().curves, source)?
             };
             if emit.is_some() {
                 print!("{}", compiler::onnx::listing(&model));

@@ -138,3 +138,34 @@ class TrainingExampleTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         summary = json.loads(result.stdout.strip().splitlines()[-1])
         self.assertGreater(summary["final_miou"], summary["start_miou"] + 0.3, result.stdout)
+
+
+class CurvesInputTest(unittest.TestCase):
+    def test_curves_as_an_input_match_baked_curves(self):
+        tmp = Path(tempfile.mkdtemp(prefix="losscc-curves-"))
+        cases = json.loads((ROOT / "tests" / "data" / "asl-vectors" / "cases.json").read_text())["cases"]
+        rng = np.random.default_rng(5)
+        logits, labels = make_inputs(rng, (2, 4, 12, 10))
+        for case in [c for c in cases if c["case"] == 0]:
+            metric = ROOT / "examples" / f"{case['metric']}.metric"
+            params = tmp / f"{case['metric']}.json"
+            params.write_text(json.dumps({"control_points": case["control_points"]}))
+            baked, dynamic = tmp / f"{case['metric']}.onnx", tmp / f"{case['metric']}.dyn.onnx"
+            sets = ["--set", "tol=1", "--set", "drop_bg=false"] if case["metric"] in ("biou", "bf1") else []
+            losscc("compile", metric, "-o", baked, "--params", params, *sets)
+            losscc("compile", metric, "-o", dynamic, "--curves-input", *sets)
+            model = onnx.load(str(dynamic))
+            onnx.checker.check_model(model, full_check=True)
+            flat = np.concatenate([np.asarray(c, dtype=np.float32) for c in case["control_points"]])
+            (expected,) = onnxruntime.InferenceSession(str(baked)).run(None, {"logits": logits, "labels": labels})
+            (got,) = onnxruntime.InferenceSession(str(dynamic)).run(
+                None, {"logits": logits, "labels": labels, "curves": flat})
+            self.assertAlmostEqual(float(got), float(expected), delta=1e-5 * max(abs(float(expected)), 1e-3),
+                                   msg=case["metric"])
+            # onnx2torch loads it too, with finite gradients.
+            module = convert(model)
+            x = torch.from_numpy(logits.copy()).requires_grad_(True)
+            value = module(x, torch.from_numpy(labels), torch.from_numpy(flat))
+            value.backward()
+            self.assertAlmostEqual(value.item(), float(expected), delta=1e-5 * max(abs(float(expected)), 1e-3))
+            self.assertTrue(torch.isfinite(x.grad).all())
