@@ -43,15 +43,15 @@ fn fused_kernel_equals_reference_path() {
         let labels = labels.where_self(&ignore.logical_not(), &labels.full_like(255));
 
         let run = |fast: bool, loss: &mut Loss| {
-            loss.set_fast_path(fast);
+            loss.set_fused_kernel(fast);
             let x = logits.copy().set_requires_grad(true);
             let value = loss.forward(&x, &labels).unwrap();
             value.backward();
             (value.double_value(&[]), x.grad())
         };
         let uses_fast = {
-            loss.set_fast_path(true);
-            loss.uses_fast_path(&logits)
+            loss.set_fused_kernel(true);
+            loss.uses_fused_kernel(&logits)
         };
         assert_eq!(uses_fast, name != "bf1", "{name}: which path applies");
         if !uses_fast {

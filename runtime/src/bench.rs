@@ -104,6 +104,6 @@ pub fn run(loss: &Loss, shape: [i64; 4], device: Device, warmup: usize, iteratio
         ce_ms,
         ratio: loss_ms / ce_ms,
         peak_extra_mb,
-        path: if loss.uses_fast_path(&leaf) { "fused".into() } else { "reference".into() },
+        path: if loss.uses_fused_kernel(&leaf) { "fused".into() } else { "reference".into() },
     })
 }

@@ -101,9 +101,9 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
-        /// Time the op-by-op reference path instead of the fused kernel.
+        /// Time the fused CPU kernel instead of the op-by-op path.
         #[arg(long)]
-        reference: bool,
+        fused: bool,
         #[arg(long)]
         params: Option<PathBuf>,
         #[arg(long = "set", value_name = "NAME=VALUE")]
@@ -250,7 +250,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { file, shape, device, iterations, warmup, json, reference, params, set } => {
+        Command::Bench { file, shape, device, iterations, warmup, json, fused, params, set } => {
             let overrides = parse_sets(&set).map_err(anyhow::Error::msg)?;
             let dims: Vec<i64> = shape.split(',').map(|d| d.trim().parse::<i64>()).collect::<Result<_, _>>().map_err(|_| {
                 anyhow::anyhow!("`--shape {shape}` must be four positive integers N,C,H,W, e.g. 4,21,256,256.")
@@ -267,7 +267,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 ),
             };
             let mut loss = load_loss(&file, &overrides, params.as_deref())?;
-            loss.set_fast_path(!reference);
+            loss.set_fused_kernel(fused);
             let report = runtime::bench::run(&loss, shape, device, warmup, iterations.max(1))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
