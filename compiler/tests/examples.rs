@@ -66,3 +66,29 @@ fn bad_overrides_are_one_sentence() {
     let error = compile_file(&path, &[("tol".into(), "99".into())]).unwrap_err();
     assert!(error.render(false).contains("radius must be between 0 and 64, but it is 99"), "{}", error.render(false));
 }
+
+#[test]
+fn own_params_format_round_trips_and_checks_names() {
+    use compiler::curve::Curve;
+    use compiler::params::Params;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bf1.metric");
+    let compiled = compile_file(&path, &[]).unwrap();
+    let manifest = &compiled.manifest;
+    let curves: Vec<Curve> = (0..4).map(|i| Curve::from_search(&[0.2 + 0.1 * i as f64, 0.6], 1).unwrap()).collect();
+    let params = Params { curves, fixed: vec![false, true, false, false] };
+    let file = params.to_file("bf1", manifest, serde_json::json!({"source": "test"}));
+    let text = serde_json::to_string(&file).unwrap();
+    let back = Params::from_json(&text, manifest).unwrap();
+    assert_eq!(back, params);
+    // Curves are matched by name, not position.
+    let mut shuffled = file.clone();
+    shuffled.curves.reverse();
+    assert_eq!(Params::from_json(&serde_json::to_string(&shuffled).unwrap(), manifest).unwrap(), params);
+    let mut renamed = file.clone();
+    renamed.curves[0].name = "and_Q".into();
+    let error = Params::from_json(&serde_json::to_string(&renamed).unwrap(), manifest).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "the parameters name curve `and_Q`, which this metric does not have (its curves: `and_P`, `and_erode_P`, `or_P`, `or_erode_P`)"
+    );
+}
