@@ -1,6 +1,10 @@
 //! The `losscc` command as users run it: exit codes, JSON output, and one clear sentence
 //! for every kind of bad input.
 
+mod common;
+
+use common::root;
+
 use runtime::npy;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -9,9 +13,6 @@ fn losscc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_losscc")).args(args).output().expect("run losscc")
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn example(name: &str) -> String {
     root().join("examples").join(name).display().to_string()

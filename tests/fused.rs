@@ -2,21 +2,15 @@
 //! for every example metric it covers (all but those with pooling on predictions), on
 //! random inputs with random curves and ignored pixels.
 
+mod common;
+
+use common::examples;
+
 use compiler::curve::Curve;
 use compiler::params::Params;
 use runtime::Loss;
-use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-fn examples() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
-        .collect();
-    files.sort();
-    files
-}
 
 #[test]
 fn fused_kernel_equals_reference_path() {

@@ -4,33 +4,17 @@
 //! * loss and gradients stay finite for extreme logits, all-ignored batches, images of one
 //!   class and classes absent from the batch.
 
+mod common;
+
+use common::{examples, Rng};
+
 use compiler::curve::Curve;
 use compiler::params::Params;
 use runtime::Loss;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-fn examples() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
-        .collect();
-    files.sort();
-    files
-}
 
-/// A small deterministic generator, so the test data is the same on every machine.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 fn random_params(loss: &Loss, rng: &mut Rng) -> Params {
     let manifest = &loss.compiled().manifest;
@@ -142,7 +126,7 @@ fn loss_and_gradients_stay_finite_on_edge_cases() {
 #[test]
 fn undefined_metric_gives_zero_loss_and_says_so() {
     // BF1 averages over classes with label boundaries: an image of one class has none.
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bf1.metric");
+    let path = common::root().join("examples/bf1.metric");
     let loss = Loss::from_file(&path, &[]).unwrap();
     let logits = Tensor::randn([1, 3, 8, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let labels = Tensor::zeros([1, 8, 8], (Kind::Int64, Device::Cpu));

@@ -3,37 +3,19 @@
 //! gives the tch loss to 1e-5 relative, and its exact-count graph gives the tch counts. The
 //! reference vectors are checked through ONNX too.
 
+mod common;
+
+use common::{examples, root, Rng};
+
 use compiler::curve::Curve;
 use compiler::onnx;
 use compiler::params::Params;
 use runtime::onnx_runtime::OnnxModel;
 use runtime::{npy, tch_backend, Loss};
-use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
-fn examples() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
-        .collect();
-    files.sort();
-    files
-}
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 fn random_inputs(rng: &mut Rng, shape: [i64; 4]) -> (Tensor, Tensor) {
     let [n, c, h, w] = shape;

@@ -2,14 +2,14 @@
 //! tch surrogate loss is within 1e-5 relative of `expected_loss` and the exact evaluator
 //! within 1e-6 of `expected_metric_of_argmax`.
 
+mod common;
+
+use common::root;
+
 use compiler::params::Params;
 use runtime::{npy, Loss};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 #[test]
 fn all_reference_cases_match() {
