@@ -142,8 +142,6 @@ fn color() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-/// A user-facing failure: already rendered, exit code 1.
-struct Reported;
 
 fn main() -> ExitCode {
     // Deeply nested metric files are bounded by the parser, but the checker and lowering
@@ -163,7 +161,7 @@ fn run() -> ExitCode {
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(error) => {
-            if error.downcast_ref::<ReportedError>().is_none() {
+            if error.downcast_ref::<Reported>().is_none() {
                 eprintln!("error: {error:#}");
             }
             ExitCode::from(1)
@@ -171,20 +169,15 @@ fn run() -> ExitCode {
     }
 }
 
+/// A failure whose diagnostics were already printed: exit code 1, nothing more to say.
 #[derive(Debug)]
-struct ReportedError;
-impl std::fmt::Display for ReportedError {
+struct Reported;
+impl std::fmt::Display for Reported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("reported")
     }
 }
-impl std::error::Error for ReportedError {}
-
-impl From<Reported> for anyhow::Error {
-    fn from(_: Reported) -> anyhow::Error {
-        anyhow::Error::new(ReportedError)
-    }
-}
+impl std::error::Error for Reported {}
 
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
