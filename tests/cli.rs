@@ -221,3 +221,41 @@ fn compile_writes_onnx_and_lists_it() {
     assert!(text.contains("Softmax(logits) {axis=1}  # IR %0 `softmax` from rule relax.pred"), "{text}");
     assert!(text.contains("output loss"));
 }
+
+#[test]
+fn check_lowers_every_definition_not_only_the_entry() {
+    let dir = scratch("alldefs");
+    let file = dir.join("two.metric");
+    std::fs::write(
+        &file,
+        "metric wide {\n    mean(count(P & dilate(L, 99)) / count(L))\n}\n\nmetric fine {\n    mean(count(P & L) / count(L))\n}\n",
+    )
+    .unwrap();
+    let output = losscc(&["check", file.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("two.metric:2:30"), "{}", stderr(&output));
+}
+
+#[test]
+fn eval_gradient_of_a_label_only_formula_is_zero_and_errors_print_once() {
+    let dir = scratch("labelonly");
+    let file = dir.join("labels.metric");
+    std::fs::write(&file, "metric share {\n    mean(count(L & V) / count(V))\n}\n").unwrap();
+    let (logits, labels, grad) = (dir.join("x.npy"), dir.join("y.npy"), dir.join("g.npy"));
+    npy::write_f32(&logits, &[1, 2, 3, 3], vec![0.25; 18]).unwrap();
+    npy::write_i64(&labels, &[1, 3, 3], vec![1; 9]).unwrap();
+    let args = ["eval", file.to_str().unwrap(), "--logits", logits.to_str().unwrap(), "--labels"];
+    let mut ok = args.to_vec();
+    ok.extend([labels.to_str().unwrap(), "--grad", grad.to_str().unwrap()]);
+    let output = losscc(&ok);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let gradient = npy::read_logits(&grad).unwrap();
+    assert_eq!(gradient.size(), vec![1, 2, 3, 3]);
+    assert_eq!(gradient.abs().sum(tch::Kind::Double).double_value(&[]), 0.0);
+    // A bad label: the sentence appears once, not repeated by the error chain.
+    npy::write_i64(&labels, &[1, 3, 3], vec![9; 9]).unwrap();
+    let mut bad = args.to_vec();
+    bad.push(labels.to_str().unwrap());
+    let text = stderr(&losscc(&bad));
+    assert_eq!(text.matches("label value 9").count(), 1, "{text}");
+}

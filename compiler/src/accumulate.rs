@@ -137,9 +137,10 @@ pub fn finish(module: &Module, accumulated: &Accumulator) -> Result<Evaluation, 
             Node::Sum { value, filter } => {
                 selected(get(*value), filter.and_then(|f| get(f))).map(|entries| Value::Scalar(entries.iter().sum()))
             }
-            Node::Term { value, .. } | Node::CurveTag { input: value, .. } | Node::Scope { input: value, .. } => {
-                get(*value)
-            }
+            // An undefined term of a loss counts as a perfect score, as in the surrogate, so
+            // the other terms still give the loss a value.
+            Node::Term { value, .. } => get(*value).map(|v| v.map(|x| if x.is_nan() { 1.0 } else { x })),
+            Node::CurveTag { input: value, .. } | Node::Scope { input: value, .. } => get(*value),
             // Pixel-level nodes have no accumulated value.
             Node::Pred
             | Node::Softmax

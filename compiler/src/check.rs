@@ -82,8 +82,8 @@ pub struct FileDiagnostics {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// Check every definition that the program's entry can reach. Returns the diagnostics of
-/// every file with errors (empty when the program is well-typed).
+/// Check every definition of every loaded file. Returns the diagnostics of every file with
+/// errors (empty when the program is well-typed).
 pub fn check_program(program: &Program) -> Vec<FileDiagnostics> {
     let mut out = Vec::new();
     for (source_id, file) in program.files() {

@@ -10,7 +10,7 @@
 //! 5. [`validate::validate`] — IR invariants, run on both modules by [`compile`].
 //!
 //! Architecture invariant: this crate knows nothing of tensors. Back ends (tch in
-//! `runtime/`, ONNX here in a later module) interpret the closed [`ir::Node`] enum.
+//! `runtime/`, ONNX in [`onnx`]) interpret the closed [`ir::Node`] enum.
 
 pub mod accumulate;
 pub mod check;
@@ -140,6 +140,32 @@ pub fn compile_program(program: Program, overrides: &[(String, String)]) -> Resu
         }
     }
     Ok(Compiled { program, exact, relaxed, manifest, params })
+}
+
+/// Lower every definition of the main file with its default parameters, so that errors
+/// that need parameter values (class ranges, radii) are found in definitions other than the
+/// entry too. The entry is lowered by [`compile_program`] with the user's overrides.
+pub fn check_other_definitions(program: &Program) -> Result<(), Failure> {
+    let entry_span = program.entry().map(|(definition, _)| definition.span);
+    let mut files = Vec::new();
+    for item in &program.main().ast.items {
+        let (definition, is_loss) = match item {
+            grammar::ast::Item::Metric(definition) => (definition, false),
+            grammar::ast::Item::Loss(definition) => (definition, true),
+            grammar::ast::Item::Use(_) => continue,
+        };
+        if Some(definition.span) == entry_span {
+            continue;
+        }
+        if let Err(LowerError::Diagnostics(found)) = lower::lower_definition(program, definition, is_loss, &[]) {
+            files.extend(found);
+        }
+    }
+    if files.is_empty() {
+        Ok(())
+    } else {
+        Err(from_files(program, files))
+    }
 }
 
 /// Load, check and compile a file.

@@ -105,6 +105,16 @@ fn literal_value(ty: ParamType, literal: &Literal) -> ParamValue {
 /// passed [`crate::check::check_program`].
 pub fn lower(program: &Program, overrides: &[(String, String)]) -> Result<Module, LowerError> {
     let (definition, is_loss) = program.entry().ok_or(LowerError::NoEntry)?;
+    lower_definition(program, definition, is_loss, overrides)
+}
+
+/// Lower one definition of the main file (the entry, or any other for `check`).
+pub fn lower_definition(
+    program: &Program,
+    definition: &ast::Definition,
+    is_loss: bool,
+    overrides: &[(String, String)],
+) -> Result<Module, LowerError> {
     let params = resolve_params(definition, overrides)?;
     let mut lowering = Lowering { program, builder: Builder::default(), diagnostics: Vec::new(), min_classes: 1, source: 0 };
     let pieces = definition_pieces(definition);
@@ -129,10 +139,10 @@ pub fn lower(program: &Program, overrides: &[(String, String)]) -> Result<Module
     if let Some(per_class) = top_level_reduction(&definition.body, &env, &lowering) {
         reports.push(Report { name: "per_class".into(), value: per_class });
     }
-    for handle in 0..lowering.builder.nodes.len() {
-        if let Node::Term { name, .. } = &lowering.builder.nodes[handle] {
-            let name = name.clone();
-            reports.push(Report { name, value: handle_at(handle) });
+    // Terms report their own value (undefined shows as such), not the substituted one.
+    for node in &lowering.builder.nodes {
+        if let Node::Term { name, value } = node {
+            reports.push(Report { name: name.clone(), value: *value });
         }
     }
     let root_kind = if is_loss { RootKind::Loss } else { RootKind::Metric };
@@ -226,6 +236,23 @@ impl<'p> Lowering<'p> {
         Value::Error
     }
 
+    /// Whether `handle` is computed from the predictions `P`.
+    fn depends_on_predictions(&self, handle: Handle) -> bool {
+        let mut stack = vec![handle];
+        let mut visited = vec![false; self.builder.nodes.len()];
+        while let Some(next) = stack.pop() {
+            if std::mem::replace(&mut visited[next.index()], true) {
+                continue;
+            }
+            let node = self.builder.node(next);
+            if matches!(node, Node::Pred) {
+                return true;
+            }
+            stack.extend(node.operands());
+        }
+        false
+    }
+
     fn add(&mut self, node: Node, shape: Shape, span: Span) -> Value {
         Value::Node(self.builder.add(node, shape, span, "lower"))
     }
@@ -278,6 +305,17 @@ impl<'p> Lowering<'p> {
             },
             ExprKind::Annotated { operand, curve } => {
                 let Value::Node(input) = self.expr(operand, env, scope) else { return Value::Error };
+                if !self.depends_on_predictions(input) {
+                    return self.error(
+                        Diagnostic::error(
+                            "E0307",
+                            format!("curve annotation `@{}` on an operand that does not depend on `P`", curve.name),
+                            span,
+                            "label-only operands stay exact and never get a curve",
+                        )
+                        .with_help("annotate the operand that involves the predictions, e.g. `P@tp & L`"),
+                    );
+                }
                 let shape = self.builder.shape(input);
                 let name = match curve.name.as_str() {
                     "none" => None,

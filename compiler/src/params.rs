@@ -55,6 +55,8 @@ pub enum ParamsError {
     MissingCurve(String),
     #[error("the parameters name curve `{0}`, which this metric does not have (its curves: {1})")]
     UnknownCurve(String, String),
+    #[error("these parameters were made for `{file}`, not `{expected}`; pass the file searched for this metric")]
+    Metric { file: String, expected: String },
     #[error("curve `{name}` declares {declared} pieces but its control points make {actual}")]
     Pieces { name: String, declared: usize, actual: usize },
 }
@@ -159,6 +161,15 @@ impl Params {
             provenance,
         }
     }
+}
+
+/// The `metric` field of a file in losscc's own format, if it is one.
+pub fn own_format_metric(text: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    if value.get("format")?.as_str()? != FORMAT {
+        return None;
+    }
+    Some(value.get("metric")?.as_str()?.to_string())
 }
 
 /// Fill in the metric name in messages that need it.

@@ -2,8 +2,8 @@
 //! with its text so diagnostics can be rendered against the right source.
 //!
 //! The entry definition of a program is the last `metric` or `loss` of the main file.
-//! `use` paths are relative to the file that names them; only the main file's `use`s are
-//! followed (a used file's own `use`s are parsed but not loaded), so there are no cycles.
+//! `use` paths are relative to the file that names them and are followed transitively;
+//! each file is loaded once, so cycles end.
 
 use crate::check::FileDiagnostics;
 use grammar::ast::{self, Item};
@@ -48,46 +48,59 @@ impl Program {
                 return Err(LoadError::Syntax(syntax_errors));
             }
         };
-        let mut files = vec![];
-        let uses: Vec<ast::UseItem> = main
-            .ast
-            .items
-            .iter()
-            .filter_map(|item| match item {
-                Item::Use(use_item) => Some(use_item.clone()),
-                _ => None,
-            })
-            .collect();
-        files.push(main);
-        for use_item in uses {
-            let path = match base_dir {
-                Some(dir) => dir.join(&use_item.path),
-                None => PathBuf::from(&use_item.path),
-            };
-            let text = match std::fs::read(&path) {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    let diagnostic = Diagnostic::error(
-                        "E0101",
-                        format!("cannot read `{}`: {error}", path.display()),
-                        use_item.path_span,
-                        "used here",
-                    )
-                    .with_help("`use` paths are relative to the file that names them");
-                    let main = files.swap_remove(0);
-                    syntax_errors.push((main.name, main.text, vec![diagnostic]));
-                    return Err(LoadError::Syntax(syntax_errors));
+        // Follow `use` items breadth-first, each relative to the file that names it; a file
+        // reached twice (or a cycle) is loaded once.
+        let mut files = vec![main];
+        let mut directories: Vec<Option<PathBuf>> = vec![base_dir.map(Path::to_path_buf)];
+        let mut seen: Vec<PathBuf> = Vec::new();
+        let mut next = 0;
+        while next < files.len() {
+            let uses: Vec<ast::UseItem> = files[next]
+                .ast
+                .items
+                .iter()
+                .filter_map(|item| match item {
+                    Item::Use(use_item) => Some(use_item.clone()),
+                    _ => None,
+                })
+                .collect();
+            let directory = directories[next].clone();
+            for use_item in uses {
+                let path = match &directory {
+                    Some(dir) => dir.join(&use_item.path),
+                    None => PathBuf::from(&use_item.path),
+                };
+                let key = path.canonicalize().unwrap_or_else(|_| path.clone());
+                if seen.contains(&key) {
+                    continue;
                 }
-            };
-            let display = path.display().to_string();
-            match grammar::parser::parse_bytes(&text) {
-                Ok(ast) => {
-                    files.push(SourceFile { name: display, text: String::from_utf8_lossy(&text).into_owned(), ast })
-                }
-                Err(diagnostics) => {
-                    syntax_errors.push((display, String::from_utf8_lossy(&text).into_owned(), diagnostics))
+                seen.push(key);
+                let text = match std::fs::read(&path) {
+                    Ok(bytes) => bytes,
+                    Err(error) => {
+                        let diagnostic = Diagnostic::error(
+                            "E0101",
+                            format!("cannot read `{}`: {error}", path.display()),
+                            use_item.path_span,
+                            "used here",
+                        )
+                        .with_help("`use` paths are relative to the file that names them");
+                        let user = &files[next];
+                        syntax_errors.push((user.name.clone(), user.text.clone(), vec![diagnostic]));
+                        continue;
+                    }
+                };
+                let display = path.display().to_string();
+                let lossy = String::from_utf8_lossy(&text).into_owned();
+                match grammar::parser::parse_bytes(&text) {
+                    Ok(ast) => {
+                        files.push(SourceFile { name: display, text: lossy, ast });
+                        directories.push(path.parent().map(Path::to_path_buf));
+                    }
+                    Err(diagnostics) => syntax_errors.push((display, lossy, diagnostics)),
                 }
             }
+            next += 1;
         }
         if syntax_errors.is_empty() {
             Ok(Program { files })

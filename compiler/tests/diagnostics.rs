@@ -83,6 +83,7 @@ const CASES: &[(&str, &str, usize)] = &[
     ("empty_slice", "metric m {\n    mean((count(P & L) / count(L))[2:1])\n}\n", 1),
     ("negative_slice_bound", "metric m {\n    mean((count(P & L) / count(L))[-1:])\n}\n", 1),
     ("radius_out_of_range", "metric m {\n    mean(count(P & dilate(L, 99)) / count(L))\n}\n", 1),
+    ("curve_annotation_on_labels", "metric m {\n    mean(count(P & L@lab) / count(L))\n}\n", 1),
     (
         "radius_out_of_range_from_parameter",
         "metric m(tol: int = -2) {\n    mean(count(P & erode(L, tol)) / count(L))\n}\n",

@@ -92,3 +92,20 @@ fn own_params_format_round_trips_and_checks_names() {
         "the parameters name curve `and_Q`, which this metric does not have (its curves: `and_P`, `and_erode_P`, `or_P`, `or_erode_P`)"
     );
 }
+
+#[test]
+fn use_is_transitive_and_loads_each_file_once() {
+    let dir = std::env::temp_dir().join(format!("losscc-use-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("lib")).unwrap();
+    std::fs::write(dir.join("lib/acc.metric"), "metric acc {\n    sum(count(P & L)) / sum(count(L))\n}\n").unwrap();
+    // `mid` uses `acc` and itself again (a cycle must end).
+    std::fs::write(
+        dir.join("lib/mid.metric"),
+        "use \"acc.metric\";\nuse \"mid.metric\";\nloss mid {\n    1 - acc()\n}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("top.metric"), "use \"lib/mid.metric\";\nloss top {\n    2 * (1 - acc())\n}\n").unwrap();
+    let compiled = compile_file(&dir.join("top.metric"), &[]).unwrap_or_else(|e| panic!("{}", e.render(false)));
+    assert_eq!(compiled.program.files().count(), 3, "top, mid and acc, each once");
+    assert_eq!(compiled.manifest.curves.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["acc.and_P"]);
+}

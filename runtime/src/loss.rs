@@ -24,9 +24,9 @@ use tch::Tensor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LossError {
-    #[error("{0}")]
+    #[error(transparent)]
     Compile(#[from] Failure),
-    #[error("{0}")]
+    #[error(transparent)]
     Input(#[from] InputError),
     #[error("cannot read parameters `{path}`: {error}")]
     ParamsIo { path: String, error: std::io::Error },
@@ -78,6 +78,15 @@ impl Loss {
     pub fn load_params(&mut self, path: &Path) -> Result<(), LossError> {
         let text = std::fs::read_to_string(path)
             .map_err(|error| LossError::ParamsIo { path: path.display().to_string(), error })?;
+        let name = &self.compiled.exact.name;
+        if let Some(file_metric) = params::own_format_metric(&text) {
+            if &file_metric != name {
+                return Err(LossError::Params {
+                    path: path.display().to_string(),
+                    error: params::ParamsError::Metric { file: file_metric, expected: name.clone() },
+                });
+            }
+        }
         let params = Params::from_json(&text, &self.compiled.manifest).map_err(|error| LossError::Params {
             path: path.display().to_string(),
             error: params::with_metric(error, &self.compiled.exact.name),

@@ -303,7 +303,11 @@ fn check_one(file: &Path, emit: Option<Emit>, overrides: &[(String, String)]) ->
             }
         }
     }
-    match compiler::compile_file(file, overrides) {
+    let checked = compiler::load_checked(file).and_then(|program| {
+        compiler::check_other_definitions(&program)?;
+        compiler::compile_program(program, overrides)
+    });
+    match checked {
         Ok(compiled) => {
             match emit {
                 Some(Emit::Ir) => print!("{}", compiler::print::dump(&compiled.exact, None)),
@@ -369,8 +373,14 @@ fn eval(
     let logits = if grad.is_some() { logits.set_requires_grad(true) } else { logits };
     let surrogate = loss.forward_detailed(&logits, &labels)?;
     if let Some(grad_path) = grad {
-        surrogate.loss.backward();
-        let gradient = logits.grad().to_kind(tch::Kind::Float).contiguous();
+        // A loss that does not depend on the logits (e.g. a label-only formula) has zero
+        // gradient; libtorch would refuse to differentiate it.
+        let gradient = if surrogate.loss.requires_grad() {
+            surrogate.loss.backward();
+            logits.grad().to_kind(tch::Kind::Float).contiguous()
+        } else {
+            logits.zeros_like().to_kind(tch::Kind::Float)
+        };
         let shape: Vec<usize> = gradient.size().iter().map(|&d| d as usize).collect();
         let values = Vec::<f32>::try_from(gradient.reshape([-1]))?;
         runtime::npy::write_f32(grad_path, &shape, values)?;
