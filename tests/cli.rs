@@ -160,7 +160,7 @@ fn bad_params_files_are_explained() {
     let dir = scratch("params");
     let data = root().join("tests/data/asl-vectors");
     let cases = [
-        (r#"{"control_points": [[0.5, 0.5]]}"#, "the parameters have 1 curves but `miou` has 2"),
+        (r#"{"control_points": [[0.5, 0.5]]}"#, "the parameters have 1 curve but `miou` has 2"),
         (
             r#"{"control_points": [[0.5, 0.5, 0.4, 0.6, 0.9, 0.9], [0.2, 0.2, 0.5, 0.5, 0.7, 0.7]]}"#,
             "goes back from the previous point",

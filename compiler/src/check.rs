@@ -456,7 +456,11 @@ impl<'p> Checker<'p> {
             self.diagnostics.push(
                 Diagnostic::error(
                     "E0240",
-                    format!("`{name}` takes {positional} argument{plural}, but {} were given", positional_args.len()),
+                    format!(
+                        "`{name}` takes {positional} argument{plural}, but {} {} given",
+                        positional_args.len(),
+                        if positional_args.len() == 1 { "was" } else { "were" }
+                    ),
                     expr.span,
                     "wrong number of arguments",
                 )

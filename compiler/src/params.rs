@@ -47,7 +47,7 @@ pub enum ParamsError {
     Json(String),
     #[error("the parameters are neither losscc's format (`\"format\": \"losscc-params\"`) nor the published layout (`{{\"control_points\": [[...], ...]}}`)")]
     UnknownFormat,
-    #[error("the parameters have {got} curves but `{metric}` has {expected} ({names}); give one control-point list per curve in that order")]
+    #[error("the parameters have {got} curve{} but `{metric}` has {expected} ({names}); give one control-point list per curve in that order", plural_s(.got))]
     CurveCount { metric: String, expected: usize, got: usize, names: String },
     #[error("curve {index} (`{name}`) is invalid: {error}")]
     Curve { index: usize, name: String, error: CurveError },
@@ -59,6 +59,14 @@ pub enum ParamsError {
     Metric { file: String, expected: String },
     #[error("curve `{name}` declares {declared} pieces but its control points make {actual}")]
     Pieces { name: String, declared: usize, actual: usize },
+}
+
+fn plural_s(count: &usize) -> &'static str {
+    if *count == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
 
 /// Curves resolved against a manifest, in manifest order.

@@ -220,12 +220,28 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             let overrides = parse_sets(&set).map_err(anyhow::Error::msg)?;
             let loss = load_loss(&file, &overrides, params.as_deref())?;
             let compiled = loss.compiled();
-            let model = if exact {
-                compiler::onnx::emit_exact(compiled)?
+            let emitted = if exact {
+                compiler::onnx::emit_exact(compiled)
             } else {
                 let source =
                     if curves_input { compiler::onnx::CurveSource::Input } else { compiler::onnx::CurveSource::Baked };
-                compiler::onnx::emit_loss_with(compiled, &loss.params().curves, source)?
+                compiler::onnx::emit_loss_with(compiled, &loss.params().curves, source)
+            };
+            let model = match emitted {
+                Ok(model) => model,
+                Err(compiler::onnx::OnnxError::Unsupported { construct, start, end }) => {
+                    // Point at the construct in the source, like any other diagnostic.
+                    let main = compiled.program.main();
+                    let diagnostic = grammar::Diagnostic::error(
+                        "E0401",
+                        format!("{construct} cannot be expressed in ONNX opset {}", compiler::onnx::OPSET),
+                        grammar::ast::Span::new(start, end),
+                        "not expressible in ONNX",
+                    );
+                    eprint!("{}", grammar::render(&[diagnostic], &main.name, &main.text, color()));
+                    return Err(Reported.into());
+                }
+                Err(other) => return Err(other.into()),
             };
             if emit.is_some() {
                 print!("{}", compiler::onnx::listing(&model));
@@ -316,7 +332,7 @@ fn check_one(file: &Path, emit: Option<Emit>, overrides: &[(String, String)]) ->
             }
             let curves: Vec<&str> = compiled.manifest.curves.iter().map(|c| c.name.as_str()).collect();
             eprintln!(
-                "ok: {} ({} `{}`, {} curves: {})",
+                "ok: {} ({} `{}`, {} curve{}: {})",
                 file.display(),
                 match compiled.exact.root_kind {
                     compiler::ir::RootKind::Metric => "metric",
@@ -324,6 +340,7 @@ fn check_one(file: &Path, emit: Option<Emit>, overrides: &[(String, String)]) ->
                 },
                 compiled.exact.name,
                 curves.len(),
+                if curves.len() == 1 { "" } else { "s" },
                 curves.join(", ")
             );
             Ok(())

@@ -30,12 +30,20 @@ pub enum InputError {
     LabelsKind(Kind),
     #[error("the logits contain {0} non-finite values (NaN or infinity); check the network's output")]
     NonFinite(i64),
-    #[error("label value {value} is neither a class in 0..{classes} nor the ignore label 255 ({count} pixels have such values)")]
+    #[error("label value {value} is neither a class in 0..{classes} nor the ignore label 255 ({count} {})", pixels_with_value(.count))]
     LabelValue { value: i64, classes: i64, count: i64 },
     #[error("this metric needs at least {needed} classes (it slices classes), but the logits have {got}")]
     TooFewClasses { needed: usize, got: i64 },
     #[error("an image must be at least 1x1 pixels, but the logits have shape {0:?}")]
     Empty(Vec<i64>),
+}
+
+fn pixels_with_value(count: &i64) -> &'static str {
+    if *count == 1 {
+        "pixel has such a value"
+    } else {
+        "pixels have such values"
+    }
 }
 
 /// Check logits `[N,C,H,W]` float and labels `[N,H,W]` int64 for a module.
