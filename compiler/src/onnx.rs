@@ -579,24 +579,11 @@ pub fn emit_exact(compiled: &Compiled) -> Result<ModelProto, OnnxError> {
             Node::Slice { input, start, end } if pixel => {
                 Some(slice(&mut emitter, &v(input), module.shape(*input), *start, *end))
             }
-            Node::Count(input) => {
-                let counted = count(&mut emitter, &v(input), module.shape(*input));
-                let name = format!("count_{}", handle.index());
-                emitter.nodes.push(NodeProto {
-                    input: vec![counted],
-                    output: vec![name.clone()],
-                    name: format!("{name}_output"),
-                    op_type: "Identity".into(),
-                    doc_string: emitter.origin.clone(),
-                    ..Default::default()
-                });
-                let per_class = matches!(module.shape(handle), Shape::Classes(_));
-                outputs.push(value_info(&name, DataType::FLOAT, if per_class { &["C_out"] } else { &[] }));
-                accumulators.push(serde_json::json!({"output": name, "node": handle.index(), "per_class": per_class}));
-                None
-            }
-            Node::NllSum => {
-                let summed = nll_sum(&mut emitter);
+            Node::Count(_) | Node::NllSum => {
+                let summed = match node {
+                    Node::Count(input) => count(&mut emitter, &v(input), module.shape(*input)),
+                    _ => nll_sum(&mut emitter),
+                };
                 let name = format!("count_{}", handle.index());
                 emitter.nodes.push(NodeProto {
                     input: vec![summed],
@@ -606,8 +593,9 @@ pub fn emit_exact(compiled: &Compiled) -> Result<ModelProto, OnnxError> {
                     doc_string: emitter.origin.clone(),
                     ..Default::default()
                 });
-                outputs.push(value_info(&name, DataType::FLOAT, &[]));
-                accumulators.push(serde_json::json!({"output": name, "node": handle.index(), "per_class": false}));
+                let per_class = matches!(module.shape(handle), Shape::Classes(_));
+                outputs.push(value_info(&name, DataType::FLOAT, if per_class { &["C_out"] } else { &[] }));
+                accumulators.push(serde_json::json!({"output": name, "node": handle.index(), "per_class": per_class}));
                 None
             }
             // Numbers above the accumulators are finished by the consumer from summed counts.
