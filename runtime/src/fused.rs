@@ -155,6 +155,10 @@ impl FusedPlan {
                     Op::Count { input, count: self.counts.len() - 1 }
                 }
                 Node::NllSum => {
+                    // The backward sweep's cross-entropy gradient reads the stored softmax.
+                    if !self.steps.iter().any(|s| matches!(s.op, Op::Softmax)) {
+                        self.push(Op::Softmax, self.classes);
+                    }
                     self.counts.push(handle);
                     self.count_widths.push(1);
                     Op::NllSum { count: self.counts.len() - 1 }
@@ -224,41 +228,74 @@ impl FastSegment {
     }
 }
 
-/// `g(x)` and `dg/dx` with the reference path's clamping, so gradients agree.
-#[inline]
-fn curve_value(x: f32, segments: &[FastSegment]) -> (f32, f32) {
-    let x_in_range = (0.0..=1.0).contains(&x);
-    let x = x.clamp(0.0, 1.0);
-    let mut segment = &segments[segments.len() - 1];
-    for candidate in segments {
-        if x <= candidate.end_x {
-            segment = candidate;
-            break;
+impl FastSegment {
+    /// `y(t)` and `dy/dt` of the piece.
+    #[inline(always)]
+    fn bezier(&self, t: f32) -> (f32, f32) {
+        let s = 1.0 - t;
+        let y = s * s * self.y0 + 2.0 * t * s * self.y1 + t * t * self.y2;
+        let dy_dt = -2.0 * s * self.y0 + 2.0 * (1.0 - 2.0 * t) * self.y1 + 2.0 * t * self.y2;
+        (y, dy_dt)
+    }
+
+    /// The clamped, piece-normalised x, and 1 where the clamps pass gradients (else 0).
+    #[inline(always)]
+    fn normalise(&self, x: f32) -> (f32, f32) {
+        let x_in_range = if (0.0..=1.0).contains(&x) { 1.0 } else { 0.0 };
+        let raw = (x.clamp(0.0, 1.0) - self.start_x) * self.inv_width;
+        let norm_in_range = if (0.0..=1.0).contains(&raw) { 1.0 } else { 0.0 };
+        (raw.clamp(0.0, 1.0), x_in_range * norm_in_range)
+    }
+
+    /// `g(x)` and `dg/dx` of a linear piece (`t = x'`), with the reference path's clamping.
+    #[inline(always)]
+    fn eval_linear(&self, x: f32) -> (f32, f32) {
+        let (t, passes) = self.normalise(x);
+        let (y, dy_dt) = self.bezier(t);
+        (y, passes * dy_dt * self.inv_width)
+    }
+
+    /// `g(x)` and `dg/dx` of a quadratic piece: `t` from the closed form with the square
+    /// root's argument clamped, exactly as the reference path computes it.
+    #[inline(always)]
+    fn eval_quadratic(&self, x: f32) -> (f32, f32) {
+        let (x_norm, passes) = self.normalise(x);
+        let disc_raw = x_norm * self.slope + self.m2;
+        let floor = SQRT_FLOOR as f32;
+        let disc_slope = if disc_raw >= floor { self.slope } else { 0.0 };
+        let root = disc_raw.max(floor).sqrt();
+        let t_raw = (self.m - root) * self.inv_2m1;
+        let t_in_range = if (0.0..=1.0).contains(&t_raw) { 1.0 } else { 0.0 };
+        let dt_dxn = t_in_range * (-0.5 / root * disc_slope * self.inv_2m1);
+        let (y, dy_dt) = self.bezier(t_raw.clamp(0.0, 1.0));
+        (y, passes * dy_dt * dt_dxn * self.inv_width)
+    }
+}
+
+/// `g` and `g'` over a row of values: the last piece everywhere, then each earlier piece
+/// where `x` is at most its end (the reference path's `where` chain, piece by piece). The
+/// piece's kind is decided outside the loop and the store is a select, so the loop
+/// vectorizes.
+fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
+    fn apply(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], everywhere: bool, end_x: f32, eval: impl Fn(f32) -> (f32, f32)) {
+        for ((x, y), slope) in xs.iter().zip(ys.iter_mut()).zip(slopes.iter_mut()) {
+            let (value, derivative) = eval(*x);
+            let take = everywhere || x.clamp(0.0, 1.0) <= end_x;
+            *y = if take { value } else { *y };
+            *slope = if take { derivative } else { *slope };
         }
     }
-    if segment.degenerate {
-        return (segment.y2, 0.0);
+    let last = segments.len() - 1;
+    for (index, segment) in segments.iter().enumerate().rev() {
+        let everywhere = index == last;
+        if segment.degenerate {
+            apply(xs, ys, slopes, everywhere, segment.end_x, |_| (segment.y2, 0.0));
+        } else if segment.linear {
+            apply(xs, ys, slopes, everywhere, segment.end_x, |x| segment.eval_linear(x));
+        } else {
+            apply(xs, ys, slopes, everywhere, segment.end_x, |x| segment.eval_quadratic(x));
+        }
     }
-    let raw = (x - segment.start_x) * segment.inv_width;
-    let x_norm = raw.clamp(0.0, 1.0);
-    let mut dt_dxn = if (0.0..=1.0).contains(&raw) { 1.0 } else { 0.0 };
-    let t = if segment.linear {
-        x_norm
-    } else {
-        let disc_raw = x_norm * segment.slope + segment.m2;
-        let floor = SQRT_FLOOR as f32;
-        let (disc, ddisc) = if disc_raw >= floor { (disc_raw, segment.slope) } else { (floor, 0.0) };
-        let root = disc.sqrt();
-        let t_raw = (segment.m - root) * segment.inv_2m1;
-        let dt = if (0.0..=1.0).contains(&t_raw) { -0.5 / root * ddisc * segment.inv_2m1 } else { 0.0 };
-        dt_dxn *= dt;
-        t_raw.clamp(0.0, 1.0)
-    };
-    let s = 1.0 - t;
-    let y = s * s * segment.y0 + 2.0 * t * s * segment.y1 + t * t * segment.y2;
-    let dy_dt = -2.0 * s * segment.y0 + 2.0 * (1.0 - 2.0 * t) * segment.y1 + 2.0 * t * segment.y2;
-    let gradient = if x_in_range { dy_dt * dt_dxn * segment.inv_width } else { 0.0 };
-    (y, gradient)
 }
 
 /// Inputs of one sweep, shared by the threads.
@@ -272,114 +309,150 @@ struct Sweep<'a> {
     pixels_per_image: usize,
 }
 
+/// Pixels processed together: each step's values for a tile lie class-major
+/// (`[class][pixel]`), so the loops over a step are long, contiguous and vectorizable.
+const TILE: usize = 64;
+
 impl Sweep<'_> {
-    /// Compute every step for one pixel. With `stored_softmax`, the softmax is copied rather
-    /// than recomputed; with `derivatives`, curve slopes are recorded for the backward sweep.
-    fn forward_pixel(
+    /// `(image, position within the image)` of a pixel.
+    fn locate(&self, pixel: usize) -> (usize, usize) {
+        (pixel / self.pixels_per_image, pixel % self.pixels_per_image)
+    }
+
+    /// Compute every step for the `n` pixels from `first`. Values of step `s` live at
+    /// `values[s.offset * n ..][k * n + j]`. With `stored_softmax` (pixel-major, `n × C`)
+    /// the softmax is copied instead of recomputed; otherwise it is written to
+    /// `softmax_out`. Curve slopes go to `slopes` (same layout as `values`).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_tile(
         &self,
-        pixel: usize,
+        first: usize,
+        n: usize,
         values: &mut [f32],
+        slopes: &mut [f32],
         softmax_out: &mut [f32],
-        counts: &mut [Vec<f64>],
         stored_softmax: Option<&[f32]>,
-        mut derivatives: Option<&mut [f32]>,
+        counts: &mut [Vec<f64>],
     ) {
-        let (image, within) = (pixel / self.pixels_per_image, pixel % self.pixels_per_image);
         let c = self.classes;
-        let label = self.labels[pixel];
+        let hw = self.pixels_per_image;
         for step in &self.plan.steps {
-            let (offset, w) = (step.offset, step.width);
+            let (offset, w) = (step.offset * n, step.width);
             match &step.op {
-                Op::Softmax if stored_softmax.is_some() => {
-                    values[offset..offset + c].copy_from_slice(stored_softmax.unwrap_or_default());
-                }
                 Op::Softmax => {
-                    let base = image * c * self.pixels_per_image + within;
-                    let mut max = f32::NEG_INFINITY;
-                    for k in 0..c {
-                        max = max.max(self.logits[base + k * self.pixels_per_image]);
+                    for j in 0..n {
+                        match stored_softmax {
+                            Some(stored) => {
+                                for k in 0..c {
+                                    values[offset + k * n + j] = stored[j * c + k];
+                                }
+                            }
+                            None => {
+                                let (image, within) = self.locate(first + j);
+                                let base = image * c * hw + within;
+                                let mut max = f32::NEG_INFINITY;
+                                for k in 0..c {
+                                    max = max.max(self.logits[base + k * hw]);
+                                }
+                                let mut sum = 0.0f32;
+                                for k in 0..c {
+                                    let e = (self.logits[base + k * hw] - max).exp();
+                                    values[offset + k * n + j] = e;
+                                    sum += e;
+                                }
+                                let inverse = 1.0 / sum;
+                                for k in 0..c {
+                                    let p = values[offset + k * n + j] * inverse;
+                                    values[offset + k * n + j] = p;
+                                    softmax_out[j * c + k] = p;
+                                }
+                            }
+                        }
                     }
-                    let mut sum = 0.0f32;
-                    for k in 0..c {
-                        let e = (self.logits[base + k * self.pixels_per_image] - max).exp();
-                        values[offset + k] = e;
-                        sum += e;
-                    }
-                    for k in 0..c {
-                        values[offset + k] /= sum;
-                    }
-                    softmax_out.copy_from_slice(&values[offset..offset + c]);
                 }
                 Op::Labels => {
-                    values[offset..offset + w].fill(0.0);
-                    if (0..w as i64).contains(&label) {
-                        values[offset + label as usize] = 1.0;
+                    values[offset..offset + w * n].fill(0.0);
+                    for j in 0..n {
+                        let label = self.labels[first + j];
+                        if (0..w as i64).contains(&label) {
+                            values[offset + label as usize * n + j] = 1.0;
+                        }
                     }
                 }
-                Op::Valid => values[offset] = if label != IGNORE_LABEL { 1.0 } else { 0.0 },
-                Op::Const(value) => values[offset] = *value,
+                Op::Valid => {
+                    for j in 0..n {
+                        values[offset + j] = if self.labels[first + j] != IGNORE_LABEL { 1.0 } else { 0.0 };
+                    }
+                }
+                Op::Const(value) => values[offset..offset + n].fill(*value),
                 Op::Plane(index) => {
                     let plane_w = self.plane_widths[*index];
-                    let base = image * plane_w * self.pixels_per_image + within;
-                    for k in 0..w {
-                        values[offset + k] = self.planes[*index][base + k * self.pixels_per_image];
+                    for j in 0..n {
+                        let (image, within) = self.locate(first + j);
+                        let base = image * plane_w * hw + within;
+                        for k in 0..w {
+                            values[offset + k * n + j] = self.planes[*index][base + k * hw];
+                        }
                     }
                 }
                 Op::Curve { input, segments } => {
-                    let source = self.plan.steps[*input].offset;
-                    match derivatives.as_deref_mut() {
-                        Some(slopes) => {
-                            for k in 0..w {
-                                let (y, dy) = curve_value(values[source + k], segments);
-                                values[offset + k] = y;
-                                slopes[offset + k] = dy;
-                            }
-                        }
-                        None => {
-                            for k in 0..w {
-                                values[offset + k] = curve_value(values[source + k], segments).0;
-                            }
-                        }
-                    }
+                    let source = self.plan.steps[*input].offset * n;
+                    let (head, tail) = values.split_at_mut(offset);
+                    curve_row(&head[source..source + w * n], &mut tail[..w * n], &mut slopes[offset..offset + w * n], segments);
                 }
-                Op::Add(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x + y),
-                Op::Sub(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x - y),
-                Op::Mul(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x * y),
+                Op::Add(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x + y),
+                Op::Sub(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x - y),
+                Op::Mul(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x * y),
                 Op::Neg(a) => {
-                    let source = self.plan.steps[*a].offset;
-                    for k in 0..w {
-                        values[offset + k] = -values[source + k];
+                    let source = self.plan.steps[*a].offset * n;
+                    for i in 0..w * n {
+                        values[offset + i] = -values[source + i];
                     }
                 }
                 Op::AnyClass(a) => {
                     let sa = &self.plan.steps[*a];
-                    values[offset] = values[sa.offset..sa.offset + sa.width].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let source = sa.offset * n;
+                    for j in 0..n {
+                        let mut max = f32::NEG_INFINITY;
+                        for k in 0..sa.width {
+                            max = max.max(values[source + k * n + j]);
+                        }
+                        values[offset + j] = max;
+                    }
                 }
                 Op::Slice { input, start } => {
-                    let source = self.plan.steps[*input].offset + start;
-                    values.copy_within(source..source + w, offset);
+                    let source = (self.plan.steps[*input].offset + start) * n;
+                    values.copy_within(source..source + w * n, offset);
                 }
                 Op::Count { input, count } => {
                     let si = &self.plan.steps[*input];
+                    let source = si.offset * n;
                     let target = &mut counts[*count];
                     if target.len() == 1 {
-                        let total: f32 = values[si.offset..si.offset + si.width].iter().sum();
+                        let total: f32 = values[source..source + si.width * n].iter().sum();
                         target[0] += total as f64;
                     } else {
-                        for k in 0..target.len() {
-                            target[k] += values[si.offset + if si.width == 1 { 0 } else { k }] as f64;
+                        for (k, slot) in target.iter_mut().enumerate() {
+                            let row = source + if si.width == 1 { 0 } else { k * n };
+                            let total: f32 = values[row..row + n].iter().sum();
+                            *slot += total as f64;
                         }
                     }
                 }
                 Op::NllSum { count } => {
-                    if label != IGNORE_LABEL {
-                        let base = image * c * self.pixels_per_image + within;
+                    for j in 0..n {
+                        let label = self.labels[first + j];
+                        if label == IGNORE_LABEL {
+                            continue;
+                        }
+                        let (image, within) = self.locate(first + j);
+                        let base = image * c * hw + within;
                         let mut max = f32::NEG_INFINITY;
                         for k in 0..c {
-                            max = max.max(self.logits[base + k * self.pixels_per_image]);
+                            max = max.max(self.logits[base + k * hw]);
                         }
-                        let sum: f32 = (0..c).map(|k| (self.logits[base + k * self.pixels_per_image] - max).exp()).sum();
-                        let log_probability = self.logits[base + label as usize * self.pixels_per_image] - max - sum.ln();
+                        let sum: f32 = (0..c).map(|k| (self.logits[base + k * hw] - max).exp()).sum();
+                        let log_probability = self.logits[base + label as usize * hw] - max - sum.ln();
                         counts[*count][0] -= log_probability as f64;
                     }
                 }
@@ -387,91 +460,106 @@ impl Sweep<'_> {
         }
     }
 
+    /// Reverse mode through the tile's program: `∂loss/∂logits` (pixel-major, `n × C`) from
+    /// `∂loss/∂count`. Recomputes the forward values from the stored softmax first.
     #[allow(clippy::too_many_arguments)]
-    fn backward_pixel(
+    fn backward_tile(
         &self,
-        pixel: usize,
+        first: usize,
+        n: usize,
         softmax: &[f32],
         count_grads: &[Vec<f32>],
-        values: &mut [f32],
-        grads: &mut [f32],
-        slopes: &mut [f32],
+        buffers: &mut TileBuffers,
         logit_grads: &mut [f32],
-        scratch_counts: &mut [Vec<f64>],
-        scratch_softmax: &mut [f32],
     ) {
-        // Recompute this pixel's values from the stored softmax, recording curve slopes.
-        self.forward_pixel(pixel, values, scratch_softmax, scratch_counts, Some(softmax), Some(slopes));
-        grads.fill(0.0);
+        let TileBuffers { values, grads, slopes, counts, softmax_scratch } = buffers;
+        self.forward_tile(first, n, values, slopes, softmax_scratch, Some(softmax), counts);
+        grads[..self.plan.scratch * n].fill(0.0);
         let c = self.classes;
-        let label = self.labels[pixel];
         for step in self.plan.steps.iter().rev() {
-            let (offset, w) = (step.offset, step.width);
+            let (offset, w) = (step.offset * n, step.width);
             match &step.op {
                 Op::Count { input, count } => {
                     let si = &self.plan.steps[*input];
+                    let source = si.offset * n;
                     let upstream = &count_grads[*count];
                     for k in 0..si.width {
-                        grads[si.offset + k] += if upstream.len() == 1 { upstream[0] } else { upstream[k] };
+                        let g = if upstream.len() == 1 { upstream[0] } else { upstream[k] };
+                        for j in 0..n {
+                            grads[source + k * n + j] += g;
+                        }
                     }
                 }
                 Op::NllSum { count } => {
-                    if label != IGNORE_LABEL {
-                        let g = count_grads[*count][0];
+                    let g = count_grads[*count][0];
+                    for j in 0..n {
+                        let label = self.labels[first + j];
+                        if label == IGNORE_LABEL {
+                            continue;
+                        }
                         for k in 0..c {
-                            logit_grads[k] += g * (softmax[k] - if k as i64 == label { 1.0 } else { 0.0 });
+                            let target = if k as i64 == label { 1.0 } else { 0.0 };
+                            logit_grads[j * c + k] += g * (softmax[j * c + k] - target);
                         }
                     }
                 }
                 Op::Curve { input, .. } => {
-                    let source = self.plan.steps[*input].offset;
-                    for k in 0..w {
-                        grads[source + k] += grads[offset + k] * slopes[offset + k];
+                    let source = self.plan.steps[*input].offset * n;
+                    for i in 0..w * n {
+                        grads[source + i] += grads[offset + i] * slopes[offset + i];
                     }
                 }
                 Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => {
-                    let (sa, sb) = (self.plan.steps[*a].clone(), self.plan.steps[*b].clone());
+                    let (sa, sb) = (&self.plan.steps[*a], &self.plan.steps[*b]);
+                    let (oa, ob) = (sa.offset * n, sb.offset * n);
                     for k in 0..w {
-                        let g = grads[offset + k];
-                        let ia = sa.offset + if sa.width == 1 { 0 } else { k };
-                        let ib = sb.offset + if sb.width == 1 { 0 } else { k };
-                        let (ga, gb) = match step.op {
-                            Op::Add(..) => (g, g),
-                            Op::Sub(..) => (g, -g),
-                            _ => (g * values[ib], g * values[ia]),
-                        };
-                        grads[ia] += ga;
-                        grads[ib] += gb;
+                        for j in 0..n {
+                            let g = grads[offset + k * n + j];
+                            let ia = oa + if sa.width == 1 { j } else { k * n + j };
+                            let ib = ob + if sb.width == 1 { j } else { k * n + j };
+                            let (ga, gb) = match step.op {
+                                Op::Add(..) => (g, g),
+                                Op::Sub(..) => (g, -g),
+                                _ => (g * values[ib], g * values[ia]),
+                            };
+                            grads[ia] += ga;
+                            grads[ib] += gb;
+                        }
                     }
                 }
                 Op::Neg(a) => {
-                    let source = self.plan.steps[*a].offset;
-                    for k in 0..w {
-                        grads[source + k] -= grads[offset + k];
+                    let source = self.plan.steps[*a].offset * n;
+                    for i in 0..w * n {
+                        grads[source + i] -= grads[offset + i];
                     }
                 }
                 Op::AnyClass(a) => {
                     // Like torch.amax: the gradient is shared evenly by the maxima.
                     let sa = &self.plan.steps[*a];
-                    let max = values[offset];
-                    let ties = values[sa.offset..sa.offset + sa.width].iter().filter(|v| **v == max).count().max(1);
-                    let g = grads[offset] / ties as f32;
-                    for k in 0..sa.width {
-                        if values[sa.offset + k] == max {
-                            grads[sa.offset + k] += g;
+                    let source = sa.offset * n;
+                    for j in 0..n {
+                        let max = values[offset + j];
+                        let ties = (0..sa.width).filter(|k| values[source + k * n + j] == max).count().max(1);
+                        let g = grads[offset + j] / ties as f32;
+                        for k in 0..sa.width {
+                            if values[source + k * n + j] == max {
+                                grads[source + k * n + j] += g;
+                            }
                         }
                     }
                 }
                 Op::Slice { input, start } => {
-                    let source = self.plan.steps[*input].offset + start;
-                    for k in 0..w {
-                        grads[source + k] += grads[offset + k];
+                    let source = (self.plan.steps[*input].offset + start) * n;
+                    for i in 0..w * n {
+                        grads[source + i] += grads[offset + i];
                     }
                 }
                 Op::Softmax => {
-                    let dot: f32 = (0..c).map(|k| grads[offset + k] * softmax[k]).sum();
-                    for k in 0..c {
-                        logit_grads[k] += softmax[k] * (grads[offset + k] - dot);
+                    for j in 0..n {
+                        let dot: f32 = (0..c).map(|k| grads[offset + k * n + j] * softmax[j * c + k]).sum();
+                        for k in 0..c {
+                            logit_grads[j * c + k] += softmax[j * c + k] * (grads[offset + k * n + j] - dot);
+                        }
                     }
                 }
                 Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) => {}
@@ -480,28 +568,38 @@ impl Sweep<'_> {
     }
 }
 
-/// `out = a op b` with broadcasting of one-wide operands, as a tight loop per case.
+/// Per-thread scratch for one tile.
+struct TileBuffers {
+    values: Vec<f32>,
+    grads: Vec<f32>,
+    slopes: Vec<f32>,
+    counts: Vec<Vec<f64>>,
+    softmax_scratch: Vec<f32>,
+}
+
+impl TileBuffers {
+    fn new(plan: &FusedPlan) -> TileBuffers {
+        TileBuffers {
+            values: vec![0.0; plan.scratch * TILE],
+            grads: vec![0.0; plan.scratch * TILE],
+            slopes: vec![0.0; plan.scratch * TILE],
+            counts: plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect(),
+            softmax_scratch: vec![0.0; plan.classes * TILE],
+        }
+    }
+}
+
+/// `out = a op b` over a tile (`width` rows of `n`), broadcasting one-wide operands.
 #[inline]
-fn binary(values: &mut [f32], a: &Step, b: &Step, offset: usize, width: usize, f: impl Fn(f32, f32) -> f32) {
-    match (a.width == 1, b.width == 1) {
-        (false, false) => {
-            for k in 0..width {
-                values[offset + k] = f(values[a.offset + k], values[b.offset + k]);
-            }
+fn binary(values: &mut [f32], a: &Step, b: &Step, offset: usize, width: usize, n: usize, f: impl Fn(f32, f32) -> f32) {
+    let (oa, ob) = (a.offset * n, b.offset * n);
+    for k in 0..width {
+        let row_a = oa + if a.width == 1 { 0 } else { k * n };
+        let row_b = ob + if b.width == 1 { 0 } else { k * n };
+        let row = offset + k * n;
+        for j in 0..n {
+            values[row + j] = f(values[row_a + j], values[row_b + j]);
         }
-        (true, false) => {
-            let x = values[a.offset];
-            for k in 0..width {
-                values[offset + k] = f(x, values[b.offset + k]);
-            }
-        }
-        (false, true) => {
-            let y = values[b.offset];
-            for k in 0..width {
-                values[offset + k] = f(values[a.offset + k], y);
-            }
-        }
-        (true, true) => values[offset] = f(values[a.offset], values[b.offset]),
     }
 }
 
@@ -550,16 +648,16 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
             .map(|(i, softmax_chunk)| {
                 let sweep = &sweep;
                 scope.spawn(move || {
-                    let mut values = vec![0.0f32; plan.scratch];
-                    let mut local: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
-                    let mut discard = vec![0.0f32; c];
-                    for (j, pixel_softmax) in softmax_chunk.chunks_mut(c).enumerate() {
-                        let pixel = i * chunk + j;
-                        let uses_softmax = plan.steps.iter().any(|s| matches!(s.op, Op::Softmax));
-                        let target = if uses_softmax { pixel_softmax } else { &mut discard[..] };
-                        sweep.forward_pixel(pixel, &mut values, target, &mut local, None, None);
+                    let mut buffers = TileBuffers::new(plan);
+                    let chunk_pixels = softmax_chunk.len() / c;
+                    for tile_start in (0..chunk_pixels).step_by(TILE) {
+                        let n = TILE.min(chunk_pixels - tile_start);
+                        let first = i * chunk + tile_start;
+                        let softmax_tile = &mut softmax_chunk[tile_start * c..(tile_start + n) * c];
+                        let TileBuffers { values, slopes, counts, .. } = &mut buffers;
+                        sweep.forward_tile(first, n, values, slopes, softmax_tile, None, counts);
                     }
-                    local
+                    buffers.counts
                 })
             })
             .collect();
@@ -606,24 +704,14 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         for (i, grad_chunk) in logit_grads_pixel_major.chunks_mut(chunk * c).enumerate() {
             let (sweep, softmax, count_grads) = (&sweep, &softmax, &count_grads);
             scope.spawn(move || {
-                let mut values = vec![0.0f32; plan.scratch];
-                let mut grads = vec![0.0f32; plan.scratch];
-                let mut slopes = vec![0.0f32; plan.scratch];
-                let mut scratch_counts: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
-                let mut scratch_softmax = vec![0.0f32; c];
-                for (j, pixel_grads) in grad_chunk.chunks_mut(c).enumerate() {
-                    let pixel = i * chunk + j;
-                    sweep.backward_pixel(
-                        pixel,
-                        &softmax[pixel * c..(pixel + 1) * c],
-                        count_grads,
-                        &mut values,
-                        &mut grads,
-                        &mut slopes,
-                        pixel_grads,
-                        &mut scratch_counts,
-                        &mut scratch_softmax,
-                    );
+                let mut buffers = TileBuffers::new(plan);
+                let chunk_pixels = grad_chunk.len() / c;
+                for tile_start in (0..chunk_pixels).step_by(TILE) {
+                    let n = TILE.min(chunk_pixels - tile_start);
+                    let first = i * chunk + tile_start;
+                    let stored = &softmax[first * c..(first + n) * c];
+                    let grads_tile = &mut grad_chunk[tile_start * c..(tile_start + n) * c];
+                    sweep.backward_tile(first, n, stored, count_grads, &mut buffers, grads_tile);
                 }
             });
         }
