@@ -341,7 +341,7 @@ fn check_one(file: &Path, emit: Option<Emit>, overrides: &[(String, String)]) ->
                 compiled.exact.name,
                 curves.len(),
                 if curves.len() == 1 { "" } else { "s" },
-                curves.join(", ")
+                if curves.is_empty() { "none".to_string() } else { curves.join(", ") }
             );
             Ok(())
         }
