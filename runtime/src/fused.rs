@@ -1,8 +1,9 @@
-//! The fused CPU kernel: a relaxed module's pixel-level work done in one pass per pixel.
+//! The fused CPU kernel: a relaxed module's pixel-level work done in one pass over the pixels.
 //!
 //! The reference path (op by op in libtorch) materializes every intermediate `[N,C,H,W]`
 //! tensor and records it for autograd. Here, the pixel-level nodes that feed the counts
-//! become a small per-pixel program over the pixel's classes:
+//! become a small program over a pixel's classes, run on tiles of 64 pixels whose values lie
+//! class-major (`[class][pixel]`) so each step is a long contiguous loop:
 //! 1. forward sweep: softmax, curves, products, ... accumulated straight into the counts
 //!    (float64), the softmax kept for the second sweep;
 //! 2. the few per-class numbers above the counts run in libtorch with autograd, giving
@@ -48,7 +49,7 @@ struct Step {
     offset: usize,
 }
 
-/// The per-pixel program of a module for a given number of classes.
+/// The pixel program of a module for a given number of classes (run tile by tile).
 pub struct FusedPlan {
     steps: Vec<Step>,
     /// Label-only nodes evaluated by libtorch and read per pixel.
