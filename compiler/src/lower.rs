@@ -6,7 +6,7 @@
 //! cross-entropy over the number of valid pixels. Structurally equal nodes are built once
 //! (see [`crate::ir::Builder`]), which is the compiler's common-subexpression elimination.
 
-use crate::check::{FileDiagnostics, Kind};
+use crate::check::FileDiagnostics;
 use crate::ir::{Builder, ClassRange, CmpOp, DivGuard, Handle, Mode, Module, Node, Report, RootKind, Shape};
 use crate::program::{Program, SourceId};
 use grammar::ast::{self, BinaryOp, ExprKind, Literal, ParamType, Span, UnaryOp};
@@ -675,15 +675,5 @@ fn describe_shape(shape: Shape) -> String {
         Shape::ClassPixels(r) => format!("per-class pixel sets of classes [{r}]"),
         Shape::Classes(r) => format!("per-class numbers of classes [{r}]"),
         Shape::Scalar => "a number".into(),
-    }
-}
-
-/// The kind a shape corresponds to, for messages.
-pub fn kind_of_shape(shape: Shape) -> Kind {
-    match shape {
-        Shape::Pixels => Kind::PixelSet,
-        Shape::ClassPixels(_) => Kind::ClassSet,
-        Shape::Classes(_) => Kind::ClassVec,
-        Shape::Scalar => Kind::Number,
     }
 }

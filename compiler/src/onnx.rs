@@ -238,6 +238,20 @@ impl Emitter {
         }
     }
 
+    /// `y = (1-t)^2 y0 + 2 t (1-t) y1 + t^2 y2`, given `2 y1` (constants or graph values).
+    fn bezier_y(&mut self, t: &str, y0: &str, two_y1: &str, y2: &str) -> String {
+        let one = self.float(1.0);
+        let s = self.op("Sub", &[&one, t], vec![]);
+        let ss = self.op("Mul", &[&s, &s], vec![]);
+        let ts = self.op("Mul", &[t, &s], vec![]);
+        let tt = self.op("Mul", &[t, t], vec![]);
+        let a = self.op("Mul", &[&ss, y0], vec![]);
+        let b = self.op("Mul", &[&ts, two_y1], vec![]);
+        let c = self.op("Mul", &[&tt, y2], vec![]);
+        let ab = self.op("Add", &[&a, &b], vec![]);
+        self.op("Add", &[&ab, &c], vec![])
+    }
+
     /// `g(x)` with control points read from the `curves` input at run time: the same
     /// formula as [`Emitter::curve`], with the linear and degenerate cases chosen by `Where`
     /// (their unused branches stay finite, so gradients with respect to `x` stay finite).
@@ -284,16 +298,8 @@ impl Emitter {
             let quadratic_t = self.op("Div", &[&numerator, &safe_denominator], vec![]);
             let quadratic_t = self.clip(&quadratic_t, 0.0, 1.0);
             let t = self.op("Where", &[&is_linear, &x_norm, &quadratic_t], vec![]);
-            let s = self.op("Sub", &[&one, &t], vec![]);
-            let ss = self.op("Mul", &[&s, &s], vec![]);
-            let ts = self.op("Mul", &[&t, &s], vec![]);
-            let tt = self.op("Mul", &[&t, &t], vec![]);
-            let a = self.op("Mul", &[&ss, &sy], vec![]);
             let two_my = self.op("Mul", &[&two, &my], vec![]);
-            let b = self.op("Mul", &[&ts, &two_my], vec![]);
-            let c = self.op("Mul", &[&tt, &ey], vec![]);
-            let ab = self.op("Add", &[&a, &b], vec![]);
-            let y = self.op("Add", &[&ab, &c], vec![]);
+            let y = self.bezier_y(&t, &sy, &two_my, &ey);
             // A vertical piece covers one x; its value there is its end's y.
             let has_width = self.op("Greater", &[&width, &zero], vec![]);
             let y = self.op("Where", &[&has_width, &y, &ey], vec![]);
@@ -342,19 +348,9 @@ impl Emitter {
                     let t = self.op("Mul", &[&numerator, &inverse], vec![]);
                     self.clip(&t, 0.0, 1.0)
                 };
-                // y = (1-t)^2 y0 + 2 t (1-t) y1 + t^2 y2
-                let one = self.float(1.0);
-                let s = self.op("Sub", &[&one, &t], vec![]);
-                let ss = self.op("Mul", &[&s, &s], vec![]);
-                let ts = self.op("Mul", &[&t, &s], vec![]);
-                let tt = self.op("Mul", &[&t, &t], vec![]);
-                let (c0, c1, c2) =
+                let (y0, two_y1, y2) =
                     (self.float(segment.start[1]), self.float(2.0 * segment.middle[1]), self.float(segment.end[1]));
-                let a = self.op("Mul", &[&ss, &c0], vec![]);
-                let b = self.op("Mul", &[&ts, &c1], vec![]);
-                let c = self.op("Mul", &[&tt, &c2], vec![]);
-                let ab = self.op("Add", &[&a, &b], vec![]);
-                self.op("Add", &[&ab, &c], vec![])
+                self.bezier_y(&t, &y0, &two_y1, &y2)
             };
             result = Some(match result {
                 None => y,

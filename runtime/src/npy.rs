@@ -86,18 +86,20 @@ pub fn read_labels(path: &Path) -> Result<Tensor, NpyError> {
     }
 }
 
-/// Write a float32 array.
-pub fn write_f32(path: &Path, shape: &[usize], data: Vec<f32>) -> Result<(), NpyError> {
+/// Write an array (float32 logits and gradients, int64 labels) with the given shape.
+pub fn write<T: ndarray_npy::WritableElement>(path: &Path, shape: &[usize], data: Vec<T>) -> Result<(), NpyError> {
     let error = |e: String| NpyError::Write { path: path.display().to_string(), error: e };
     let array = ArrayD::from_shape_vec(shape.to_vec(), data).map_err(|e| error(e.to_string()))?;
     let file = File::create(path).map_err(|e| error(e.to_string()))?;
     array.write_npy(file).map_err(|e| error(e.to_string()))
 }
 
+/// Write a float32 array.
+pub fn write_f32(path: &Path, shape: &[usize], data: Vec<f32>) -> Result<(), NpyError> {
+    write(path, shape, data)
+}
+
 /// Write an int64 array.
 pub fn write_i64(path: &Path, shape: &[usize], data: Vec<i64>) -> Result<(), NpyError> {
-    let error = |e: String| NpyError::Write { path: path.display().to_string(), error: e };
-    let array = ArrayD::from_shape_vec(shape.to_vec(), data).map_err(|e| error(e.to_string()))?;
-    let file = File::create(path).map_err(|e| error(e.to_string()))?;
-    array.write_npy(file).map_err(|e| error(e.to_string()))
+    write(path, shape, data)
 }
