@@ -13,7 +13,6 @@ fn losscc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_losscc")).args(args).output().expect("run losscc")
 }
 
-
 fn example(name: &str) -> String {
     root().join("examples").join(name).display().to_string()
 }

@@ -11,7 +11,6 @@ use compiler::params::Params;
 use runtime::Loss;
 use tch::{Kind, Tensor};
 
-
 #[test]
 fn fused_kernel_equals_reference_path() {
     tch::manual_seed(11);
@@ -25,8 +24,9 @@ fn fused_kernel_equals_reference_path() {
             .iter()
             .enumerate()
             .map(|(i, spec)| {
-                let u: Vec<f64> =
-                    (0..Curve::search_len(spec.pieces)).map(|j| 0.1 + 0.8 * (((i * 7 + j * 3) % 10) as f64 / 10.0)).collect();
+                let u: Vec<f64> = (0..Curve::search_len(spec.pieces))
+                    .map(|j| 0.1 + 0.8 * (((i * 7 + j * 3) % 10) as f64 / 10.0))
+                    .collect();
                 Curve::from_search(&u, spec.pieces).unwrap()
             })
             .collect();

@@ -14,8 +14,6 @@ use runtime::Loss;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-
-
 fn random_params(loss: &Loss, rng: &mut Rng) -> Params {
     let manifest = &loss.compiled().manifest;
     let curves = manifest
@@ -52,9 +50,8 @@ fn inputs(rng: &mut Rng, n: i64, c: i64, h: i64, w: i64, scale: f64) -> (Tensor,
 fn gradients_match_finite_differences() {
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     for path in examples() {
-        let mut loss = Loss::from_file(&path, &[("tol".into(), "1".into())])
-            .or_else(|_| Loss::from_file(&path, &[]))
-            .unwrap();
+        let mut loss =
+            Loss::from_file(&path, &[("tol".into(), "1".into())]).or_else(|_| Loss::from_file(&path, &[])).unwrap();
         loss.set_params(random_params(&loss, &mut rng));
         let (logits, labels) = inputs(&mut rng, 2, 4, 7, 8, 2.0);
         let x = logits.set_requires_grad(true);

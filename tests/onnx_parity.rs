@@ -14,9 +14,6 @@ use runtime::onnx_runtime::OnnxModel;
 use runtime::{npy, tch_backend, Loss};
 use tch::{Kind, Tensor};
 
-
-
-
 fn random_inputs(rng: &mut Rng, shape: [i64; 4]) -> (Tensor, Tensor) {
     let [n, c, h, w] = shape;
     let logits: Vec<f32> = (0..n * c * h * w).map(|_| ((rng.next() - 0.5) * 6.0) as f32).collect();
@@ -94,7 +91,8 @@ fn every_example_matches_tch_on_many_shapes() {
 #[test]
 fn reference_vectors_through_onnx() {
     let dir = root().join("tests/data/asl-vectors");
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     for case in cases["cases"].as_array().unwrap() {
         let metric = case["metric"].as_str().unwrap();
         let mut overrides = Vec::new();

@@ -10,7 +10,6 @@ use compiler::params::Params;
 use runtime::{npy, Loss};
 use serde_json::Value;
 
-
 #[test]
 fn all_reference_cases_match() {
     let dir = root().join("tests/data/asl-vectors");

@@ -108,9 +108,7 @@ pub fn finish(module: &Module, accumulated: &Accumulator) -> Result<Evaluation, 
                 DivGuard::Explicit => both(get(*num), get(*den), |x, y| x / y),
             },
             Node::Neg(a) => get(*a).map(|v| v.map(|x| -x)),
-            Node::Compare { op, lhs, rhs } => {
-                both(get(*lhs), get(*rhs), |x, y| if op.apply(x, y) { 1.0 } else { 0.0 })
-            }
+            Node::Compare { op, lhs, rhs } => both(get(*lhs), get(*rhs), |x, y| if op.apply(x, y) { 1.0 } else { 0.0 }),
             // Logical operators on class masks (pixel-level ones have no value here).
             Node::And(a, b) => both(get(*a), get(*b), |x, y| if x > 0.5 && y > 0.5 { 1.0 } else { 0.0 }),
             Node::Or(a, b) => both(get(*a), get(*b), |x, y| if x > 0.5 || y > 0.5 { 1.0 } else { 0.0 }),
@@ -158,11 +156,8 @@ pub fn finish(module: &Module, accumulated: &Accumulator) -> Result<Evaluation, 
         Some(Value::Classes(v)) => v.first().copied().unwrap_or(f64::NAN),
         None => f64::NAN,
     };
-    let reports = module
-        .reports
-        .iter()
-        .filter_map(|r| values[r.value.index()].clone().map(|v| (r.name.clone(), v)))
-        .collect();
+    let reports =
+        module.reports.iter().filter_map(|r| values[r.value.index()].clone().map(|v| (r.name.clone(), v))).collect();
     Ok(Evaluation { value, reports })
 }
 

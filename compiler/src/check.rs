@@ -163,7 +163,12 @@ impl<'p> Checker<'p> {
                 );
             }
             if scope.lookup(&param.name.name).is_some() {
-                self.error("E0201", format!("parameter `{}` is declared twice", param.name.name), param.name.span, "duplicate");
+                self.error(
+                    "E0201",
+                    format!("parameter `{}` is declared twice", param.name.name),
+                    param.name.span,
+                    "duplicate",
+                );
             }
             scope.names.push((&param.name.name, kind));
         }
@@ -297,11 +302,15 @@ impl<'p> Checker<'p> {
                     self.diagnostics.push(
                         Diagnostic::error(
                             "E0213",
-                            format!("an `if` condition must be a boolean known at compile time, but this is {cond_kind}"),
+                            format!(
+                                "an `if` condition must be a boolean known at compile time, but this is {cond_kind}"
+                            ),
                             cond.span,
                             "not a compile-time boolean",
                         )
-                        .with_help("conditions choose between formulas using parameters, e.g. `if drop_bg then X[1:] else X`"),
+                        .with_help(
+                            "conditions choose between formulas using parameters, e.g. `if drop_bg then X[1:] else X`",
+                        ),
                     );
                 }
                 let a = self.expr(then_branch, scope);
@@ -363,27 +372,37 @@ impl<'p> Checker<'p> {
         } else if let Some(best) = suggest(&ident.name, candidates.iter().copied()) {
             diagnostic = diagnostic.with_help(format!("did you mean `{best}`?"));
         } else if BUILTIN_FUNCTIONS.contains(&ident.name.as_str()) {
-            diagnostic = diagnostic.with_help(format!("`{}` is a function: call it as `{}(...)`", ident.name, ident.name));
+            diagnostic =
+                diagnostic.with_help(format!("`{}` is a function: call it as `{}(...)`", ident.name, ident.name));
         } else {
-            diagnostic = diagnostic.with_note("built-in sets are `P` (predictions), `L` (labels) and `V` (valid pixels)");
+            diagnostic =
+                diagnostic.with_note("built-in sets are `P` (predictions), `L` (labels) and `V` (valid pixels)");
         }
         self.diagnostics.push(diagnostic);
         Kind::Error
     }
 
-    fn binary(&mut self, op: BinaryOp, op_span: Span, left: Kind, right: Kind, lhs: &ast::Expr, rhs: &ast::Expr) -> Kind {
+    fn binary(
+        &mut self,
+        op: BinaryOp,
+        op_span: Span,
+        left: Kind,
+        right: Kind,
+        lhs: &ast::Expr,
+        rhs: &ast::Expr,
+    ) -> Kind {
         if left == Kind::Error || right == Kind::Error {
             return Kind::Error;
         }
         let result = match op {
             BinaryOp::And | BinaryOp::Or | BinaryOp::Xor => match (left, right) {
-                (a, b) if a.is_set() && b.is_set() => Some(if a == Kind::ClassSet || b == Kind::ClassSet {
-                    Kind::ClassSet
-                } else {
-                    Kind::PixelSet
-                }),
+                (a, b) if a.is_set() && b.is_set() => {
+                    Some(if a == Kind::ClassSet || b == Kind::ClassSet { Kind::ClassSet } else { Kind::PixelSet })
+                }
                 (Kind::Bool, Kind::Bool) => Some(Kind::Bool),
-                (Kind::ClassMask, Kind::ClassMask) if op == BinaryOp::And || op == BinaryOp::Or => Some(Kind::ClassMask),
+                (Kind::ClassMask, Kind::ClassMask) if op == BinaryOp::And || op == BinaryOp::Or => {
+                    Some(Kind::ClassMask)
+                }
                 _ => None,
             },
             BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div => match (left, right) {
@@ -418,11 +437,13 @@ impl<'p> Checker<'p> {
                 .with_secondary(rhs.span, format!("this is {right}"));
                 let is_set_op = matches!(op, BinaryOp::And | BinaryOp::Or | BinaryOp::Xor);
                 if is_set_op && (left.is_number() || right.is_number()) {
-                    diagnostic = diagnostic.with_help("set operators combine pixel sets; count pixels after combining sets");
+                    diagnostic =
+                        diagnostic.with_help("set operators combine pixel sets; count pixels after combining sets");
                 } else if !is_set_op && (left.is_set() || right.is_set()) {
                     diagnostic = diagnostic.with_help("arithmetic works on numbers: wrap pixel sets in `count(...)`");
                 } else if left == Kind::Number && right == Kind::Number {
-                    diagnostic = diagnostic.with_note("comparisons are only defined per class (for `where:` filters) or on parameters");
+                    diagnostic = diagnostic
+                        .with_note("comparisons are only defined per class (for `where:` filters) or on parameters");
                 }
                 self.diagnostics.push(diagnostic);
                 Kind::Error
@@ -491,7 +512,12 @@ impl<'p> Checker<'p> {
         let first_span = args[positional_args[0]].value.span;
         let expect = |checker: &mut Checker, good: bool, what: &str, span: Span, got: Kind| {
             if !good {
-                checker.error("E0242", format!("`{name}` expects {what}, but this is {got}"), span, format!("expected {what}"));
+                checker.error(
+                    "E0242",
+                    format!("`{name}` expects {what}, but this is {got}"),
+                    span,
+                    format!("expected {what}"),
+                );
             }
             good
         };
@@ -572,7 +598,14 @@ impl<'p> Checker<'p> {
     }
 
     /// A call of a metric defined in this file or a `use`d one: allowed in losses only.
-    fn metric_call(&mut self, expr: &ast::Expr, callee: &ast::Ident, args: &[ast::Arg], kinds: &[Kind], scope: &Scope) -> Kind {
+    fn metric_call(
+        &mut self,
+        expr: &ast::Expr,
+        callee: &ast::Ident,
+        args: &[ast::Arg],
+        kinds: &[Kind],
+        scope: &Scope,
+    ) -> Kind {
         let target = self.program.find_metric(&callee.name);
         let Some(target) = target else {
             let mut candidates: Vec<String> = BUILTIN_FUNCTIONS.iter().map(|s| s.to_string()).collect();
@@ -601,12 +634,7 @@ impl<'p> Checker<'p> {
         }
         for (arg, kind) in args.iter().zip(kinds) {
             let Some(arg_name) = &arg.name else {
-                self.error(
-                    "E0246",
-                    "metric terms take named parameters only",
-                    arg.span,
-                    "write `name: value`",
-                );
+                self.error("E0246", "metric terms take named parameters only", arg.span, "write `name: value`");
                 continue;
             };
             match target.params.iter().find(|p| p.name.name == arg_name.name) {
@@ -624,7 +652,8 @@ impl<'p> Checker<'p> {
                 }
                 Some(param) => {
                     let expected = Kind::of_param(param.ty);
-                    let fits = *kind == expected || (expected == Kind::Float && *kind == Kind::Int) || *kind == Kind::Error;
+                    let fits =
+                        *kind == expected || (expected == Kind::Float && *kind == Kind::Int) || *kind == Kind::Error;
                     if !fits {
                         self.error(
                             "E0248",

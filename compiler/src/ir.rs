@@ -175,11 +175,18 @@ pub enum Node {
     Const(Float),
     /// A transparent marker naming the curve that a logical operator applies to this operand
     /// (`x @ name`); `None` asks for no curve.
-    CurveTag { input: Handle, name: Option<String> },
+    CurveTag {
+        input: Handle,
+        name: Option<String>,
+    },
     /// A transparent marker on `P` inside one metric term of a loss: it keeps the term's
     /// predictions apart from other terms' (so each term gets its own curves) and gives
     /// the term's curves their name prefix and piece count.
-    Scope { input: Handle, name: String, pieces: usize },
+    Scope {
+        input: Handle,
+        name: String,
+        pieces: usize,
+    },
 
     // ---- exact set operators ----
     And(Handle, Handle),
@@ -189,17 +196,30 @@ pub enum Node {
 
     // ---- surrogate curve ----
     /// `g_θ(input)`: a monotone piecewise quadratic Bézier curve from the manifest.
-    Curve { input: Handle, curve: CurveId },
+    Curve {
+        input: Handle,
+        curve: CurveId,
+    },
 
     // ---- pixel-set structure ----
     /// Minimum over a `(2r+1)²` window; the image border counts as inside.
-    Erode { input: Handle, radius: u32 },
+    Erode {
+        input: Handle,
+        radius: u32,
+    },
     /// Maximum over a `(2r+1)²` window; the image border counts as outside.
-    Dilate { input: Handle, radius: u32 },
+    Dilate {
+        input: Handle,
+        radius: u32,
+    },
     /// Union over classes: one pixel set.
     AnyClass(Handle),
     /// Keep classes `start..end` (relative to the operand's own range).
-    Slice { input: Handle, start: usize, end: Option<usize> },
+    Slice {
+        input: Handle,
+        start: usize,
+        end: Option<usize>,
+    },
 
     // ---- accumulators ----
     /// Sum over batch and pixels: per class for class sets, one number for pixel sets.
@@ -211,18 +231,35 @@ pub enum Node {
     Add(Handle, Handle),
     Sub(Handle, Handle),
     Mul(Handle, Handle),
-    Div { num: Handle, den: Handle, guard: DivGuard },
+    Div {
+        num: Handle,
+        den: Handle,
+        guard: DivGuard,
+    },
     Neg(Handle),
     /// A 0/1 mask from comparing numbers.
-    Compare { op: CmpOp, lhs: Handle, rhs: Handle },
+    Compare {
+        op: CmpOp,
+        lhs: Handle,
+        rhs: Handle,
+    },
     /// Mean over classes, optionally only where `filter` is 1. Exact mode skips undefined
     /// entries; the surrogate averages every selected class.
-    Mean { value: Handle, filter: Option<Handle> },
+    Mean {
+        value: Handle,
+        filter: Option<Handle>,
+    },
     /// Sum over classes, optionally only where `filter` is 1.
-    Sum { value: Handle, filter: Option<Handle> },
+    Sum {
+        value: Handle,
+        filter: Option<Handle>,
+    },
     /// A metric term inside a loss: evaluates to `value`, but when `value` is undefined the
     /// surrogate uses 1 (so `1 - metric` contributes nothing) and reports it.
-    Term { value: Handle, name: String },
+    Term {
+        value: Handle,
+        name: String,
+    },
 }
 
 impl Node {
@@ -243,7 +280,12 @@ impl Node {
             | Node::Count(input)
             | Node::Neg(input)
             | Node::Term { value: input, .. } => vec![*input],
-            Node::And(a, b) | Node::Or(a, b) | Node::Xor(a, b) | Node::Add(a, b) | Node::Sub(a, b) | Node::Mul(a, b) => {
+            Node::And(a, b)
+            | Node::Or(a, b)
+            | Node::Xor(a, b)
+            | Node::Add(a, b)
+            | Node::Sub(a, b)
+            | Node::Mul(a, b) => {
                 vec![*a, *b]
             }
             Node::Div { num, den, .. } => vec![*num, *den],

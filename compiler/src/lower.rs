@@ -50,7 +50,10 @@ pub enum LowerError {
 }
 
 /// Resolve `--set` overrides against the entry's declared parameters.
-pub fn resolve_params(definition: &ast::Definition, overrides: &[(String, String)]) -> Result<BTreeMap<String, ParamValue>, LowerError> {
+pub fn resolve_params(
+    definition: &ast::Definition,
+    overrides: &[(String, String)],
+) -> Result<BTreeMap<String, ParamValue>, LowerError> {
     let mut values = BTreeMap::new();
     for param in &definition.params {
         values.insert(param.name.name.clone(), literal_value(param.ty, &param.default));
@@ -64,10 +67,7 @@ pub fn resolve_params(definition: &ast::Definition, overrides: &[(String, String
                 None if known.is_empty() => " It declares no parameters.".to_string(),
                 None => format!(" Its parameters are: {}.", known.join(", ")),
             };
-            return Err(LowerError::Param(format!(
-                "`{}` has no parameter `{name}`.{hint}",
-                definition.name.name
-            )));
+            return Err(LowerError::Param(format!("`{}` has no parameter `{name}`.{hint}", definition.name.name)));
         };
         let raw_trimmed = raw.trim();
         let value = match param.ty {
@@ -116,7 +116,8 @@ pub fn lower_definition(
     overrides: &[(String, String)],
 ) -> Result<Module, LowerError> {
     let params = resolve_params(definition, overrides)?;
-    let mut lowering = Lowering { program, builder: Builder::default(), diagnostics: Vec::new(), min_classes: 1, source: 0 };
+    let mut lowering =
+        Lowering { program, builder: Builder::default(), diagnostics: Vec::new(), min_classes: 1, source: 0 };
     let pieces = definition_pieces(definition);
     let mut env: Vec<(String, Value)> = params.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect();
     for binding in &definition.lets {
@@ -147,7 +148,15 @@ pub fn lower_definition(
     }
     let root_kind = if is_loss { RootKind::Loss } else { RootKind::Metric };
     let min_classes = lowering.min_classes;
-    Ok(lowering.builder.finish(definition.name.name.clone(), Mode::Exact, root_kind, root, reports, min_classes, pieces))
+    Ok(lowering.builder.finish(
+        definition.name.name.clone(),
+        Mode::Exact,
+        root_kind,
+        root,
+        reports,
+        min_classes,
+        pieces,
+    ))
 }
 
 fn handle_at(index: usize) -> Handle {
@@ -411,15 +420,29 @@ impl<'p> Lowering<'p> {
 
     fn shape_error(&mut self, op_span: Span, what: &str, a: Shape, b: Shape, lhs: Span, rhs: Span) -> Value {
         self.error(
-            Diagnostic::error("E0303", format!("{what} covers different classes on each side"), op_span, "class ranges differ")
-                .with_secondary(lhs, describe_shape(a))
-                .with_secondary(rhs, describe_shape(b))
-                .with_help("slice both sides the same way, e.g. `x[1:]` and `y[1:]`"),
+            Diagnostic::error(
+                "E0303",
+                format!("{what} covers different classes on each side"),
+                op_span,
+                "class ranges differ",
+            )
+            .with_secondary(lhs, describe_shape(a))
+            .with_secondary(rhs, describe_shape(b))
+            .with_help("slice both sides the same way, e.g. `x[1:]` and `y[1:]`"),
         )
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn binary(&mut self, op: BinaryOp, op_span: Span, left: Value, right: Value, lhs: &ast::Expr, rhs: &ast::Expr, span: Span) -> Value {
+    fn binary(
+        &mut self,
+        op: BinaryOp,
+        op_span: Span,
+        left: Value,
+        right: Value,
+        lhs: &ast::Expr,
+        rhs: &ast::Expr,
+        span: Span,
+    ) -> Value {
         // Compile-time folding.
         match (&left, &right) {
             (Value::Error, _) | (_, Value::Error) => return Value::Error,
@@ -464,13 +487,17 @@ impl<'p> Lowering<'p> {
                 },
             };
         }
-        let (Some(a), Some(b)) = (self.to_node(left, lhs.span), self.to_node(right, rhs.span)) else { return Value::Error };
+        let (Some(a), Some(b)) = (self.to_node(left, lhs.span), self.to_node(right, rhs.span)) else {
+            return Value::Error;
+        };
         let (sa, sb) = (self.builder.shape(a), self.builder.shape(b));
         match op {
             BinaryOp::And | BinaryOp::Or | BinaryOp::Xor => {
                 let shape = match (sa, sb) {
                     (Shape::Pixels, Shape::Pixels) => Shape::Pixels,
-                    (Shape::ClassPixels(r), Shape::Pixels) | (Shape::Pixels, Shape::ClassPixels(r)) => Shape::ClassPixels(r),
+                    (Shape::ClassPixels(r), Shape::Pixels) | (Shape::Pixels, Shape::ClassPixels(r)) => {
+                        Shape::ClassPixels(r)
+                    }
                     (Shape::ClassPixels(r1), Shape::ClassPixels(r2)) if r1 == r2 => Shape::ClassPixels(r1),
                     (Shape::Classes(r1), Shape::Classes(r2)) if r1 == r2 => Shape::Classes(r1),
                     _ => return self.shape_error(op_span, &format!("`{}`", op.symbol()), sa, sb, lhs.span, rhs.span),
@@ -504,7 +531,14 @@ impl<'p> Lowering<'p> {
         }
     }
 
-    fn call(&mut self, expr: &ast::Expr, callee: &ast::Ident, args: &[ast::Arg], env: &[(String, Value)], scope: Option<&TermScope>) -> Value {
+    fn call(
+        &mut self,
+        expr: &ast::Expr,
+        callee: &ast::Ident,
+        args: &[ast::Arg],
+        env: &[(String, Value)],
+        scope: Option<&TermScope>,
+    ) -> Value {
         let span = expr.span;
         let name = callee.name.as_str();
         if !matches!(name, "count" | "mean" | "sum" | "erode" | "dilate" | "boundary" | "any") {
@@ -568,21 +602,41 @@ impl<'p> Lowering<'p> {
                     Some((Value::Node(mask), mask_span)) => {
                         let mask_shape = self.builder.shape(mask);
                         if mask_shape != Shape::Classes(range) {
-                            return self.shape_error(span, &format!("`{name}(..., where: ...)`"), shape, mask_shape, first_span, mask_span);
+                            return self.shape_error(
+                                span,
+                                &format!("`{name}(..., where: ...)`"),
+                                shape,
+                                mask_shape,
+                                first_span,
+                                mask_span,
+                            );
                         }
                         Some(mask)
                     }
                     Some(_) => return Value::Error,
                 };
-                let node = if name == "mean" { Node::Mean { value: input, filter } } else { Node::Sum { value: input, filter } };
+                let node = if name == "mean" {
+                    Node::Mean { value: input, filter }
+                } else {
+                    Node::Sum { value: input, filter }
+                };
                 self.add(node, Shape::Scalar, span)
             }
             _ => Value::Error,
         }
     }
 
-    fn metric_term(&mut self, callee: &ast::Ident, args: &[ast::Arg], env: &[(String, Value)], scope: Option<&TermScope>, span: Span) -> Value {
-        let Some((definition, source)) = self.program.find_metric_with_source(&callee.name) else { return Value::Error };
+    fn metric_term(
+        &mut self,
+        callee: &ast::Ident,
+        args: &[ast::Arg],
+        env: &[(String, Value)],
+        scope: Option<&TermScope>,
+        span: Span,
+    ) -> Value {
+        let Some((definition, source)) = self.program.find_metric_with_source(&callee.name) else {
+            return Value::Error;
+        };
         let mut term_env: Vec<(String, Value)> = definition
             .params
             .iter()
@@ -622,7 +676,8 @@ impl<'p> Lowering<'p> {
         let node = self.to_node(value, definition.body.span);
         self.source = outer_source;
         let Some(value) = node else { return Value::Error };
-        let label = if label_parts.is_empty() { term_name } else { format!("{}({})", term_name, label_parts.join(", ")) };
+        let label =
+            if label_parts.is_empty() { term_name } else { format!("{}({})", term_name, label_parts.join(", ")) };
         self.add(Node::Term { value, name: label }, Shape::Scalar, span)
     }
 }
@@ -664,7 +719,9 @@ fn division_guard(denominator: &ast::Expr) -> DivGuard {
     }
     let is_literal = |e: &ast::Expr| matches!(e.kind, ExprKind::Literal(Literal::Float(_) | Literal::Int(_)));
     match &expr.kind {
-        ExprKind::Binary { op: BinaryOp::Add, lhs, rhs, .. } if is_literal(rhs) || is_literal(lhs) => DivGuard::Explicit,
+        ExprKind::Binary { op: BinaryOp::Add, lhs, rhs, .. } if is_literal(rhs) || is_literal(lhs) => {
+            DivGuard::Explicit
+        }
         _ => DivGuard::Auto,
     }
 }

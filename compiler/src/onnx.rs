@@ -81,7 +81,10 @@ fn value_info(name: &str, elem: DataType, dims: &[&str]) -> ValueInfoProto {
     let tensor = type_proto::Tensor { elem_type: elem as i32, shape: MessageField::some(shape), ..Default::default() };
     ValueInfoProto {
         name: name.into(),
-        type_: MessageField::some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }),
+        type_: MessageField::some(TypeProto {
+            value: Some(type_proto::Value::TensorType(tensor)),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -681,7 +684,13 @@ fn compare(emitter: &mut Emitter, op: CmpOp, a: &str, b: &str) -> String {
     emitter.cast_float(&result)
 }
 
-fn model(compiled: &Compiled, curves: &[Curve], emitter: Emitter, outputs: Vec<ValueInfoProto>, what: &str) -> ModelProto {
+fn model(
+    compiled: &Compiled,
+    curves: &[Curve],
+    emitter: Emitter,
+    outputs: Vec<ValueInfoProto>,
+    what: &str,
+) -> ModelProto {
     let graph = GraphProto {
         name: format!("losscc_{}", compiled.exact.name),
         node: emitter.nodes,

@@ -20,7 +20,11 @@ fn shape_text(shape: Shape) -> String {
 /// Dump a module, with its manifest when relaxed.
 pub fn dump(module: &Module, manifest: Option<&Manifest>) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "module {} ({:?}, {:?}, min classes {})", module.name, module.mode, module.root_kind, module.min_classes);
+    let _ = writeln!(
+        out,
+        "module {} ({:?}, {:?}, min classes {})",
+        module.name, module.mode, module.root_kind, module.min_classes
+    );
     for handle in module.handles() {
         let node = module.node(handle);
         let operands: Vec<String> = node.operands().iter().map(|h| h.to_string()).collect();
@@ -55,7 +59,11 @@ pub fn dump(module: &Module, manifest: Option<&Manifest>) -> String {
     }
     if let Some(manifest) = manifest {
         for (index, curve) in manifest.curves.iter().enumerate() {
-            let _ = writeln!(out, "  curve #{index} {}: {:?} on {}, {} pieces", curve.name, curve.op, curve.operand, curve.pieces);
+            let _ = writeln!(
+                out,
+                "  curve #{index} {}: {:?} on {}, {} pieces",
+                curve.name, curve.op, curve.operand, curve.pieces
+            );
         }
     }
     for report in &module.reports {

@@ -158,17 +158,16 @@ pub fn relax(exact: &Module) -> (Module, Manifest) {
             Node::Sum { value, filter } => {
                 builder.add(Node::Sum { value: m(*value), filter: filter.map(m) }, shape, span, rule)
             }
-            Node::Term { value, name } => builder.add(Node::Term { value: m(*value), name: name.clone() }, shape, span, rule),
+            Node::Term { value, name } => {
+                builder.add(Node::Term { value: m(*value), name: name.clone() }, shape, span, rule)
+            }
         };
         map.push(new_handle);
         eligible.push(if dep { elig } else { None });
         depends_on_pred.push(dep);
     }
-    let reports = exact
-        .reports
-        .iter()
-        .map(|r| crate::ir::Report { name: r.name.clone(), value: map[r.value.index()] })
-        .collect();
+    let reports =
+        exact.reports.iter().map(|r| crate::ir::Report { name: r.name.clone(), value: map[r.value.index()] }).collect();
     let root = map[exact.root.index()];
     let relaxed = builder.finish(
         exact.name.clone(),

@@ -14,7 +14,12 @@ pub fn validate(module: &Module, manifest: Option<&Manifest>) -> Vec<String> {
     let mut errors = Vec::new();
     let n = module.len();
     if module.shapes.len() != n || module.spans.len() != n || module.rules.len() != n {
-        errors.push(format!("side tables have {}, {}, {} entries for {n} nodes", module.shapes.len(), module.spans.len(), module.rules.len()));
+        errors.push(format!(
+            "side tables have {}, {}, {} entries for {n} nodes",
+            module.shapes.len(),
+            module.spans.len(),
+            module.rules.len()
+        ));
         return errors;
     }
     for handle in module.handles() {
@@ -38,7 +43,9 @@ pub fn validate(module: &Module, manifest: Option<&Manifest>) -> Vec<String> {
             (_, Node::Count(input)) if !matches!(module.shape(*input), Shape::Pixels | Shape::ClassPixels(_)) => {
                 errors.push(format!("{handle}: count of a non-pixel value {input}"))
             }
-            (_, Node::Mean { value, .. } | Node::Sum { value, .. }) if !matches!(module.shape(*value), Shape::Classes(_)) => {
+            (_, Node::Mean { value, .. } | Node::Sum { value, .. })
+                if !matches!(module.shape(*value), Shape::Classes(_)) =>
+            {
                 errors.push(format!("{handle}: reduction over a value {value} that is not per class"))
             }
             (_, Node::Curve { curve, .. }) => {

@@ -31,7 +31,8 @@ fn synthetic(n: i64, seed: i64) -> (Tensor, Tensor) {
         };
         labels = labels.where_self(&inside.logical_not(), &(labels.zeros_like() + class));
     }
-    let palette = Tensor::from_slice(&[0.1f32, 0.1, 0.1, 0.9, 0.2, 0.2, 0.2, 0.9, 0.2, 0.2, 0.2, 0.9]).view([CLASSES, 3]);
+    let palette =
+        Tensor::from_slice(&[0.1f32, 0.1, 0.1, 0.9, 0.2, 0.2, 0.2, 0.9, 0.2, 0.2, 0.2, 0.9]).view([CLASSES, 3]);
     let images = palette.index_select(0, &labels.view([-1])).view([n, SIZE, SIZE, 3]).permute([0, 3, 1, 2]);
     let images = images + Tensor::randn([n, 3, SIZE, SIZE], (Kind::Float, Device::Cpu)) * 0.35;
     (images, labels)
@@ -39,7 +40,12 @@ fn synthetic(n: i64, seed: i64) -> (Tensor, Tensor) {
 
 fn network(vs: &nn::Path) -> impl Module {
     let conv = |i, o, name: &str| nn::conv2d(vs / name, i, o, 3, nn::ConvConfig { padding: 1, ..Default::default() });
-    nn::seq().add(conv(3, 16, "c1")).add_fn(|x| x.relu()).add(conv(16, 16, "c2")).add_fn(|x| x.relu()).add(conv(16, CLASSES, "c3"))
+    nn::seq()
+        .add(conv(3, 16, "c1"))
+        .add_fn(|x| x.relu())
+        .add(conv(16, 16, "c2"))
+        .add_fn(|x| x.relu())
+        .add(conv(16, CLASSES, "c3"))
 }
 
 fn main() -> Result<()> {

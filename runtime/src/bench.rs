@@ -59,7 +59,13 @@ fn sync(device: Device) {
 }
 
 /// Time the loss and cross-entropy, forward and backward, `iterations` times each.
-pub fn run(loss: &Loss, shape: [i64; 4], device: Device, warmup: usize, iterations: usize) -> anyhow::Result<BenchReport> {
+pub fn run(
+    loss: &Loss,
+    shape: [i64; 4],
+    device: Device,
+    warmup: usize,
+    iterations: usize,
+) -> anyhow::Result<BenchReport> {
     let (logits, labels) = bench_inputs(shape, device);
     let leaf = logits.set_requires_grad(true);
     let step_loss = || -> anyhow::Result<()> {

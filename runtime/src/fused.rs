@@ -137,12 +137,10 @@ impl FusedPlan {
             let mut operand = |this: &mut Self, h: &Handle| this.lower(module, curves, *h, on_pred, step_of);
             let op = match node {
                 Node::Softmax => Op::Softmax,
-                Node::Curve { input, curve } => {
-                    Op::Curve {
-                        input: operand(self, input)?,
-                        segments: curves[curve.0 as usize].segments().iter().map(FastSegment::new).collect(),
-                    }
-                }
+                Node::Curve { input, curve } => Op::Curve {
+                    input: operand(self, input)?,
+                    segments: curves[curve.0 as usize].segments().iter().map(FastSegment::new).collect(),
+                },
                 Node::Add(a, b) => Op::Add(operand(self, a)?, operand(self, b)?),
                 Node::Sub(a, b) => Op::Sub(operand(self, a)?, operand(self, b)?),
                 Node::Mul(a, b) => Op::Mul(operand(self, a)?, operand(self, b)?),
@@ -278,7 +276,14 @@ impl FastSegment {
 /// piece's kind is decided outside the loop and the store is a select, so the loop
 /// vectorizes.
 fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
-    fn apply(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], everywhere: bool, end_x: f32, eval: impl Fn(f32) -> (f32, f32)) {
+    fn apply(
+        xs: &[f32],
+        ys: &mut [f32],
+        slopes: &mut [f32],
+        everywhere: bool,
+        end_x: f32,
+        eval: impl Fn(f32) -> (f32, f32),
+    ) {
         for ((x, y), slope) in xs.iter().zip(ys.iter_mut()).zip(slopes.iter_mut()) {
             let (value, derivative) = eval(*x);
             let take = everywhere || x.clamp(0.0, 1.0) <= end_x;
@@ -399,7 +404,12 @@ impl Sweep<'_> {
                 Op::Curve { input, segments } => {
                     let source = self.plan.steps[*input].offset * n;
                     let (head, tail) = values.split_at_mut(offset);
-                    curve_row(&head[source..source + w * n], &mut tail[..w * n], &mut slopes[offset..offset + w * n], segments);
+                    curve_row(
+                        &head[source..source + w * n],
+                        &mut tail[..w * n],
+                        &mut slopes[offset..offset + w * n],
+                        segments,
+                    );
                 }
                 Op::Add(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x + y),
                 Op::Sub(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x - y),
@@ -696,10 +706,8 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     if !logits.requires_grad() || !result.loss.requires_grad() {
         return Surrogate { loss: result.loss.detach(), ..result };
     }
-    let count_grads: Vec<Vec<f32>> = Tensor::run_backward(&[&result.loss], &count_leaves, false, false)
-        .iter()
-        .map(to_vec_f32)
-        .collect();
+    let count_grads: Vec<Vec<f32>> =
+        Tensor::run_backward(&[&result.loss], &count_leaves, false, false).iter().map(to_vec_f32).collect();
     let mut logit_grads_pixel_major = vec![0.0f32; pixels * c];
     std::thread::scope(|scope| {
         for (i, grad_chunk) in logit_grads_pixel_major.chunks_mut(chunk * c).enumerate() {

@@ -1,0 +1,254 @@
+//! `losscc search` and `losscc train` as users run them, on small built-in scenes: outputs,
+//! resume after a real kill, and one clear sentence for each misuse.
+
+mod common;
+
+use common::root;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Small enough for seconds per candidate on one core.
+const TINY: [&str; 8] = ["--iters", "8", "--train-images", "12", "--image-size", "32", "--crop", "32"];
+
+fn losscc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_losscc")).args(args).output().expect("run losscc")
+}
+
+fn example(name: &str) -> String {
+    root().join("examples").join(name).display().to_string()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("losscc-search-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn search(out: &Path, extra: &[&str]) -> Output {
+    let biou = example("biou.metric");
+    let out = out.display().to_string();
+    let mut args = vec!["search", biou.as_str(), "--out", out.as_str(), "--set", "tol=2"];
+    args.extend_from_slice(&TINY);
+    args.extend_from_slice(extra);
+    // Two rounds of three candidates unless the caller says otherwise.
+    for (flag, value) in [("--rounds", "2"), ("--samples", "3")] {
+        if !extra.contains(&flag) {
+            args.extend_from_slice(&[flag, value]);
+        }
+    }
+    losscc(&args)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn a_search_killed_mid_round_resumes_to_the_uninterrupted_result() {
+    let whole = scratch("whole");
+    let output = search(&whole, &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("μ reward") && stdout.contains("best: round"), "{stdout}");
+    for file in
+        ["config.json", "history.jsonl", "best.params.json", "mu.params.json", "report.md", "reward.svg", "curves.svg"]
+    {
+        assert!(whole.join(file).exists(), "{file} missing");
+    }
+    let history = read(&whole.join("history.jsonl"));
+    let lines: Vec<Value> = history.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6);
+    for line in &lines {
+        let reward = line["reward"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&reward));
+        assert_eq!(line["control_points"].as_array().unwrap().len(), 2);
+        assert!(line["seconds"].as_f64().unwrap() > 0.0);
+    }
+    let best: Value = serde_json::from_str(&read(&whole.join("best.params.json"))).unwrap();
+    assert_eq!(best["format"], "losscc-params");
+    let best_reward = best["provenance"]["reward"].as_f64().unwrap();
+    let max_reward = lines.iter().map(|l| l["reward"].as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(best_reward, max_reward);
+    assert!(read(&whole.join("reward.svg")).contains("<svg"));
+    assert!(read(&whole.join("report.md")).contains("| round | μ reward |"));
+
+    // Kill a second run once it has finished two candidates, then resume it.
+    let killed = scratch("killed");
+    let biou = example("biou.metric");
+    let out = killed.display().to_string();
+    let mut args =
+        vec!["search", biou.as_str(), "--out", out.as_str(), "--set", "tol=2", "--rounds", "2", "--samples", "3"];
+    args.extend_from_slice(&TINY);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_losscc"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let finished = std::fs::read_to_string(killed.join("history.jsonl")).map_or(0, |h| h.lines().count());
+        if finished >= 2 || started.elapsed() > Duration::from_secs(300) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = read(&killed.join("history.jsonl")).lines().count();
+    assert!(before < 6, "the kill came too late to test anything ({before} candidates done)");
+    // A kill in the middle of a write leaves a torn line; resume must cope.
+    let mut torn = read(&killed.join("history.jsonl"));
+    torn.push_str("{\"round\":1,\"sam");
+    std::fs::write(killed.join("history.jsonl"), torn).unwrap();
+
+    let resumed = search(&killed, &["--resume"]);
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    let stdout = text(&resumed.stdout);
+    assert!(stdout.contains(&format!("{before} reused from history")), "{stdout}");
+    assert_eq!(read(&killed.join("best.params.json")), read(&whole.join("best.params.json")));
+    assert_eq!(read(&killed.join("mu.params.json")), read(&whole.join("mu.params.json")));
+    assert_eq!(read(&killed.join("history.jsonl")).lines().count(), 6);
+
+    // Resuming with more rounds extends the search; the first rounds are reused.
+    let extended = search(&killed, &["--resume", "--rounds", "3"]);
+    assert!(extended.status.success(), "{}", text(&extended.stderr));
+    assert!(text(&extended.stdout).contains("3 candidates trained now, 6 reused"), "{}", text(&extended.stdout));
+
+    // The searched curves feed the other commands.
+    let best_path = whole.join("best.params.json").display().to_string();
+    let onnx = whole.join("loss.onnx").display().to_string();
+    let compiled = losscc(&["compile", &biou, "--set", "tol=2", "--params", &best_path, "-o", &onnx]);
+    assert!(compiled.status.success(), "{}", text(&compiled.stderr));
+    let trained = losscc(&[
+        "train",
+        &biou,
+        "--set",
+        "tol=2",
+        "--params",
+        &best_path,
+        "--iters",
+        "4",
+        "--train-images",
+        "8",
+        "--image-size",
+        "32",
+        "--crop",
+        "32",
+    ]);
+    assert!(trained.status.success(), "{}", text(&trained.stderr));
+}
+
+#[test]
+fn train_prints_the_six_exact_metrics_for_each_loss() {
+    for loss in [&["--loss", "ce"][..], &["--loss", "dice"], &["--loss", "lovasz"], &[&example("miou.metric")]] {
+        let mut args = vec!["train"];
+        args.extend_from_slice(loss);
+        args.extend_from_slice(&[
+            "--iters",
+            "6",
+            "--train-images",
+            "8",
+            "--image-size",
+            "32",
+            "--crop",
+            "32",
+            "--batch",
+            "4",
+        ]);
+        let output = losscc(&args);
+        assert!(output.status.success(), "{loss:?}: {}", text(&output.stderr));
+        let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+        for metric in ["miou", "fwiou", "macc", "gacc", "biou", "bf1"] {
+            let value = json[metric].as_f64().unwrap_or_else(|| panic!("{loss:?}: {metric} missing in {json}"));
+            assert!((0.0..=1.0).contains(&value), "{loss:?}: {metric} = {value}");
+        }
+        assert_eq!(json["split"], "test");
+        // Global accuracy is the fraction of pixels right: it must be consistent with the
+        // frequency-weighted IoU, which can never exceed it.
+        assert!(json["fwiou"].as_f64().unwrap() <= json["gacc"].as_f64().unwrap() + 1e-12);
+    }
+    // The same seed gives the same numbers.
+    let args = [
+        "train",
+        "--loss",
+        "ce",
+        "--iters",
+        "5",
+        "--train-images",
+        "8",
+        "--image-size",
+        "32",
+        "--crop",
+        "32",
+        "--seed",
+        "3",
+    ];
+    let a: Value = serde_json::from_slice(&losscc(&args).stdout).unwrap();
+    let b: Value = serde_json::from_slice(&losscc(&args).stdout).unwrap();
+    assert_eq!(a["miou"], b["miou"]);
+    assert_eq!(a["final_training_loss"], b["final_training_loss"]);
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let output = losscc(args);
+    assert_eq!(output.status.code(), Some(1), "{args:?} should fail: {}", text(&output.stdout));
+    let stderr = text(&output.stderr);
+    for needle in needles {
+        assert!(stderr.contains(needle), "{args:?}: `{needle}` not in: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn misuse_gets_one_clear_sentence() {
+    let biou = example("biou.metric");
+    let dir = scratch("misuse");
+    let out = dir.display().to_string();
+    // Resume with nothing there.
+    fails_with(&["search", &biou, "--out", &out, "--resume"], &["holds no search to resume"]);
+    // A finished search is not overwritten, and a changed setting is named.
+    let first = search(&dir, &["--rounds", "1", "--samples", "2"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let mut args =
+        vec!["search", biou.as_str(), "--out", out.as_str(), "--set", "tol=2", "--rounds", "1", "--samples", "2"];
+    args.extend_from_slice(&TINY);
+    fails_with(&args, &["already holds a search", "--resume"]);
+    args.extend_from_slice(&["--resume", "--seed", "9"]);
+    fails_with(&args, &["different settings", "`seed` was 0, now 9"]);
+    // A loss file needs a target.
+    fails_with(
+        &["search", &example("miou_biou.metric"), "--out", &scratch("loss").display().to_string()],
+        &["--target"],
+    );
+    fails_with(&["search", &biou, "--target", "nonsense", "--out", &out], &["neither a built-in metric"]);
+    fails_with(&["train", "--loss", "ce", "--data", "/nonexistent/voc"], &["does not exist", "--data"]);
+    fails_with(&["train", "--loss", "ce", "--crop", "30"], &["multiple of 4"]);
+    fails_with(&["train", "--loss", "ce", "--batch", "1"], &["at least 2"]);
+    fails_with(&["train", &biou, "--params", "/nonexistent/p.json"], &["/nonexistent/p.json"]);
+}
+
+#[test]
+fn gpu_runs_train_on_cuda_or_stop_with_a_clear_sentence() {
+    let args =
+        ["train", "--loss", "ce", "--gpu", "--iters", "3", "--train-images", "8", "--image-size", "32", "--crop", "32"];
+    if tch::Cuda::is_available() {
+        let output = losscc(&args);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(json["device"], "Cuda(0)");
+        let out = scratch("gpu");
+        let output = search(&out, &["--gpu", "--models-per-device", "2"]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    } else {
+        eprintln!("no CUDA device: checking that --gpu stops with a clear error (the GPU run is skipped)");
+        fails_with(&args, &["--gpu was given but libtorch sees no CUDA device", "run without --gpu"]);
+        fails_with(&["search", &example("biou.metric"), "--gpu"], &["no CUDA device"]);
+    }
+}
