@@ -14,7 +14,7 @@ export PATH := $(VENV)/bin:$(PATH)
 LOSSCC := target/release/losscc
 DATA := tests/data/asl-vectors
 
-.PHONY: all venv build test demo clean
+.PHONY: all venv build test demo results clean
 
 all: build
 
@@ -50,6 +50,22 @@ demo: build
 	$(LOSSCC) compile examples/miou_biou.metric -o out/miou_biou.onnx
 	$(LOSSCC) compile examples/miou.metric -o out/miou.onnx
 	$(VENV)/bin/python -W ignore examples/python/train_with_onnx_loss.py out/miou.onnx --steps 200
+	@echo
+	@echo "== search the BIoU loss's curves with PPO on the built-in scenes (quick preset, CPU) =="
+	rm -rf out/search-biou
+	$(LOSSCC) search examples/biou.metric --preset quick --out out/search-biou
+	@echo
+	@echo "== retrain from scratch: cross-entropy, BIoU surrogate with identity curves, BIoU surrogate with searched curves =="
+	$(LOSSCC) train --loss ce --iters 300 > out/train-ce.json
+	$(LOSSCC) train examples/biou.metric --iters 300 > out/train-biou-identity.json
+	$(LOSSCC) train examples/biou.metric --params out/search-biou/best.params.json --iters 300 > out/train-biou-searched.json
+	$(VENV)/bin/python scripts/side_by_side.py cross-entropy=out/train-ce.json \
+		"BIoU identity"=out/train-biou-identity.json "BIoU searched"=out/train-biou-searched.json
+	@echo "search report: out/search-biou/report.md (plots: reward.svg, curves.svg)"
+
+# Regenerate docs/results.md: searches for mIoU, BIoU, BF1, then every loss over 3 seeds (CPU, ~25 min).
+results: build
+	$(VENV)/bin/python scripts/results.py --losscc $(LOSSCC) --seeds 3 --out out/results --doc docs/results.md
 
 clean:
 	$(CARGO) clean

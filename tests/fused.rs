@@ -47,16 +47,17 @@ fn fused_kernel_equals_reference_path() {
             loss.set_fused_kernel(true);
             loss.uses_fused_kernel(&logits)
         };
+        // BF1 pools predictions, which the fused kernel does not cover: its fast path is
+        // op by op with the vectorized curve kernel, and it must equal the reference too.
         assert_eq!(uses_fast, name != "bf1", "{name}: which path applies");
-        if !uses_fast {
-            continue;
+        if uses_fast {
+            fused_count += 1;
         }
-        fused_count += 1;
         let (fast_value, fast_grad) = run(true, &mut loss);
         let (reference_value, reference_grad) = run(false, &mut loss);
         assert!(
             (fast_value - reference_value).abs() <= 1e-5 * reference_value.abs().max(1e-3),
-            "{name}: fused {fast_value} vs reference {reference_value}"
+            "{name}: fast {fast_value} vs reference {reference_value}"
         );
         let scale = reference_grad.abs().max().double_value(&[]).max(1e-9);
         let difference = (&fast_grad - &reference_grad).abs().max().double_value(&[]);

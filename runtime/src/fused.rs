@@ -227,6 +227,25 @@ impl FastSegment {
     }
 }
 
+/// 1.0 where `condition` holds, else 0.0 (a compare and a mask once vectorized).
+#[inline(always)]
+fn unit(condition: bool) -> f32 {
+    f32::from(u8::from(condition))
+}
+
+/// `if take { a } else { b }` as bit operations, so that loops using it vectorize.
+#[inline(always)]
+fn select(take: bool, a: f32, b: f32) -> f32 {
+    let mask = 0u32.wrapping_sub(u32::from(take));
+    f32::from_bits((a.to_bits() & mask) | (b.to_bits() & !mask))
+}
+
+/// `x` clamped to [0, 1] for finite `x`, with min/max instructions.
+#[inline(always)]
+fn clamp_unit(x: f32) -> f32 {
+    x.max(0.0).min(1.0)
+}
+
 impl FastSegment {
     /// `y(t)` and `dy/dt` of the piece.
     #[inline(always)]
@@ -240,10 +259,10 @@ impl FastSegment {
     /// The clamped, piece-normalised x, and 1 where the clamps pass gradients (else 0).
     #[inline(always)]
     fn normalise(&self, x: f32) -> (f32, f32) {
-        let x_in_range = if (0.0..=1.0).contains(&x) { 1.0 } else { 0.0 };
-        let raw = (x.clamp(0.0, 1.0) - self.start_x) * self.inv_width;
-        let norm_in_range = if (0.0..=1.0).contains(&raw) { 1.0 } else { 0.0 };
-        (raw.clamp(0.0, 1.0), x_in_range * norm_in_range)
+        let x_in_range = unit((x >= 0.0) & (x <= 1.0));
+        let raw = (clamp_unit(x) - self.start_x) * self.inv_width;
+        let norm_in_range = unit((raw >= 0.0) & (raw <= 1.0));
+        (clamp_unit(raw), x_in_range * norm_in_range)
     }
 
     /// `g(x)` and `dg/dx` of a linear piece (`t = x'`), with the reference path's clamping.
@@ -261,20 +280,20 @@ impl FastSegment {
         let (x_norm, passes) = self.normalise(x);
         let disc_raw = x_norm * self.slope + self.m2;
         let floor = SQRT_FLOOR as f32;
-        let disc_slope = if disc_raw >= floor { self.slope } else { 0.0 };
+        let disc_slope = self.slope * unit(disc_raw >= floor);
         let root = disc_raw.max(floor).sqrt();
         let t_raw = (self.m - root) * self.inv_2m1;
-        let t_in_range = if (0.0..=1.0).contains(&t_raw) { 1.0 } else { 0.0 };
+        let t_in_range = unit((t_raw >= 0.0) & (t_raw <= 1.0));
         let dt_dxn = t_in_range * (-0.5 / root * disc_slope * self.inv_2m1);
-        let (y, dy_dt) = self.bezier(t_raw.clamp(0.0, 1.0));
+        let (y, dy_dt) = self.bezier(clamp_unit(t_raw));
         (y, passes * dy_dt * dt_dxn * self.inv_width)
     }
 }
 
 /// `g` and `g'` over a row of values: the last piece everywhere, then each earlier piece
 /// where `x` is at most its end (the reference path's `where` chain, piece by piece). The
-/// piece's kind is decided outside the loop and the store is a select, so the loop
-/// vectorizes.
+/// piece's kind is decided outside the loop and every step inside is arithmetic or a bit
+/// select, so the loop vectorizes.
 fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
     fn apply(
         xs: &[f32],
@@ -284,11 +303,22 @@ fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSeg
         end_x: f32,
         eval: impl Fn(f32) -> (f32, f32),
     ) {
-        for ((x, y), slope) in xs.iter().zip(ys.iter_mut()).zip(slopes.iter_mut()) {
-            let (value, derivative) = eval(*x);
-            let take = everywhere || x.clamp(0.0, 1.0) <= end_x;
-            *y = if take { value } else { *y };
-            *slope = if take { derivative } else { *slope };
+        let len = xs.len();
+        let (ys, slopes) = (&mut ys[..len], &mut slopes[..len]);
+        if everywhere {
+            for i in 0..len {
+                let (value, derivative) = eval(xs[i]);
+                ys[i] = value;
+                slopes[i] = derivative;
+            }
+        } else {
+            for i in 0..len {
+                let x = xs[i];
+                let (value, derivative) = eval(x);
+                let take = clamp_unit(x) <= end_x;
+                ys[i] = select(take, value, ys[i]);
+                slopes[i] = select(take, derivative, slopes[i]);
+            }
         }
     }
     let last = segments.len() - 1;
@@ -301,6 +331,92 @@ fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSeg
         } else {
             apply(xs, ys, slopes, everywhere, segment.end_x, |x| segment.eval_quadratic(x));
         }
+    }
+}
+
+/// A curve's values and slopes over a flat buffer, split over the cores: the op-by-op fast
+/// path's curve evaluation (same arithmetic as the fused kernel's).
+pub fn curve_values(xs: &[f32], curve: &Curve) -> (Vec<f32>, Vec<f32>) {
+    let segments: Vec<FastSegment> = curve.segments().iter().map(FastSegment::new).collect();
+    let mut values = vec![0.0f32; xs.len()];
+    let mut slopes = vec![0.0f32; xs.len()];
+    let chunk = xs.len().div_ceil(threads()).max(4096);
+    std::thread::scope(|scope| {
+        for ((x, y), d) in xs.chunks(chunk).zip(values.chunks_mut(chunk)).zip(slopes.chunks_mut(chunk)) {
+            let segments = &segments;
+            scope.spawn(move || {
+                for ((x, y), d) in x.chunks(TILE * 16).zip(y.chunks_mut(TILE * 16)).zip(d.chunks_mut(TILE * 16)) {
+                    curve_row(x, y, d, segments);
+                }
+            });
+        }
+    });
+    (values, slopes)
+}
+
+/// `e^x` for `x ≤ 0` (a logit minus its pixel's maximum), written so that loops over it
+/// vectorize: round-to-nearest by the 1.5·2²³ trick, a degree-6 polynomial on
+/// [−ln2/2, ln2/2] (relative error below 2e-7), and the power of two built in the exponent
+/// bits. Below −87 the result is clamped to e^−87 ≈ 1.6e-38 instead of a subnormal.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let shifted = x * LOG2E + SHIFT;
+    let n = shifted - SHIFT;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // The low mantissa bits of `shifted` hold n (as 0x4B40_0000 + n).
+    let exponent = (shifted.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
+    f32::from_bits(exponent as u32) * p
+}
+
+/// Sum of a row in float64, by eight float32 lanes (so the loop vectorizes).
+#[inline]
+fn row_sum(values: &[f32]) -> f64 {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, value) in lanes.iter_mut().zip(chunk) {
+            *lane += value;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
+}
+
+/// A tile: `n` consecutive pixels of one image, from position `within`.
+#[derive(Clone, Copy, Debug)]
+struct Tile {
+    image: usize,
+    within: usize,
+    n: usize,
+}
+
+/// An `[N, C, H, W]` float32 buffer that tiles write to in disjoint pieces from several
+/// threads (each tile owns rows `[image][k][within .. within + n]` for every class `k`).
+#[derive(Clone, Copy)]
+struct SharedPlanes {
+    data: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tiles are disjoint, so no two threads touch the same element.
+unsafe impl Send for SharedPlanes {}
+unsafe impl Sync for SharedPlanes {}
+
+impl SharedPlanes {
+    /// The row `[start, start + n)`.
+    ///
+    /// # Safety
+    /// No other live reference may overlap the row; tiles guarantee that.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, start: usize, n: usize) -> &mut [f32] {
+        assert!(start + n <= self.len, "row inside the buffer");
+        std::slice::from_raw_parts_mut(self.data.add(start), n)
     }
 }
 
@@ -319,60 +435,81 @@ struct Sweep<'a> {
 /// (`[class][pixel]`), so the loops over a step are long, contiguous and vectorizable.
 const TILE: usize = 64;
 
+/// Per-pixel scratch rows of a tile (maxima, sums).
+struct PixelRows {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
 impl Sweep<'_> {
-    /// `(image, position within the image)` of a pixel.
-    fn locate(&self, pixel: usize) -> (usize, usize) {
-        (pixel / self.pixels_per_image, pixel % self.pixels_per_image)
+    /// The softmax of the tile, class-major into `out` (`C` rows of `n`), computed with
+    /// contiguous loops over each class's logits; `rows` is scratch.
+    fn softmax_rows(&self, tile: Tile, out: &mut [f32], rows: &mut PixelRows) {
+        let (c, hw, n) = (self.classes, self.pixels_per_image, tile.n);
+        let base = tile.image * c * hw + tile.within;
+        let (max, sum) = (&mut rows.max[..n], &mut rows.sum[..n]);
+        max.fill(f32::NEG_INFINITY);
+        for k in 0..c {
+            for (m, &x) in max.iter_mut().zip(&self.logits[base + k * hw..base + k * hw + n]) {
+                *m = m.max(x);
+            }
+        }
+        sum.fill(0.0);
+        for k in 0..c {
+            let logits = &self.logits[base + k * hw..base + k * hw + n];
+            let row = &mut out[k * n..(k + 1) * n];
+            for (((e, &x), &m), s) in row.iter_mut().zip(logits).zip(max.iter()).zip(sum.iter_mut()) {
+                *e = exp_nonpositive(x - m);
+                *s += *e;
+            }
+        }
+        for s in sum.iter_mut() {
+            *s = 1.0 / *s;
+        }
+        for k in 0..c {
+            for (p, &inverse) in out[k * n..(k + 1) * n].iter_mut().zip(sum.iter()) {
+                *p *= inverse;
+            }
+        }
     }
 
-    /// Compute every step for the `n` pixels from `first`. Values of step `s` live at
-    /// `values[s.offset * n ..][k * n + j]`. With `stored_softmax` (pixel-major, `n × C`)
-    /// the softmax is copied instead of recomputed; otherwise it is written to
-    /// `softmax_out`. Curve slopes go to `slopes` (same layout as `values`).
+    /// Compute every step for the tile. Values of step `s` live at
+    /// `values[s.offset * n ..][k * n + j]`. With `stored` the softmax is read from that
+    /// `[N, C, H, W]` buffer instead of recomputed; otherwise it is also written there.
+    /// Curve slopes go to `slopes` (same layout as `values`).
     #[allow(clippy::too_many_arguments)]
     fn forward_tile(
         &self,
-        first: usize,
-        n: usize,
+        tile: Tile,
         values: &mut [f32],
         slopes: &mut [f32],
-        softmax_out: &mut [f32],
-        stored_softmax: Option<&[f32]>,
+        rows: &mut PixelRows,
+        softmax: SharedPlanes,
+        recompute: bool,
         counts: &mut [Vec<f64>],
     ) {
         let c = self.classes;
         let hw = self.pixels_per_image;
+        let n = tile.n;
+        let first = tile.image * hw + tile.within;
+        let logit_base = tile.image * c * hw + tile.within;
         for step in &self.plan.steps {
             let (offset, w) = (step.offset * n, step.width);
             match &step.op {
                 Op::Softmax => {
-                    for j in 0..n {
-                        match stored_softmax {
-                            Some(stored) => {
-                                for k in 0..c {
-                                    values[offset + k * n + j] = stored[j * c + k];
-                                }
-                            }
-                            None => {
-                                let (image, within) = self.locate(first + j);
-                                let base = image * c * hw + within;
-                                let mut max = f32::NEG_INFINITY;
-                                for k in 0..c {
-                                    max = max.max(self.logits[base + k * hw]);
-                                }
-                                let mut sum = 0.0f32;
-                                for k in 0..c {
-                                    let e = (self.logits[base + k * hw] - max).exp();
-                                    values[offset + k * n + j] = e;
-                                    sum += e;
-                                }
-                                let inverse = 1.0 / sum;
-                                for k in 0..c {
-                                    let p = values[offset + k * n + j] * inverse;
-                                    values[offset + k * n + j] = p;
-                                    softmax_out[j * c + k] = p;
-                                }
-                            }
+                    let out = &mut values[offset..offset + c * n];
+                    if recompute {
+                        self.softmax_rows(tile, out, rows);
+                        for k in 0..c {
+                            // SAFETY: this tile owns these rows of the softmax buffer.
+                            let stored = unsafe { softmax.row(logit_base + k * hw, n) };
+                            stored.copy_from_slice(&out[k * n..(k + 1) * n]);
+                        }
+                    } else {
+                        for k in 0..c {
+                            // SAFETY: as above; only read here.
+                            let stored = unsafe { softmax.row(logit_base + k * hw, n) };
+                            out[k * n..(k + 1) * n].copy_from_slice(stored);
                         }
                     }
                 }
@@ -393,12 +530,10 @@ impl Sweep<'_> {
                 Op::Const(value) => values[offset..offset + n].fill(*value),
                 Op::Plane(index) => {
                     let plane_w = self.plane_widths[*index];
-                    for j in 0..n {
-                        let (image, within) = self.locate(first + j);
-                        let base = image * plane_w * hw + within;
-                        for k in 0..w {
-                            values[offset + k * n + j] = self.planes[*index][base + k * hw];
-                        }
+                    let base = tile.image * plane_w * hw + tile.within;
+                    for k in 0..w {
+                        values[offset + k * n..offset + (k + 1) * n]
+                            .copy_from_slice(&self.planes[*index][base + k * hw..base + k * hw + n]);
                     }
                 }
                 Op::Curve { input, segments } => {
@@ -440,30 +575,36 @@ impl Sweep<'_> {
                     let source = si.offset * n;
                     let target = &mut counts[*count];
                     if target.len() == 1 {
-                        let total: f32 = values[source..source + si.width * n].iter().sum();
-                        target[0] += total as f64;
+                        target[0] += row_sum(&values[source..source + si.width * n]);
                     } else {
                         for (k, slot) in target.iter_mut().enumerate() {
                             let row = source + if si.width == 1 { 0 } else { k * n };
-                            let total: f32 = values[row..row + n].iter().sum();
-                            *slot += total as f64;
+                            *slot += row_sum(&values[row..row + n]);
                         }
                     }
                 }
                 Op::NllSum { count } => {
+                    let (max, sum) = (&mut rows.max[..n], &mut rows.sum[..n]);
+                    max.fill(f32::NEG_INFINITY);
+                    for k in 0..c {
+                        let logits = &self.logits[logit_base + k * hw..logit_base + k * hw + n];
+                        for (m, &x) in max.iter_mut().zip(logits) {
+                            *m = m.max(x);
+                        }
+                    }
+                    sum.fill(0.0);
+                    for k in 0..c {
+                        let logits = &self.logits[logit_base + k * hw..logit_base + k * hw + n];
+                        for ((s, &x), &m) in sum.iter_mut().zip(logits).zip(max.iter()) {
+                            *s += exp_nonpositive(x - m);
+                        }
+                    }
                     for j in 0..n {
                         let label = self.labels[first + j];
                         if label == IGNORE_LABEL {
                             continue;
                         }
-                        let (image, within) = self.locate(first + j);
-                        let base = image * c * hw + within;
-                        let mut max = f32::NEG_INFINITY;
-                        for k in 0..c {
-                            max = max.max(self.logits[base + k * hw]);
-                        }
-                        let sum: f32 = (0..c).map(|k| (self.logits[base + k * hw] - max).exp()).sum();
-                        let log_probability = self.logits[base + label as usize * hw] - max - sum.ln();
+                        let log_probability = self.logits[logit_base + label as usize * hw + j] - max[j] - sum[j].ln();
                         counts[*count][0] -= log_probability as f64;
                     }
                 }
@@ -471,22 +612,30 @@ impl Sweep<'_> {
         }
     }
 
-    /// Reverse mode through the tile's program: `∂loss/∂logits` (pixel-major, `n × C`) from
-    /// `∂loss/∂count`. Recomputes the forward values from the stored softmax first.
-    #[allow(clippy::too_many_arguments)]
+    /// Reverse mode through the tile's program: `∂loss/∂logits` into the tile's rows of
+    /// `logit_grads` (`[N, C, H, W]`) from `∂loss/∂count`. Recomputes the forward values
+    /// from the stored softmax first.
     fn backward_tile(
         &self,
-        first: usize,
-        n: usize,
-        softmax: &[f32],
+        tile: Tile,
+        softmax: SharedPlanes,
         count_grads: &[Vec<f32>],
         buffers: &mut TileBuffers,
-        logit_grads: &mut [f32],
+        logit_grads: SharedPlanes,
     ) {
-        let TileBuffers { values, grads, slopes, counts, softmax_scratch } = buffers;
-        self.forward_tile(first, n, values, slopes, softmax_scratch, Some(softmax), counts);
+        let TileBuffers { values, grads, slopes, counts, rows } = buffers;
+        self.forward_tile(tile, values, slopes, rows, softmax, false, counts);
+        let n = tile.n;
         grads[..self.plan.scratch * n].fill(0.0);
         let c = self.classes;
+        let hw = self.pixels_per_image;
+        let first = tile.image * hw + tile.within;
+        let logit_base = tile.image * c * hw + tile.within;
+        // SAFETY: this tile owns these rows of the gradient buffer.
+        let grad_row = |k: usize| unsafe { logit_grads.row(logit_base + k * hw, n) };
+        for k in 0..c {
+            grad_row(k).fill(0.0);
+        }
         for step in self.plan.steps.iter().rev() {
             let (offset, w) = (step.offset * n, step.width);
             match &step.op {
@@ -503,14 +652,15 @@ impl Sweep<'_> {
                 }
                 Op::NllSum { count } => {
                     let g = count_grads[*count][0];
-                    for j in 0..n {
-                        let label = self.labels[first + j];
-                        if label == IGNORE_LABEL {
-                            continue;
-                        }
-                        for k in 0..c {
-                            let target = if k as i64 == label { 1.0 } else { 0.0 };
-                            logit_grads[j * c + k] += g * (softmax[j * c + k] - target);
+                    let labels = &self.labels[first..first + n];
+                    for k in 0..c {
+                        // SAFETY: as above; only read here.
+                        let probabilities = unsafe { softmax.row(logit_base + k * hw, n) };
+                        let out = grad_row(k);
+                        for ((o, &p), &label) in out.iter_mut().zip(probabilities.iter()).zip(labels) {
+                            let valid = if label == IGNORE_LABEL { 0.0 } else { 1.0 };
+                            let target = if label == k as i64 { 1.0 } else { 0.0 };
+                            *o += valid * g * (p - target);
                         }
                     }
                 }
@@ -566,10 +716,24 @@ impl Sweep<'_> {
                     }
                 }
                 Op::Softmax => {
-                    for j in 0..n {
-                        let dot: f32 = (0..c).map(|k| grads[offset + k * n + j] * softmax[j * c + k]).sum();
-                        for k in 0..c {
-                            logit_grads[j * c + k] += softmax[j * c + k] * (grads[offset + k * n + j] - dot);
+                    let dot = &mut rows.sum[..n];
+                    dot.fill(0.0);
+                    for k in 0..c {
+                        let (g, p) = (
+                            &grads[offset + k * n..offset + (k + 1) * n],
+                            &values[offset + k * n..offset + (k + 1) * n],
+                        );
+                        for ((d, &g), &p) in dot.iter_mut().zip(g).zip(p) {
+                            *d += g * p;
+                        }
+                    }
+                    for k in 0..c {
+                        let (g, p) = (
+                            &grads[offset + k * n..offset + (k + 1) * n],
+                            &values[offset + k * n..offset + (k + 1) * n],
+                        );
+                        for (((o, &g), &p), &d) in grad_row(k).iter_mut().zip(g).zip(p).zip(dot.iter()) {
+                            *o += p * (g - d);
                         }
                     }
                 }
@@ -585,7 +749,7 @@ struct TileBuffers {
     grads: Vec<f32>,
     slopes: Vec<f32>,
     counts: Vec<Vec<f64>>,
-    softmax_scratch: Vec<f32>,
+    rows: PixelRows,
 }
 
 impl TileBuffers {
@@ -595,7 +759,7 @@ impl TileBuffers {
             grads: vec![0.0; plan.scratch * TILE],
             slopes: vec![0.0; plan.scratch * TILE],
             counts: plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect(),
-            softmax_scratch: vec![0.0; plan.classes * TILE],
+            rows: PixelRows { max: vec![0.0; TILE], sum: vec![0.0; TILE] },
         }
     }
 }
@@ -622,13 +786,37 @@ fn threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16)
 }
 
+/// The tiles of `images` images of `pixels_per_image` pixels, split into `workers` runs of
+/// about equal length; tiles never cross an image boundary.
+fn tile_runs(images: usize, pixels_per_image: usize, workers: usize) -> Vec<Vec<Tile>> {
+    let tiles: Vec<Tile> = (0..images)
+        .flat_map(|image| {
+            (0..pixels_per_image).step_by(TILE).map(move |within| Tile {
+                image,
+                within,
+                n: TILE.min(pixels_per_image - within),
+            })
+        })
+        .collect();
+    let per_worker = tiles.len().div_ceil(workers.max(1)).max(1);
+    tiles.chunks(per_worker).map(|run| run.to_vec()).collect()
+}
+
 /// The surrogate through the fused kernel. `logits` must be float32 on the CPU.
 pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &Tensor, labels: &Tensor) -> Surrogate {
     let size = logits.size();
     let (n, c, h, w) = (size[0] as usize, size[1] as usize, size[2] as usize, size[3] as usize);
     let pixels_per_image = h * w;
-    let pixels = n * pixels_per_image;
-    let logit_values = to_vec_f32(&logits.detach());
+    let elements = n * c * pixels_per_image;
+    // The logits are read in place: a contiguous float32 view that outlives the sweeps.
+    let logits_contiguous = logits.detach().contiguous();
+    // SAFETY: `logits_contiguous` is a contiguous float32 CPU tensor of `elements` values,
+    // alive and unmodified until the end of this function.
+    let logit_values: &[f32] = if elements == 0 {
+        &[]
+    } else {
+        unsafe { std::slice::from_raw_parts(logits_contiguous.data_ptr() as *const f32, elements) }
+    };
     let label_values = Vec::<i64>::try_from(labels.contiguous().reshape([-1])).unwrap_or_default();
     // Label-only planes, computed once by libtorch.
     let plane_values = if plan.planes.is_empty() {
@@ -641,32 +829,27 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     let plane_widths: Vec<usize> = plan.planes.iter().map(|p| width(module.shape(*p), c)).collect();
     let sweep = Sweep {
         plan,
-        logits: &logit_values,
+        logits: logit_values,
         labels: &label_values,
         planes: &plane_values,
         plane_widths: &plane_widths,
         classes: c,
         pixels_per_image,
     };
-    let workers = threads();
-    let chunk = pixels.div_ceil(workers).max(1);
-    let mut softmax = vec![0.0f32; pixels * c];
+    let runs = tile_runs(n, pixels_per_image, threads());
+    let mut softmax = vec![0.0f32; elements];
+    let softmax_planes = SharedPlanes { data: softmax.as_mut_ptr(), len: softmax.len() };
     let mut counts: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
     std::thread::scope(|scope| {
-        let handles: Vec<_> = softmax
-            .chunks_mut(chunk * c)
-            .enumerate()
-            .map(|(i, softmax_chunk)| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|run| {
                 let sweep = &sweep;
                 scope.spawn(move || {
                     let mut buffers = TileBuffers::new(plan);
-                    let chunk_pixels = softmax_chunk.len() / c;
-                    for tile_start in (0..chunk_pixels).step_by(TILE) {
-                        let n = TILE.min(chunk_pixels - tile_start);
-                        let first = i * chunk + tile_start;
-                        let softmax_tile = &mut softmax_chunk[tile_start * c..(tile_start + n) * c];
-                        let TileBuffers { values, slopes, counts, .. } = &mut buffers;
-                        sweep.forward_tile(first, n, values, slopes, softmax_tile, None, counts);
+                    for &tile in run {
+                        let TileBuffers { values, slopes, counts, rows, .. } = &mut buffers;
+                        sweep.forward_tile(tile, values, slopes, rows, softmax_planes, true, counts);
                     }
                     buffers.counts
                 })
@@ -708,29 +891,22 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     }
     let count_grads: Vec<Vec<f32>> =
         Tensor::run_backward(&[&result.loss], &count_leaves, false, false).iter().map(to_vec_f32).collect();
-    let mut logit_grads_pixel_major = vec![0.0f32; pixels * c];
+    // Every element is written by exactly one tile (zeroed, then accumulated).
+    let gradient = Tensor::empty([n as i64, c as i64, h as i64, w as i64], (Kind::Float, tch::Device::Cpu));
+    let gradient_planes = SharedPlanes { data: gradient.data_ptr() as *mut f32, len: elements };
     std::thread::scope(|scope| {
-        for (i, grad_chunk) in logit_grads_pixel_major.chunks_mut(chunk * c).enumerate() {
-            let (sweep, softmax, count_grads) = (&sweep, &softmax, &count_grads);
+        for run in &runs {
+            let (sweep, count_grads) = (&sweep, &count_grads);
             scope.spawn(move || {
                 let mut buffers = TileBuffers::new(plan);
-                let chunk_pixels = grad_chunk.len() / c;
-                for tile_start in (0..chunk_pixels).step_by(TILE) {
-                    let n = TILE.min(chunk_pixels - tile_start);
-                    let first = i * chunk + tile_start;
-                    let stored = &softmax[first * c..(first + n) * c];
-                    let grads_tile = &mut grad_chunk[tile_start * c..(tile_start + n) * c];
-                    sweep.backward_tile(first, n, stored, count_grads, &mut buffers, grads_tile);
+                for &tile in run {
+                    sweep.backward_tile(tile, softmax_planes, count_grads, &mut buffers, gradient_planes);
                 }
             });
         }
     });
-    // Pixel-major [N*H*W, C] back to the logits' [N, C, H, W].
-    let gradient = Tensor::from_slice(&logit_grads_pixel_major)
-        .reshape([n as i64, (h * w) as i64, c as i64])
-        .permute([0, 2, 1])
-        .reshape([n as i64, c as i64, h as i64, w as i64])
-        .to_kind(kind);
+    drop(logits_contiguous);
+    let gradient = gradient.to_kind(kind);
     let linear = (logits * &gradient).sum(kind);
     let loss = &linear + (result.loss.detach() - linear.detach());
     Surrogate { loss, ..result }

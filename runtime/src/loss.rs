@@ -125,6 +125,7 @@ impl Loss {
             if let Some(plan) = self.plan(logits) {
                 return Ok(fused::surrogate(module, &self.params.curves, &plan, logits, &labels));
             }
+            return Ok(tch_backend::surrogate_with(module, &self.params.curves, logits, &labels, true));
         }
         Ok(tch_backend::surrogate(module, &self.params.curves, logits, &labels))
     }

@@ -70,6 +70,9 @@ struct ProxyArgs {
     /// Number of built-in training scenes (hold-out gets a quarter, test a half of this).
     #[arg(long, default_value_t = 192)]
     train_images: usize,
+    /// Leave the built-in scenes without the ignored (255) band around objects.
+    #[arg(long)]
+    no_ignore_band: bool,
     /// Batch size of the proxy training.
     #[arg(long)]
     batch: Option<usize>,
@@ -96,7 +99,7 @@ impl ProxyArgs {
             train,
             holdout: (train / 4).max(1),
             test: (train / 2).max(1),
-            ignore_band: true,
+            ignore_band: !self.no_ignore_band,
         }
     }
 

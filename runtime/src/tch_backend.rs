@@ -124,6 +124,16 @@ fn one_hot(classes_index: &Tensor, classes: i64, kind: Kind) -> Tensor {
 }
 
 fn pool(x: &Tensor, radius: u32, erode: bool) -> Tensor {
+    if x.device() == tch::Device::Cpu && x.kind() == Kind::Float && x.dim() == 4 {
+        if !x.requires_grad() {
+            return pool_cpu(x, radius as usize, erode);
+        }
+        // With a gradient: the window's winner per pixel, then a differentiable gather
+        // (its backward is one scatter-add, as max_pool2d's is).
+        let size = x.size();
+        let winners = pool_winners_cpu(&x.detach(), radius as usize, erode);
+        return x.reshape([size[0] * size[1], size[2] * size[3]]).gather(1, &winners, false).reshape(size);
+    }
     let k = 2 * radius as i64 + 1;
     let r = radius as i64;
     // A square window's maximum is the maximum of row maxima: two 1-D passes (2k reads per
@@ -138,6 +148,112 @@ fn pool(x: &Tensor, radius: u32, erode: bool) -> Tensor {
     } else {
         dilate(x)
     }
+}
+
+/// The same square-window maximum (minimum for erosion) for tensors that need no gradient,
+/// such as label morphology: per `[H, W]` plane, a row pass then a column pass, each a few
+/// contiguous, vectorized sweeps of `max`/`min` over shifted rows; the window is clipped at
+/// the border, as `max_pool2d`'s −inf padding does. Planes are split over the cores.
+fn pool_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
+    let size = x.size();
+    let (planes, h, w) = ((size[0] * size[1]) as usize, size[2] as usize, size[3] as usize);
+    let input = Vec::<f32>::try_from(x.contiguous().reshape([-1])).unwrap_or_default();
+    let mut output = vec![0.0f32; input.len()];
+    let plane = h * w;
+    if plane == 0 {
+        return x.copy();
+    }
+    let combine = move |a: f32, b: f32| if erode { a.min(b) } else { a.max(b) };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(planes.max(1));
+    let per_worker = planes.div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        for (inputs, outputs) in input.chunks(per_worker * plane).zip(output.chunks_mut(per_worker * plane)) {
+            scope.spawn(move || {
+                let mut rows = vec![0.0f32; plane];
+                for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
+                    // Row pass into `rows`.
+                    for (line, out) in source.chunks(w).zip(rows.chunks_mut(w)) {
+                        out.copy_from_slice(line);
+                        for d in 1..=radius.min(w.saturating_sub(1)) {
+                            for (o, &v) in out[..w - d].iter_mut().zip(&line[d..]) {
+                                *o = combine(*o, v);
+                            }
+                            for (o, &v) in out[d..].iter_mut().zip(&line[..w - d]) {
+                                *o = combine(*o, v);
+                            }
+                        }
+                    }
+                    // Column pass: whole rows at a time.
+                    for y in 0..h {
+                        let out = &mut target[y * w..(y + 1) * w];
+                        out.copy_from_slice(&rows[y * w..(y + 1) * w]);
+                        for d in 1..=radius {
+                            for neighbour in [y.checked_sub(d), Some(y + d).filter(|&r| r < h)].into_iter().flatten() {
+                                for (o, &v) in out.iter_mut().zip(&rows[neighbour * w..(neighbour + 1) * w]) {
+                                    *o = combine(*o, v);
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Tensor::from_slice(&output).view([size[0], size[1], size[2], size[3]])
+}
+
+/// For every pixel of every `[H, W]` plane, the flat index (`y·W + x`) of the maximum
+/// (minimum for erosion) of its clipped square window: the first one met in the row pass,
+/// then in the column pass, like the separable `max_pool2d` pair. Returns int64
+/// `[planes, H·W]`.
+fn pool_winners_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
+    let size = x.size();
+    let (planes, h, w) = ((size[0] * size[1]) as usize, size[2] as usize, size[3] as usize);
+    let plane = h * w;
+    let input = Vec::<f32>::try_from(x.contiguous().reshape([-1])).unwrap_or_default();
+    let mut winners = vec![0i64; input.len()];
+    if plane > 0 {
+        let better = move |candidate: f32, best: f32| if erode { candidate < best } else { candidate > best };
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(planes.max(1));
+        let per_worker = planes.div_ceil(workers).max(1);
+        std::thread::scope(|scope| {
+            for (inputs, outputs) in input.chunks(per_worker * plane).zip(winners.chunks_mut(per_worker * plane)) {
+                scope.spawn(move || {
+                    let mut row_value = vec![0.0f32; plane];
+                    let mut row_index = vec![0i64; plane];
+                    for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
+                        for y in 0..h {
+                            let line = &source[y * w..(y + 1) * w];
+                            for x in 0..w {
+                                let (low, high) = (x.saturating_sub(radius), (x + radius).min(w - 1));
+                                let mut best = low;
+                                for candidate in low + 1..=high {
+                                    if better(line[candidate], line[best]) {
+                                        best = candidate;
+                                    }
+                                }
+                                row_value[y * w + x] = line[best];
+                                row_index[y * w + x] = (y * w + best) as i64;
+                            }
+                        }
+                        for x in 0..w {
+                            for y in 0..h {
+                                let (low, high) = (y.saturating_sub(radius), (y + radius).min(h - 1));
+                                let mut best = low;
+                                for candidate in low + 1..=high {
+                                    if better(row_value[candidate * w + x], row_value[best * w + x]) {
+                                        best = candidate;
+                                    }
+                                }
+                                target[y * w + x] = row_index[best * w + x];
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    Tensor::from_slice(&winners).view([planes as i64, plane as i64])
 }
 
 fn compare(op: CmpOp, a: &Tensor, b: &Tensor) -> Tensor {
@@ -198,6 +314,21 @@ pub fn run_nodes(
     provided: Vec<Option<Tensor>>,
     wanted: &[Handle],
 ) -> NodeValues {
+    run_nodes_with(module, curves, logits, labels, provided, wanted, false)
+}
+
+/// [`run_nodes`], with curves evaluated by the fused kernel's vectorized code and spliced in
+/// by linearization when `fast_curves` (CPU float32 only; values and gradients equal the
+/// op-by-op curve to float32 rounding).
+pub fn run_nodes_with(
+    module: &Module,
+    curves: &[Curve],
+    logits: &Tensor,
+    labels: &Tensor,
+    provided: Vec<Option<Tensor>>,
+    wanted: &[Handle],
+    fast_curves: bool,
+) -> NodeValues {
     assert_eq!(module.mode, Mode::Relaxed);
     let need = needed(module, wanted, &provided);
     let classes = logits.size()[1];
@@ -225,7 +356,14 @@ pub fn run_nodes(
             Node::Labels => one_hot(labels, classes, kind),
             Node::Valid => labels.ne(IGNORE_LABEL).unsqueeze(1).to_kind(kind),
             Node::Const(c) => Tensor::from(c.get()).to_kind(kind).to_device(logits.device()),
-            Node::Curve { input, curve } => apply_curve(v(input), &curves[curve.0 as usize]),
+            Node::Curve { input, curve } => {
+                let x = v(input);
+                if fast_curves && x.device() == tch::Device::Cpu && x.kind() == Kind::Float {
+                    apply_curve_fast(x, &curves[curve.0 as usize])
+                } else {
+                    apply_curve(x, &curves[curve.0 as usize])
+                }
+            }
             Node::Erode { input, radius } => pool(v(input), *radius, true),
             Node::Dilate { input, radius } => pool(v(input), *radius, false),
             Node::AnyClass(input) => v(input).amax([1].as_slice(), true),
@@ -287,10 +425,37 @@ pub fn run_nodes(
 
 /// Run a relaxed module with autograd, op by op (the reference path).
 pub fn surrogate(module: &Module, curves: &[Curve], logits: &Tensor, labels: &Tensor) -> Surrogate {
+    surrogate_with(module, curves, logits, labels, false)
+}
+
+/// [`surrogate`], optionally with fast curves (see [`run_nodes_with`]).
+pub fn surrogate_with(
+    module: &Module,
+    curves: &[Curve],
+    logits: &Tensor,
+    labels: &Tensor,
+    fast_curves: bool,
+) -> Surrogate {
     let provided = (0..module.len()).map(|_| None).collect();
     let mut wanted = vec![module.root];
     wanted.extend(module.reports.iter().map(|r| r.value));
-    finish_surrogate(module, run_nodes(module, curves, logits, labels, provided, &wanted))
+    finish_surrogate(module, run_nodes_with(module, curves, logits, labels, provided, &wanted, fast_curves))
+}
+
+/// `g(x)` from the vectorized curve kernel; the gradient enters by linearization:
+/// `x·g'(x) + (g(x) − x·g'(x)).detach()` has value `g(x)` and derivative `g'(x)`.
+fn apply_curve_fast(x: &Tensor, curve: &Curve) -> Tensor {
+    let shape = x.size();
+    let flat = Vec::<f32>::try_from(x.detach().contiguous().reshape([-1])).unwrap_or_default();
+    let (values, slopes) = crate::fused::curve_values(&flat, curve);
+    let value = Tensor::from_slice(&values).view(shape.as_slice());
+    if !x.requires_grad() {
+        return value;
+    }
+    let slope = Tensor::from_slice(&slopes).view(shape.as_slice());
+    let linear = x * slope;
+    let offset = value - linear.detach();
+    linear + offset
 }
 
 /// Assemble the loss from node values: `1 − metric` or the loss expression, 0 if undefined.
