@@ -63,7 +63,16 @@ def main():
     for name, loss in losses:
         values = {metric: [] for metric in METRICS}
         for seed in range(args.seeds):
-            output = json.loads(run([args.losscc, "train", *loss, "--iters", str(args.iters), "--seed", str(seed)]))
+            # Each run is kept, so an interrupted regeneration resumes where it stopped.
+            slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+            cached = os.path.join(args.out, f"train-{slug}-iters{args.iters}-seed{seed}.json")
+            if os.path.exists(cached):
+                with open(cached) as f:
+                    output = json.load(f)
+            else:
+                output = json.loads(run([args.losscc, "train", *loss, "--iters", str(args.iters), "--seed", str(seed)]))
+                with open(cached, "w") as f:
+                    json.dump(output, f)
             for metric in METRICS:
                 values[metric].append(output[metric])
         rows.append((name, values))

@@ -37,14 +37,14 @@ fn fused_kernel_equals_reference_path() {
         let labels = labels.where_self(&ignore.logical_not(), &labels.full_like(255));
 
         let run = |fast: bool, loss: &mut Loss| {
-            loss.set_fused_kernel(fast);
+            loss.set_fast_path(fast);
             let x = logits.copy().set_requires_grad(true);
             let value = loss.forward(&x, &labels).unwrap();
             value.backward();
             (value.double_value(&[]), x.grad())
         };
         let uses_fast = {
-            loss.set_fused_kernel(true);
+            loss.set_fast_path(true);
             loss.uses_fused_kernel(&logits)
         };
         // BF1 pools predictions, which the fused kernel does not cover: its fast path is

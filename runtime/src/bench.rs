@@ -20,7 +20,8 @@ pub struct BenchReport {
     pub ce_ms: f64,
     pub ratio: f64,
     pub peak_extra_mb: f64,
-    /// `fused` or `reference` (op by op).
+    /// `fused` (the fused kernel), `fast curves` (op by op with the curve kernel) or
+    /// `reference` (op by op in libtorch).
     pub path: String,
 }
 
@@ -110,6 +111,12 @@ pub fn run(
         ce_ms,
         ratio: loss_ms / ce_ms,
         peak_extra_mb,
-        path: if loss.uses_fused_kernel(&leaf) { "fused".into() } else { "reference".into() },
+        path: if loss.uses_fused_kernel(&leaf) {
+            "fused".into()
+        } else if loss.uses_fast_curves(&leaf) {
+            "fast curves".into()
+        } else {
+            "reference".into()
+        },
     })
 }

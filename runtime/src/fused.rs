@@ -294,7 +294,9 @@ impl FastSegment {
 /// where `x` is at most its end (the reference path's `where` chain, piece by piece). The
 /// piece's kind is decided outside the loop and every step inside is arithmetic or a bit
 /// select, so the loop vectorizes.
+#[inline(always)]
 fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
+    #[inline(always)]
     fn apply(
         xs: &[f32],
         ys: &mut [f32],
@@ -344,11 +346,7 @@ pub fn curve_values(xs: &[f32], curve: &Curve) -> (Vec<f32>, Vec<f32>) {
     std::thread::scope(|scope| {
         for ((x, y), d) in xs.chunks(chunk).zip(values.chunks_mut(chunk)).zip(slopes.chunks_mut(chunk)) {
             let segments = &segments;
-            scope.spawn(move || {
-                for ((x, y), d) in x.chunks(TILE * 16).zip(y.chunks_mut(TILE * 16)).zip(d.chunks_mut(TILE * 16)) {
-                    curve_row(x, y, d, segments);
-                }
-            });
+            scope.spawn(move || curve_chunk(x, y, d, segments));
         }
     });
     (values, slopes)
@@ -375,7 +373,7 @@ fn exp_nonpositive(x: f32) -> f32 {
 }
 
 /// Sum of a row in float64, by eight float32 lanes (so the loop vectorizes).
-#[inline]
+#[inline(always)]
 fn row_sum(values: &[f32]) -> f64 {
     let mut lanes = [0.0f32; 8];
     let mut chunks = values.chunks_exact(8);
@@ -387,6 +385,56 @@ fn row_sum(values: &[f32]) -> f64 {
     let tail: f32 = chunks.remainder().iter().sum();
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
 }
+
+/// Runs `body` compiled for AVX2 and FMA when the CPU has them (the kernels above are
+/// `inline(always)`, so they are compiled into each version), else for the baseline target.
+/// The binary stays portable; the fast version is chosen at run time.
+macro_rules! with_best_simd {
+    ($name:ident, ($($arg:ident: $ty:ty),*), $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $body
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `wide` was compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+with_best_simd!(forward_run, (sweep: &Sweep<'_>, run: &[Tile], buffers: &mut TileBuffers, softmax: SharedPlanes), {
+    for &tile in run {
+        let TileBuffers { values, slopes, counts, rows, .. } = &mut *buffers;
+        sweep.forward_tile(tile, values, slopes, rows, softmax, true, counts);
+    }
+});
+
+with_best_simd!(
+    backward_run,
+    (
+        sweep: &Sweep<'_>,
+        run: &[Tile],
+        buffers: &mut TileBuffers,
+        softmax: SharedPlanes,
+        count_grads: &[Vec<f32>],
+        gradient: SharedPlanes
+    ),
+    {
+        for &tile in run {
+            sweep.backward_tile(tile, softmax, count_grads, buffers, gradient);
+        }
+    }
+);
+
+with_best_simd!(curve_chunk, (x: &[f32], y: &mut [f32], d: &mut [f32], segments: &[FastSegment]), {
+    for ((x, y), d) in x.chunks(TILE * 16).zip(y.chunks_mut(TILE * 16)).zip(d.chunks_mut(TILE * 16)) {
+        curve_row(x, y, d, segments);
+    }
+});
 
 /// A tile: `n` consecutive pixels of one image, from position `within`.
 #[derive(Clone, Copy, Debug)]
@@ -444,6 +492,7 @@ struct PixelRows {
 impl Sweep<'_> {
     /// The softmax of the tile, class-major into `out` (`C` rows of `n`), computed with
     /// contiguous loops over each class's logits; `rows` is scratch.
+    #[inline(always)]
     fn softmax_rows(&self, tile: Tile, out: &mut [f32], rows: &mut PixelRows) {
         let (c, hw, n) = (self.classes, self.pixels_per_image, tile.n);
         let base = tile.image * c * hw + tile.within;
@@ -478,6 +527,7 @@ impl Sweep<'_> {
     /// `[N, C, H, W]` buffer instead of recomputed; otherwise it is also written there.
     /// Curve slopes go to `slopes` (same layout as `values`).
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn forward_tile(
         &self,
         tile: Tile,
@@ -615,6 +665,7 @@ impl Sweep<'_> {
     /// Reverse mode through the tile's program: `∂loss/∂logits` into the tile's rows of
     /// `logit_grads` (`[N, C, H, W]`) from `∂loss/∂count`. Recomputes the forward values
     /// from the stored softmax first.
+    #[inline(always)]
     fn backward_tile(
         &self,
         tile: Tile,
@@ -664,34 +715,52 @@ impl Sweep<'_> {
                         }
                     }
                 }
+                // Operands come before their users, so their rows lie below `offset`:
+                // splitting there lets each loop read the user's row and update the operand's
+                // without aliasing, and vectorize.
                 Op::Curve { input, .. } => {
                     let source = self.plan.steps[*input].offset * n;
-                    for i in 0..w * n {
-                        grads[source + i] += grads[offset + i] * slopes[offset + i];
+                    let (head, tail) = grads.split_at_mut(offset);
+                    let slope = &slopes[offset..offset + w * n];
+                    for ((target, &g), &d) in head[source..source + w * n].iter_mut().zip(&tail[..w * n]).zip(slope) {
+                        *target += g * d;
                     }
                 }
                 Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => {
                     let (sa, sb) = (&self.plan.steps[*a], &self.plan.steps[*b]);
                     let (oa, ob) = (sa.offset * n, sb.offset * n);
+                    let (head, tail) = grads.split_at_mut(offset);
                     for k in 0..w {
-                        for j in 0..n {
-                            let g = grads[offset + k * n + j];
-                            let ia = oa + if sa.width == 1 { j } else { k * n + j };
-                            let ib = ob + if sb.width == 1 { j } else { k * n + j };
-                            let (ga, gb) = match step.op {
-                                Op::Add(..) => (g, g),
-                                Op::Sub(..) => (g, -g),
-                                _ => (g * values[ib], g * values[ia]),
-                            };
-                            grads[ia] += ga;
-                            grads[ib] += gb;
+                        let g = &tail[k * n..(k + 1) * n];
+                        let ra = oa + if sa.width == 1 { 0 } else { k * n };
+                        let rb = ob + if sb.width == 1 { 0 } else { k * n };
+                        match step.op {
+                            Op::Add(..) | Op::Sub(..) => {
+                                let sign = if matches!(step.op, Op::Sub(..)) { -1.0 } else { 1.0 };
+                                for (target, &g) in head[ra..ra + n].iter_mut().zip(g) {
+                                    *target += g;
+                                }
+                                for (target, &g) in head[rb..rb + n].iter_mut().zip(g) {
+                                    *target += sign * g;
+                                }
+                            }
+                            _ => {
+                                let (va, vb) = (&values[ra..ra + n], &values[rb..rb + n]);
+                                for ((target, &g), &other) in head[ra..ra + n].iter_mut().zip(g).zip(vb) {
+                                    *target += g * other;
+                                }
+                                for ((target, &g), &other) in head[rb..rb + n].iter_mut().zip(g).zip(va) {
+                                    *target += g * other;
+                                }
+                            }
                         }
                     }
                 }
                 Op::Neg(a) => {
                     let source = self.plan.steps[*a].offset * n;
-                    for i in 0..w * n {
-                        grads[source + i] -= grads[offset + i];
+                    let (head, tail) = grads.split_at_mut(offset);
+                    for (target, &g) in head[source..source + w * n].iter_mut().zip(&tail[..w * n]) {
+                        *target -= g;
                     }
                 }
                 Op::AnyClass(a) => {
@@ -711,8 +780,9 @@ impl Sweep<'_> {
                 }
                 Op::Slice { input, start } => {
                     let source = (self.plan.steps[*input].offset + start) * n;
-                    for i in 0..w * n {
-                        grads[source + i] += grads[offset + i];
+                    let (head, tail) = grads.split_at_mut(offset);
+                    for (target, &g) in head[source..source + w * n].iter_mut().zip(&tail[..w * n]) {
+                        *target += g;
                     }
                 }
                 Op::Softmax => {
@@ -765,15 +835,17 @@ impl TileBuffers {
 }
 
 /// `out = a op b` over a tile (`width` rows of `n`), broadcasting one-wide operands.
-#[inline]
+#[inline(always)]
 fn binary(values: &mut [f32], a: &Step, b: &Step, offset: usize, width: usize, n: usize, f: impl Fn(f32, f32) -> f32) {
     let (oa, ob) = (a.offset * n, b.offset * n);
+    // Operands lie below `offset` (they come before their user).
+    let (head, tail) = values.split_at_mut(offset);
     for k in 0..width {
         let row_a = oa + if a.width == 1 { 0 } else { k * n };
         let row_b = ob + if b.width == 1 { 0 } else { k * n };
-        let row = offset + k * n;
-        for j in 0..n {
-            values[row + j] = f(values[row_a + j], values[row_b + j]);
+        let (xs, ys) = (&head[row_a..row_a + n], &head[row_b..row_b + n]);
+        for ((out, &x), &y) in tail[k * n..(k + 1) * n].iter_mut().zip(xs).zip(ys) {
+            *out = f(x, y);
         }
     }
 }
@@ -782,8 +854,11 @@ fn to_vec_f32(tensor: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(tensor.to_kind(Kind::Float).contiguous().reshape([-1])).unwrap_or_default()
 }
 
-fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16)
+/// Threads for the CPU kernels: libtorch's intra-op thread count, so that a caller who
+/// limits libtorch (as the search does, one thread per model) limits these too.
+pub(crate) fn threads() -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (tch::get_num_threads().max(1) as usize).min(cores).min(16)
 }
 
 /// The tiles of `images` images of `pixels_per_image` pixels, split into `workers` runs of
@@ -847,10 +922,7 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
                 let sweep = &sweep;
                 scope.spawn(move || {
                     let mut buffers = TileBuffers::new(plan);
-                    for &tile in run {
-                        let TileBuffers { values, slopes, counts, rows, .. } = &mut buffers;
-                        sweep.forward_tile(tile, values, slopes, rows, softmax_planes, true, counts);
-                    }
+                    forward_run(sweep, run, &mut buffers, softmax_planes);
                     buffers.counts
                 })
             })
@@ -899,9 +971,7 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
             let (sweep, count_grads) = (&sweep, &count_grads);
             scope.spawn(move || {
                 let mut buffers = TileBuffers::new(plan);
-                for &tile in run {
-                    sweep.backward_tile(tile, softmax_planes, count_grads, &mut buffers, gradient_planes);
-                }
+                backward_run(sweep, run, &mut buffers, softmax_planes, count_grads, gradient_planes);
             });
         }
     });

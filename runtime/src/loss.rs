@@ -41,7 +41,9 @@ pub enum LossError {
 pub struct Loss {
     compiled: Compiled,
     params: Params,
-    /// Use the fused CPU kernel where it applies (see [`crate::fused`]); off by default.
+    /// The fast path (on by default): on CPU float32 logits, the fused kernel where it
+    /// applies (see [`crate::fused`]), else op by op with the vectorized curve kernel. Off,
+    /// every loss runs op by op in libtorch: the reference the fast path is tested against.
     fast_path: bool,
 }
 
@@ -58,7 +60,7 @@ impl Loss {
 
     pub fn new(compiled: Compiled) -> Loss {
         let params = Params::identity(&compiled.manifest);
-        Loss { compiled, params, fast_path: false }
+        Loss { compiled, params, fast_path: true }
     }
 
     pub fn compiled(&self) -> &Compiled {
@@ -100,10 +102,16 @@ impl Loss {
         Ok(self.forward_detailed(logits, labels)?.loss)
     }
 
-    /// Turn the fused CPU kernel on or off. It is off by default: it needs about a tenth of
-    /// the memory of the op-by-op path but is not yet faster (see docs/performance.md).
-    pub fn set_fused_kernel(&mut self, on: bool) {
+    /// Turn the fast path on (the default) or off (the op-by-op reference path); see
+    /// docs/performance.md for what each costs.
+    pub fn set_fast_path(&mut self, on: bool) {
         self.fast_path = on;
+    }
+
+    /// Whether `forward` on these logits takes the fast path's curve kernel without the
+    /// fused kernel (CPU float32, a module the fused kernel does not cover).
+    pub fn uses_fast_curves(&self, logits: &Tensor) -> bool {
+        self.fast_path && fused::applicable(logits) && self.plan(logits).is_none()
     }
 
     /// Whether `forward` on these logits takes the fused kernel.

@@ -199,9 +199,9 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
-        /// Time the fused CPU kernel instead of the op-by-op path.
+        /// Time the op-by-op reference path instead of the fast path.
         #[arg(long)]
-        fused: bool,
+        reference: bool,
         #[arg(long)]
         params: Option<PathBuf>,
         #[arg(long = "set", value_name = "NAME=VALUE")]
@@ -429,7 +429,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { file, shape, device, iterations, warmup, json, fused, params, set } => {
+        Command::Bench { file, shape, device, iterations, warmup, json, reference, params, set } => {
             let overrides = parse_sets(&set).map_err(anyhow::Error::msg)?;
             let dims: Vec<i64> =
                 shape.split(',').map(|d| d.trim().parse::<i64>()).collect::<Result<_, _>>().map_err(|_| {
@@ -447,18 +447,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 ),
             };
             let mut loss = load_loss(&file, &overrides, params.as_deref())?;
-            loss.set_fused_kernel(fused);
+            loss.set_fast_path(!reference);
             let report = runtime::bench::run(&loss, shape, device, warmup, iterations.max(1))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("| loss | shape | device | loss ms | cross-entropy ms | ratio | peak extra MB |");
-                println!("|---|---|---|---|---|---|---|");
+                println!("| loss | shape | device | path | loss ms | cross-entropy ms | ratio | peak extra MB |");
+                println!("|---|---|---|---|---|---|---|---|");
                 println!(
-                    "| {} | {:?} | {} | {:.2} | {:.2} | {:.2}x | {:.0} |",
+                    "| {} | {:?} | {} | {} | {:.2} | {:.2} | {:.2}x | {:.0} |",
                     report.metric,
                     report.shape,
                     report.device,
+                    report.path,
                     report.loss_ms,
                     report.ce_ms,
                     report.ratio,

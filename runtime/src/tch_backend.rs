@@ -164,7 +164,7 @@ fn pool_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
         return x.copy();
     }
     let combine = move |a: f32, b: f32| if erode { a.min(b) } else { a.max(b) };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(planes.max(1));
+    let workers = crate::fused::threads().min(planes.max(1));
     let per_worker = planes.div_ceil(workers).max(1);
     std::thread::scope(|scope| {
         for (inputs, outputs) in input.chunks(per_worker * plane).zip(output.chunks_mut(per_worker * plane)) {
@@ -202,9 +202,17 @@ fn pool_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
     Tensor::from_slice(&output).view([size[0], size[1], size[2], size[3]])
 }
 
+/// `if take { a } else { b }` on bit patterns, so loops using it vectorize.
+#[inline(always)]
+fn select_bits(take: bool, a: u32, b: u32) -> u32 {
+    let mask = 0u32.wrapping_sub(u32::from(take));
+    (a & mask) | (b & !mask)
+}
+
 /// For every pixel of every `[H, W]` plane, the flat index (`y·W + x`) of the maximum
 /// (minimum for erosion) of its clipped square window: the first one met in the row pass,
-/// then in the column pass, like the separable `max_pool2d` pair. Returns int64
+/// then in the column pass, like the separable `max_pool2d` pair. Each pass sweeps the
+/// window's offsets over whole rows with compare-and-select, so it vectorizes. Returns int64
 /// `[planes, H·W]`.
 fn pool_winners_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
     let size = x.size();
@@ -213,39 +221,54 @@ fn pool_winners_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
     let input = Vec::<f32>::try_from(x.contiguous().reshape([-1])).unwrap_or_default();
     let mut winners = vec![0i64; input.len()];
     if plane > 0 {
+        // Strictly better, so the first of equal values wins; the sentinel never does.
+        let sentinel = if erode { f32::INFINITY } else { f32::NEG_INFINITY };
         let better = move |candidate: f32, best: f32| if erode { candidate < best } else { candidate > best };
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(planes.max(1));
+        let workers = crate::fused::threads().min(planes.max(1));
         let per_worker = planes.div_ceil(workers).max(1);
         std::thread::scope(|scope| {
             for (inputs, outputs) in input.chunks(per_worker * plane).zip(winners.chunks_mut(per_worker * plane)) {
                 scope.spawn(move || {
+                    let mut padded = vec![sentinel; w + 2 * radius];
                     let mut row_value = vec![0.0f32; plane];
-                    let mut row_index = vec![0i64; plane];
+                    let mut row_index = vec![0u32; plane];
+                    let mut best_value = vec![0.0f32; w];
+                    let mut best_index = vec![0u32; w];
                     for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
                         for y in 0..h {
-                            let line = &source[y * w..(y + 1) * w];
-                            for x in 0..w {
-                                let (low, high) = (x.saturating_sub(radius), (x + radius).min(w - 1));
-                                let mut best = low;
-                                for candidate in low + 1..=high {
-                                    if better(line[candidate], line[best]) {
-                                        best = candidate;
-                                    }
+                            padded[radius..radius + w].copy_from_slice(&source[y * w..(y + 1) * w]);
+                            let values = &mut row_value[y * w..(y + 1) * w];
+                            let indices = &mut row_index[y * w..(y + 1) * w];
+                            values.fill(sentinel);
+                            for offset in 0..=2 * radius {
+                                let candidates = &padded[offset..offset + w];
+                                let first = (y * w + offset) as u32;
+                                for (x, ((v, i), &c)) in
+                                    values.iter_mut().zip(indices.iter_mut()).zip(candidates).enumerate()
+                                {
+                                    let take = better(c, *v);
+                                    *v = f32::from_bits(select_bits(take, c.to_bits(), v.to_bits()));
+                                    // Position x − radius + offset in the row, flat in the plane.
+                                    *i = select_bits(take, (first + x as u32).wrapping_sub(radius as u32), *i);
                                 }
-                                row_value[y * w + x] = line[best];
-                                row_index[y * w + x] = (y * w + best) as i64;
                             }
                         }
-                        for x in 0..w {
-                            for y in 0..h {
-                                let (low, high) = (y.saturating_sub(radius), (y + radius).min(h - 1));
-                                let mut best = low;
-                                for candidate in low + 1..=high {
-                                    if better(row_value[candidate * w + x], row_value[best * w + x]) {
-                                        best = candidate;
-                                    }
+                        for y in 0..h {
+                            best_value.fill(sentinel);
+                            best_index.fill(0);
+                            for row in y.saturating_sub(radius)..(y + radius + 1).min(h) {
+                                let candidates = &row_value[row * w..(row + 1) * w];
+                                let indices = &row_index[row * w..(row + 1) * w];
+                                for (((v, i), &c), &ci) in
+                                    best_value.iter_mut().zip(best_index.iter_mut()).zip(candidates).zip(indices)
+                                {
+                                    let take = better(c, *v);
+                                    *v = f32::from_bits(select_bits(take, c.to_bits(), v.to_bits()));
+                                    *i = select_bits(take, ci, *i);
                                 }
-                                target[y * w + x] = row_index[best * w + x];
+                            }
+                            for (t, &i) in target[y * w..(y + 1) * w].iter_mut().zip(&best_index) {
+                                *t = i as i64;
                             }
                         }
                     }
