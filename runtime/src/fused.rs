@@ -406,6 +406,8 @@ macro_rules! with_best_simd {
     };
 }
 
+pub(crate) use with_best_simd;
+
 with_best_simd!(forward_run, (sweep: &Sweep<'_>, run: &[Tile], buffers: &mut TileBuffers, softmax: SharedPlanes), {
     for &tile in run {
         let TileBuffers { values, slopes, counts, rows, .. } = &mut *buffers;

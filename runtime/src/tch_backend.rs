@@ -157,50 +157,65 @@ fn pool(x: &Tensor, radius: u32, erode: bool) -> Tensor {
 fn pool_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
     let size = x.size();
     let (planes, h, w) = ((size[0] * size[1]) as usize, size[2] as usize, size[3] as usize);
-    let input = Vec::<f32>::try_from(x.contiguous().reshape([-1])).unwrap_or_default();
-    let mut output = vec![0.0f32; input.len()];
     let plane = h * w;
-    if plane == 0 {
+    let elements = planes * plane;
+    if elements == 0 {
         return x.copy();
     }
-    let combine = move |a: f32, b: f32| if erode { a.min(b) } else { a.max(b) };
+    let source = x.contiguous();
+    let result = Tensor::empty(size.as_slice(), (Kind::Float, tch::Device::Cpu));
+    // SAFETY: `source` is a contiguous float32 CPU tensor of `elements` values that lives to
+    // the end of this function; `result` is a fresh tensor of the same size that nothing
+    // else refers to yet.
+    let input: &[f32] = unsafe { std::slice::from_raw_parts(source.data_ptr() as *const f32, elements) };
+    let output: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(result.data_ptr() as *mut f32, elements) };
     let workers = crate::fused::threads().min(planes.max(1));
     let per_worker = planes.div_ceil(workers).max(1);
     std::thread::scope(|scope| {
         for (inputs, outputs) in input.chunks(per_worker * plane).zip(output.chunks_mut(per_worker * plane)) {
-            scope.spawn(move || {
-                let mut rows = vec![0.0f32; plane];
-                for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
-                    // Row pass into `rows`.
-                    for (line, out) in source.chunks(w).zip(rows.chunks_mut(w)) {
-                        out.copy_from_slice(line);
-                        for d in 1..=radius.min(w.saturating_sub(1)) {
-                            for (o, &v) in out[..w - d].iter_mut().zip(&line[d..]) {
-                                *o = combine(*o, v);
-                            }
-                            for (o, &v) in out[d..].iter_mut().zip(&line[..w - d]) {
-                                *o = combine(*o, v);
-                            }
-                        }
-                    }
-                    // Column pass: whole rows at a time.
-                    for y in 0..h {
-                        let out = &mut target[y * w..(y + 1) * w];
-                        out.copy_from_slice(&rows[y * w..(y + 1) * w]);
-                        for d in 1..=radius {
-                            for neighbour in [y.checked_sub(d), Some(y + d).filter(|&r| r < h)].into_iter().flatten() {
-                                for (o, &v) in out.iter_mut().zip(&rows[neighbour * w..(neighbour + 1) * w]) {
-                                    *o = combine(*o, v);
-                                }
-                            }
-                        }
-                    }
-                }
-            });
+            scope.spawn(move || pool_planes(inputs, outputs, h, w, radius, erode));
         }
     });
-    Tensor::from_slice(&output).view([size[0], size[1], size[2], size[3]])
+    drop(source);
+    result
 }
+
+crate::fused::with_best_simd!(
+    pool_planes,
+    (inputs: &[f32], outputs: &mut [f32], h: usize, w: usize, radius: usize, erode: bool),
+    {
+        let plane = h * w;
+        let combine = move |a: f32, b: f32| if erode { a.min(b) } else { a.max(b) };
+        let mut rows = vec![0.0f32; plane];
+        for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
+            // Row pass into `rows`.
+            for (line, out) in source.chunks(w).zip(rows.chunks_mut(w)) {
+                out.copy_from_slice(line);
+                for d in 1..=radius.min(w.saturating_sub(1)) {
+                    for (o, &v) in out[..w - d].iter_mut().zip(&line[d..]) {
+                        *o = combine(*o, v);
+                    }
+                    for (o, &v) in out[d..].iter_mut().zip(&line[..w - d]) {
+                        *o = combine(*o, v);
+                    }
+                }
+            }
+            // Column pass: whole rows at a time.
+            for y in 0..h {
+                let out = &mut target[y * w..(y + 1) * w];
+                out.copy_from_slice(&rows[y * w..(y + 1) * w]);
+                for neighbour in y.saturating_sub(radius)..(y + radius + 1).min(h) {
+                    if neighbour == y {
+                        continue;
+                    }
+                    for (o, &v) in out.iter_mut().zip(&rows[neighbour * w..(neighbour + 1) * w]) {
+                        *o = combine(*o, v);
+                    }
+                }
+            }
+        }
+    }
+);
 
 /// `if take { a } else { b }` on bit patterns, so loops using it vectorize.
 #[inline(always)]
