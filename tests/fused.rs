@@ -49,7 +49,8 @@ fn fused_kernel_equals_reference_path() {
         };
         // BF1 pools predictions, which the fused kernel does not cover: its fast path is
         // op by op with the vectorized curve kernel, and it must equal the reference too.
-        assert_eq!(uses_fast, name != "bf1", "{name}: which path applies");
+        // A loss without curves (plain cross-entropy) runs on libtorch's own kernels.
+        assert_eq!(uses_fast, name != "bf1" && name != "ce", "{name}: which path applies");
         if uses_fast {
             fused_count += 1;
         }
@@ -63,5 +64,5 @@ fn fused_kernel_equals_reference_path() {
         let difference = (&fast_grad - &reference_grad).abs().max().double_value(&[]);
         assert!(difference <= 1e-5 * scale, "{name}: gradients differ by {difference:e} (scale {scale:e})");
     }
-    assert_eq!(fused_count, examples().len() - 1);
+    assert_eq!(fused_count, examples().len() - 2);
 }

@@ -20,7 +20,7 @@ pub struct BenchReport {
     pub ce_ms: f64,
     pub ratio: f64,
     pub peak_extra_mb: f64,
-    /// `fused` (the fused kernel), `fast curves` (op by op with the curve kernel) or
+    /// `fused` (the fused kernel), `op by op + curve kernel` (the fast path without the fused kernel) or
     /// `reference` (op by op in libtorch).
     pub path: String,
 }
@@ -114,7 +114,7 @@ pub fn run(
         path: if loss.uses_fused_kernel(&leaf) {
             "fused".into()
         } else if loss.uses_fast_curves(&leaf) {
-            "fast curves".into()
+            "op by op + curve kernel".into()
         } else {
             "reference".into()
         },

@@ -17,7 +17,12 @@
 //! class slices, counts and the cross-entropy sum; label-only parts (label boundaries,
 //! bands) are computed once by libtorch and read as planes. A module with pooling on
 //! predictions (erode/dilate of `P`, as in BF1) returns `None` from [`FusedPlan::new`] and
-//! uses the reference path. Tests prove both paths equal in values and gradients.
+//! runs op by op, with curves from [`curve_values`]. Tests prove the fast and reference
+//! paths equal in values and gradients.
+//!
+//! Every hot loop is written to vectorize (contiguous rows, no branches, no aliasing between
+//! the rows read and written) and compiled twice by [`with_best_simd!`]: for the baseline
+//! target and for AVX2+FMA, chosen at run time.
 
 use crate::tch_backend::{self, Surrogate, IGNORE_LABEL};
 use compiler::curve::{Curve, Segment, SQRT_FLOOR};
@@ -101,6 +106,12 @@ impl FusedPlan {
             plan.lower(module, curves, handle, &on_pred, &mut step_of)?;
         }
         Some(plan)
+    }
+
+    /// Whether the program evaluates any curve. A module without curves (plain
+    /// cross-entropy, say) is cheaper through libtorch's own fused kernels.
+    pub fn has_curves(&self) -> bool {
+        self.steps.iter().any(|step| matches!(step.op, Op::Curve { .. }))
     }
 
     fn push(&mut self, op: Op, width: usize) -> usize {
@@ -386,9 +397,9 @@ fn row_sum(values: &[f32]) -> f64 {
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
 }
 
-/// Runs `body` compiled for AVX2 and FMA when the CPU has them (the kernels above are
-/// `inline(always)`, so they are compiled into each version), else for the baseline target.
-/// The binary stays portable; the fast version is chosen at run time.
+/// Defines a function whose `body` is compiled for AVX2 and FMA when the CPU has them (the
+/// kernels above are `inline(always)`, so they are compiled into each version), else for the
+/// baseline target. The binary stays portable; the fast version is chosen at run time.
 macro_rules! with_best_simd {
     ($name:ident, ($($arg:ident: $ty:ty),*), $body:block) => {
         fn $name($($arg: $ty),*) {

@@ -119,9 +119,10 @@ impl Loss {
         self.fast_path && fused::applicable(logits) && self.plan(logits).is_some()
     }
 
+    /// The fused kernel's program, when the module has one worth running (some curve).
     fn plan(&self, logits: &Tensor) -> Option<fused::FusedPlan> {
         let classes = logits.size().get(1).copied().unwrap_or(0) as usize;
-        fused::FusedPlan::new(&self.compiled.relaxed, &self.params.curves, classes)
+        fused::FusedPlan::new(&self.compiled.relaxed, &self.params.curves, classes).filter(|plan| plan.has_curves())
     }
 
     /// The surrogate with its undefined flags and reported values.
