@@ -314,6 +314,13 @@ fn color() -> bool {
 }
 
 fn main() -> ExitCode {
+    // Like other command-line tools, stop quietly when the reader of our output goes away
+    // (`losscc eval … | head`) instead of failing on the write.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Deeply nested metric files are bounded by the parser, but the checker and lowering
     // recurse too: give them a generous stack.
     let child = std::thread::Builder::new().stack_size(256 << 20).spawn(run);
