@@ -283,6 +283,8 @@ fn ppo_config() -> SearchConfig {
         data: String::new(),
         start: Vec::new(),
         threads_per_model: 1,
+        device: "cpu".into(),
+        target_source: String::new(),
     }
 }
 

@@ -231,6 +231,10 @@ fn misuse_gets_one_clear_sentence() {
     fails_with(&["train", "--loss", "ce", "--data", "/nonexistent/voc"], &["does not exist", "--data"]);
     fails_with(&["train", "--loss", "ce", "--crop", "30"], &["multiple of 4"]);
     fails_with(&["train", "--loss", "ce", "--batch", "1"], &["at least 2"]);
+    fails_with(&["train", "--loss", "ce", "--width", "0"], &["--width must be at least 1"]);
+    let fresh = scratch("sigma").display().to_string();
+    fails_with(&["search", &biou, "--out", &fresh, "--sigma", "0"], &["--sigma must be a number in (0, 10]"]);
+    fails_with(&["search", &biou, "--out", &fresh, "--ppo-lr=-1"], &["--ppo-lr must be a number"]);
     fails_with(&["train", &biou, "--params", "/nonexistent/p.json"], &["/nonexistent/p.json"]);
 }
 

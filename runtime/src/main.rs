@@ -846,6 +846,11 @@ fn search_command(
         data: dataset.description.clone(),
         start: loss.params().curves.iter().map(|c| c.flat()).collect(),
         threads_per_model: threads,
+        device: if device == tch::Device::Cpu { "cpu".into() } else { "cuda".into() },
+        target_source: match target {
+            Some(name) if trainer::standard_metric(name).is_none() => std::fs::read_to_string(name).unwrap_or_default(),
+            _ => String::new(),
+        },
     };
     let layout = Layout::new(loss.params().clone());
     eprintln!(

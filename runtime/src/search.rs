@@ -74,6 +74,10 @@ pub struct SearchConfig {
     pub start: Vec<Vec<f64>>,
     /// CPU threads per candidate (results depend on it at the last bits).
     pub threads_per_model: usize,
+    /// `cpu` or `cuda`: rewards from different devices are not mixed in one search.
+    pub device: String,
+    /// The target metric's source text (empty for a built-in metric).
+    pub target_source: String,
 }
 
 /// The published settings and a CPU-sized one.
@@ -333,6 +337,16 @@ impl Search<'_> {
         if self.config.rounds == 0 {
             return Err(SearchError::Settings("--rounds must be at least 1".into()));
         }
+        let config = &self.config;
+        if !(config.sigma.is_finite() && config.sigma > 0.0 && config.sigma <= 10.0) {
+            return Err(SearchError::Settings("--sigma must be a number in (0, 10]".into()));
+        }
+        if !(config.clip.is_finite() && config.clip > 0.0) {
+            return Err(SearchError::Settings("--clip must be a positive number".into()));
+        }
+        if !(config.adam_lr.is_finite() && config.adam_lr >= 0.0) {
+            return Err(SearchError::Settings("--ppo-lr must be a number ≥ 0".into()));
+        }
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let config_path = paths.config();
         if resume {
@@ -390,7 +404,8 @@ impl Search<'_> {
                             sample,
                         });
                     }
-                    results[sample] = Some(candidate);
+                    // Continue from the replay's own draw, bit for bit.
+                    results[sample] = Some(Candidate { u: u.clone(), ..candidate });
                     reused += 1;
                 }
             }

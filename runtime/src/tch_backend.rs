@@ -230,8 +230,8 @@ fn select_bits(take: bool, a: u32, b: u32) -> u32 {
 }
 
 /// For every pixel of every `[H, W]` plane, the flat index (`y·W + x`) of the maximum
-/// (minimum for erosion) of its clipped square window: the first one met in the row pass,
-/// then in the column pass, like the separable `max_pool2d` pair. Each pass sweeps the
+/// (minimum for erosion) of its clipped square window: the first one met in the column
+/// pass, then in the row pass, like the separable `max_pool2d` pair. Each pass sweeps the
 /// window's offsets over whole rows with compare-and-select, so it vectorizes. Returns int64
 /// `[planes, H·W]`.
 fn pool_winners_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
@@ -249,36 +249,42 @@ fn pool_winners_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
         std::thread::scope(|scope| {
             for (inputs, outputs) in input.chunks(per_worker * plane).zip(winners.chunks_mut(per_worker * plane)) {
                 scope.spawn(move || {
-                    let mut padded = vec![sentinel; w + 2 * radius];
-                    let mut row_value = vec![0.0f32; plane];
-                    let mut row_index = vec![0u32; plane];
-                    let mut best_value = vec![0.0f32; w];
-                    let mut best_index = vec![0u32; w];
+                    // The column pass comes first, as in the reference (`[k, 1]` then
+                    // `[1, k]`), so ties pick the same winner.
+                    let mut column_value = vec![0.0f32; plane];
+                    let mut column_index = vec![0u32; plane];
+                    let mut padded_value = vec![sentinel; w + 2 * radius];
+                    let mut padded_index = vec![0u32; w + 2 * radius];
                     for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
                         for y in 0..h {
-                            padded[radius..radius + w].copy_from_slice(&source[y * w..(y + 1) * w]);
-                            let values = &mut row_value[y * w..(y + 1) * w];
-                            let indices = &mut row_index[y * w..(y + 1) * w];
+                            let values = &mut column_value[y * w..(y + 1) * w];
+                            let indices = &mut column_index[y * w..(y + 1) * w];
                             values.fill(sentinel);
-                            for offset in 0..=2 * radius {
-                                let candidates = &padded[offset..offset + w];
-                                let first = (y * w + offset) as u32;
+                            // The pixel itself always qualifies, so no stale index survives
+                            // (even for NaN or infinite values).
+                            for (x, i) in indices.iter_mut().enumerate() {
+                                *i = (y * w + x) as u32;
+                            }
+                            for row in y.saturating_sub(radius)..(y + radius + 1).min(h) {
+                                let candidates = &source[row * w..(row + 1) * w];
+                                let first = (row * w) as u32;
                                 for (x, ((v, i), &c)) in
                                     values.iter_mut().zip(indices.iter_mut()).zip(candidates).enumerate()
                                 {
                                     let take = better(c, *v);
                                     *v = f32::from_bits(select_bits(take, c.to_bits(), v.to_bits()));
-                                    // Position x − radius + offset in the row, flat in the plane.
-                                    *i = select_bits(take, (first + x as u32).wrapping_sub(radius as u32), *i);
+                                    *i = select_bits(take, first + x as u32, *i);
                                 }
                             }
                         }
                         for y in 0..h {
-                            best_value.fill(sentinel);
-                            best_index.fill(0);
-                            for row in y.saturating_sub(radius)..(y + radius + 1).min(h) {
-                                let candidates = &row_value[row * w..(row + 1) * w];
-                                let indices = &row_index[row * w..(row + 1) * w];
+                            padded_value[radius..radius + w].copy_from_slice(&column_value[y * w..(y + 1) * w]);
+                            padded_index[radius..radius + w].copy_from_slice(&column_index[y * w..(y + 1) * w]);
+                            let mut best_value = vec![sentinel; w];
+                            let mut best_index: Vec<u32> = column_index[y * w..(y + 1) * w].to_vec();
+                            for offset in 0..=2 * radius {
+                                let candidates = &padded_value[offset..offset + w];
+                                let indices = &padded_index[offset..offset + w];
                                 for (((v, i), &c), &ci) in
                                     best_value.iter_mut().zip(best_index.iter_mut()).zip(candidates).zip(indices)
                                 {
@@ -598,4 +604,46 @@ pub fn exact_counts(module: &Module, logits: &Tensor, labels: &Tensor) -> Vec<(H
 
 fn pixel(module: &Module, handle: Handle) -> bool {
     matches!(module.shape(handle), Shape::Pixels | Shape::ClassPixels(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU pooling kernels equal libtorch's separable `max_pool2d` pair in values and,
+    /// on inputs full of ties, in which pixel receives the gradient.
+    #[test]
+    fn pooling_kernel_matches_max_pool2d_including_ties() {
+        tch::manual_seed(3);
+        let x = Tensor::randint(3, [2, 3, 9, 11], (Kind::Float, tch::Device::Cpu));
+        for radius in [1u32, 2, 5] {
+            for erode in [false, true] {
+                let k = 2 * radius as i64 + 1;
+                let r = radius as i64;
+                let dilate = |t: &Tensor| {
+                    t.max_pool2d([k, 1], [1, 1], [r, 0], [1, 1], false).max_pool2d(
+                        [1, k],
+                        [1, 1],
+                        [0, r],
+                        [1, 1],
+                        false,
+                    )
+                };
+                let reference_input = x.copy().set_requires_grad(true);
+                let reference = if erode { dilate(&reference_input.neg()).neg() } else { dilate(&reference_input) };
+                let weights = Tensor::rand(reference.size().as_slice(), (Kind::Float, tch::Device::Cpu));
+                (&reference * &weights).sum(Kind::Float).backward();
+                let fast_input = x.copy().set_requires_grad(true);
+                let fast = pool(&fast_input, radius, erode);
+                (&fast * &weights).sum(Kind::Float).backward();
+                assert_eq!(f64::try_from((&fast - &reference).abs().max()).unwrap(), 0.0, "values r={radius}");
+                let no_grad = pool(&x, radius, erode);
+                assert_eq!(f64::try_from((&no_grad - &reference).abs().max()).unwrap(), 0.0, "values r={radius}");
+                // A different winner would move a whole weight (0..1); only the order in which
+                // one pixel's contributions are summed may differ.
+                let difference = f64::try_from((fast_input.grad() - reference_input.grad()).abs().max()).unwrap();
+                assert!(difference < 1e-5, "gradients r={radius} erode={erode}: {difference}");
+            }
+        }
+    }
 }

@@ -123,6 +123,9 @@ impl TrainConfig {
         if self.iters == 0 {
             return Some("--iters must be at least 1".into());
         }
+        if self.width < 1 {
+            return Some("--width must be at least 1".into());
+        }
         if self.batch < 2 {
             return Some("--batch must be at least 2 (batch normalization needs two images)".into());
         }
