@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 /// Small enough for seconds per candidate on one core.
 const TINY: [&str; 8] = ["--iters", "8", "--train-images", "12", "--image-size", "32", "--crop", "32"];
 
+/// Small built-in data for `train`.
+const SMALL_DATA: [&str; 6] = ["--train-images", "8", "--image-size", "32", "--crop", "32"];
+
 fn losscc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_losscc")).args(args).output().expect("run losscc")
 }
@@ -126,22 +129,9 @@ fn a_search_killed_mid_round_resumes_to_the_uninterrupted_result() {
     let onnx = whole.join("loss.onnx").display().to_string();
     let compiled = losscc(&["compile", &biou, "--set", "tol=2", "--params", &best_path, "-o", &onnx]);
     assert!(compiled.status.success(), "{}", text(&compiled.stderr));
-    let trained = losscc(&[
-        "train",
-        &biou,
-        "--set",
-        "tol=2",
-        "--params",
-        &best_path,
-        "--iters",
-        "4",
-        "--train-images",
-        "8",
-        "--image-size",
-        "32",
-        "--crop",
-        "32",
-    ]);
+    let mut args = vec!["train", &biou, "--set", "tol=2", "--params", &best_path, "--iters", "4"];
+    args.extend_from_slice(&SMALL_DATA);
+    let trained = losscc(&args);
     assert!(trained.status.success(), "{}", text(&trained.stderr));
 }
 
@@ -150,18 +140,8 @@ fn train_prints_the_six_exact_metrics_for_each_loss() {
     for loss in [&["--loss", "ce"][..], &["--loss", "dice"], &["--loss", "lovasz"], &[&example("miou.metric")]] {
         let mut args = vec!["train"];
         args.extend_from_slice(loss);
-        args.extend_from_slice(&[
-            "--iters",
-            "6",
-            "--train-images",
-            "8",
-            "--image-size",
-            "32",
-            "--crop",
-            "32",
-            "--batch",
-            "4",
-        ]);
+        args.extend_from_slice(&["--iters", "6", "--batch", "4"]);
+        args.extend_from_slice(&SMALL_DATA);
         let output = losscc(&args);
         assert!(output.status.success(), "{loss:?}: {}", text(&output.stderr));
         let json: Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -175,21 +155,8 @@ fn train_prints_the_six_exact_metrics_for_each_loss() {
         assert!(json["fwiou"].as_f64().unwrap() <= json["gacc"].as_f64().unwrap() + 1e-12);
     }
     // The same seed gives the same numbers.
-    let args = [
-        "train",
-        "--loss",
-        "ce",
-        "--iters",
-        "5",
-        "--train-images",
-        "8",
-        "--image-size",
-        "32",
-        "--crop",
-        "32",
-        "--seed",
-        "3",
-    ];
+    let mut args = vec!["train", "--loss", "ce", "--iters", "5", "--seed", "3"];
+    args.extend_from_slice(&SMALL_DATA);
     let a: Value = serde_json::from_slice(&losscc(&args).stdout).unwrap();
     let b: Value = serde_json::from_slice(&losscc(&args).stdout).unwrap();
     assert_eq!(a["miou"], b["miou"]);
