@@ -66,3 +66,67 @@ fn fused_kernel_equals_reference_path() {
     }
     assert_eq!(fused_count, examples().len() - 2);
 }
+
+/// A metric whose label-only part nests `^` deeply enough that the interval analysis cannot
+/// prove it fits bytes: the byte evaluator must decline, and the fast path still equal the
+/// reference through libtorch's float planes.
+const DEEP_XOR: &str = "metric deep {
+    let a = (L ^ dilate(L, 1)) ^ (erode(L, 1) ^ dilate(L, 2));
+    let b = a ^ dilate(a, 2);
+    mean(count(P & b & V) / count((P | b) & V))
+}";
+
+/// The label-only pixel nodes of every example (and of `DEEP_XOR`), evaluated on bytes, equal
+/// libtorch's float values exactly; where the byte evaluator declines, it says so.
+#[test]
+fn label_planes_on_bytes_equal_libtorch() {
+    use runtime::label_planes::{self, Dims};
+    let mut modules: Vec<(String, Loss)> = examples()
+        .iter()
+        .map(|p| (p.display().to_string(), Loss::from_file(p, &[]).unwrap()))
+        .collect();
+    modules.push(("deep".into(), Loss::from_source("deep.metric", DEEP_XOR, &[]).unwrap()));
+    let (images, classes, height, width) = (2usize, 5usize, 19usize, 23usize);
+    let labels = Tensor::randint(classes as i64, [2, 19, 23], (Kind::Int64, tch::Device::Cpu));
+    let ignore = Tensor::rand([2, 19, 23], (Kind::Float, tch::Device::Cpu)).lt(0.1);
+    let labels = labels.where_self(&ignore.logical_not(), &labels.full_like(255));
+    let logits = Tensor::randn([2, 5, 19, 23], (Kind::Float, tch::Device::Cpu));
+    let flat = Vec::<i64>::try_from(labels.reshape([-1])).unwrap();
+    let dims = Dims { images, classes, height, width };
+    let mut compared = 0;
+    for (name, loss) in &modules {
+        let module = &loss.compiled().relaxed;
+        let on_pred = label_planes::prediction_dependent(module);
+        let wanted: Vec<_> = module.handles().filter(|&h| label_planes::pixel_label_node(module, h, &on_pred)).collect();
+        let Some(values) = label_planes::evaluate(module, &flat, dims, &wanted) else {
+            assert_eq!(name, "deep", "{name}: the byte evaluator declined");
+            continue;
+        };
+        assert_ne!(name, "deep", "nested xors exceed the i8 interval and must be declined");
+        let provided = (0..module.len()).map(|_| None).collect();
+        let reference = runtime::tch_backend::run_nodes(module, &loss.params().curves, &logits, &labels, provided, &wanted);
+        for handle in &wanted {
+            let ours = values[handle.index()].as_ref().unwrap().to_tensor(images, height, width);
+            let theirs = reference.values[handle.index()].as_ref().unwrap();
+            let difference = (&ours - theirs).abs().max().double_value(&[]);
+            assert_eq!(difference, 0.0, "{name}: node %{} differs", handle.index());
+            compared += 1;
+        }
+    }
+    assert!(compared >= 10, "label-only nodes compared: {compared}");
+    // Declined modules still take the fast path, with float planes, and equal the reference.
+    let mut deep = Loss::from_source("deep.metric", DEEP_XOR, &[]).unwrap();
+    assert!(deep.uses_fused_kernel(&logits));
+    let run = |fast: bool, loss: &mut Loss| {
+        loss.set_fast_path(fast);
+        let x = logits.copy().set_requires_grad(true);
+        let value = loss.forward(&x, &labels).unwrap();
+        value.backward();
+        (value.double_value(&[]), x.grad())
+    };
+    let (fast_value, fast_grad) = run(true, &mut deep);
+    let (reference_value, reference_grad) = run(false, &mut deep);
+    assert!((fast_value - reference_value).abs() <= 1e-5, "deep: {fast_value} vs {reference_value}");
+    let difference = (&fast_grad - &reference_grad).abs().max().double_value(&[]);
+    assert!(difference <= 1e-5 * reference_grad.abs().max().double_value(&[]).max(1e-9));
+}

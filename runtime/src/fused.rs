@@ -24,6 +24,7 @@
 //! the rows read and written) and compiled twice by [`with_best_simd!`]: for the baseline
 //! target and for AVX2+FMA, chosen at run time.
 
+use crate::label_planes;
 use crate::tch_backend::{self, Surrogate, IGNORE_LABEL};
 use compiler::curve::{Curve, Segment, SQRT_FLOOR};
 use compiler::ir::{Handle, Module, Node, Shape};
@@ -486,10 +487,17 @@ struct Sweep<'a> {
     plan: &'a FusedPlan,
     logits: &'a [f32],
     labels: &'a [i64],
-    planes: &'a [Vec<f32>],
+    planes: &'a [PlaneData],
     plane_widths: &'a [usize],
     classes: usize,
     pixels_per_image: usize,
+}
+
+/// A label-only plane `[N, width, H, W]`: small integers from [`label_planes`] when they
+/// apply, else libtorch's float values.
+enum PlaneData {
+    Bytes(Vec<i8>),
+    Floats(Vec<f32>),
 }
 
 /// Pixels processed together: each step's values for a tile lie class-major
@@ -595,8 +603,15 @@ impl Sweep<'_> {
                     let plane_w = self.plane_widths[*index];
                     let base = tile.image * plane_w * hw + tile.within;
                     for k in 0..w {
-                        values[offset + k * n..offset + (k + 1) * n]
-                            .copy_from_slice(&self.planes[*index][base + k * hw..base + k * hw + n]);
+                        let out = &mut values[offset + k * n..offset + (k + 1) * n];
+                        match &self.planes[*index] {
+                            PlaneData::Bytes(data) => {
+                                for (o, &x) in out.iter_mut().zip(&data[base + k * hw..base + k * hw + n]) {
+                                    *o = x as f32;
+                                }
+                            }
+                            PlaneData::Floats(data) => out.copy_from_slice(&data[base + k * hw..base + k * hw + n]),
+                        }
                     }
                 }
                 Op::Curve { input, segments } => {
@@ -906,13 +921,27 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         unsafe { std::slice::from_raw_parts(logits_contiguous.data_ptr() as *const f32, elements) }
     };
     let label_values = Vec::<i64>::try_from(labels.contiguous().reshape([-1])).unwrap_or_default();
-    // Label-only planes, computed once by libtorch.
-    let plane_values = if plan.planes.is_empty() {
+    // Label-only planes, computed once: on bytes where they are small integers, else by
+    // libtorch.
+    let dims = label_planes::Dims { images: n, classes: c, height: h, width: w };
+    let plane_values: Vec<PlaneData> = if plan.planes.is_empty() {
         Vec::new()
+    } else if let Some(mut computed) = label_planes::evaluate(module, &label_values, dims, &plan.planes) {
+        plan.planes
+            .iter()
+            .map(|p| match computed[p.index()].take() {
+                Some(label_planes::Value::Plane { data, .. }) => PlaneData::Bytes(data),
+                Some(label_planes::Value::Scalar(value)) => PlaneData::Floats(vec![value as f32; n * h * w]),
+                None => unreachable!("every wanted plane is evaluated"),
+            })
+            .collect()
     } else {
         let provided = (0..module.len()).map(|_| None).collect();
         let computed = tch_backend::run_nodes(module, curves, logits, labels, provided, &plan.planes);
-        plan.planes.iter().map(|p| to_vec_f32(computed.values[p.index()].as_ref().expect("plane computed"))).collect()
+        plan.planes
+            .iter()
+            .map(|p| PlaneData::Floats(to_vec_f32(computed.values[p.index()].as_ref().expect("plane computed"))))
+            .collect()
     };
     let plane_widths: Vec<usize> = plan.planes.iter().map(|p| width(module.shape(*p), c)).collect();
     let sweep = Sweep {

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod data;
 pub mod fused;
+pub mod label_planes;
 pub mod loss;
 pub mod network;
 pub mod npy;

@@ -8,6 +8,7 @@
 //! square roots are clamped, surrogate denominators carry `+1e-8`, and a reduction over
 //! no class yields an undefined marker instead of NaN.
 
+use crate::label_planes;
 use compiler::curve::{Curve, Segment, SQRT_FLOOR};
 use compiler::ir::{CmpOp, DivGuard, Handle, Mode, Module, Node, Shape, SURROGATE_EPS};
 use tch::{Kind, Reduction, Tensor};
@@ -485,10 +486,54 @@ pub fn surrogate_with(
     labels: &Tensor,
     fast_curves: bool,
 ) -> Surrogate {
-    let provided = (0..module.len()).map(|_| None).collect();
+    let provided = if fast_curves { label_frontier(module, logits, labels) } else { (0..module.len()).map(|_| None).collect() };
     let mut wanted = vec![module.root];
     wanted.extend(module.reports.iter().map(|r| r.value));
     finish_surrogate(module, run_nodes_with(module, curves, logits, labels, provided, &wanted, fast_curves))
+}
+
+/// The fast path's label-only values: every label-only pixel node that a prediction-dependent
+/// node or an accumulator reads, evaluated on bytes by [`crate::label_planes`] (all `None`
+/// when that evaluator does not apply, so libtorch computes them).
+fn label_frontier(module: &Module, logits: &Tensor, labels: &Tensor) -> Vec<Option<Tensor>> {
+    let mut provided: Vec<Option<Tensor>> = (0..module.len()).map(|_| None).collect();
+    let size = logits.size();
+    if logits.device() != tch::Device::Cpu || size.len() != 4 {
+        return provided;
+    }
+    let on_pred = label_planes::prediction_dependent(module);
+    let is_label = |h: Handle| label_planes::pixel_label_node(module, h, &on_pred);
+    let mut frontier = vec![false; module.len()];
+    for handle in module.handles() {
+        if is_label(handle) {
+            continue;
+        }
+        for operand in module.node(handle).operands() {
+            if is_label(operand) && !matches!(module.node(operand), Node::Const(_) | Node::Labels | Node::Valid) {
+                frontier[operand.index()] = true;
+            }
+        }
+    }
+    let wanted: Vec<Handle> = module.handles().filter(|h| frontier[h.index()]).collect();
+    if wanted.is_empty() {
+        return provided;
+    }
+    let dims = label_planes::Dims {
+        images: size[0] as usize,
+        classes: size[1] as usize,
+        height: size[2] as usize,
+        width: size[3] as usize,
+    };
+    let label_values = Vec::<i64>::try_from(labels.contiguous().reshape([-1])).unwrap_or_default();
+    if let Some(values) = label_planes::evaluate(module, &label_values, dims, &wanted) {
+        for handle in wanted {
+            if let Some(value) = &values[handle.index()] {
+                let tensor = value.to_tensor(dims.images, dims.height, dims.width).to_kind(logits.kind());
+                provided[handle.index()] = Some(tensor);
+            }
+        }
+    }
+    provided
 }
 
 /// `g(x)` from the vectorized curve kernel; the gradient enters by linearization:
