@@ -17,7 +17,7 @@
 //! class slices, counts and the cross-entropy sum; label-only parts (label boundaries,
 //! bands) are computed once by libtorch and read as planes. A module with pooling on
 //! predictions (erode/dilate of `P`, as in BF1) returns `None` from [`FusedPlan::new`] and
-//! runs op by op, with curves from [`curve_values`]. Tests prove the fast and reference
+//! runs op by op, with curves from [`curve_tensors`]. Tests prove the fast and reference
 //! paths equal in values and gradients.
 //!
 //! Every hot loop is written to vectorize (contiguous rows, no branches, no aliasing between
@@ -348,20 +348,39 @@ fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSeg
     }
 }
 
-/// A curve's values and slopes over a flat buffer, split over the cores: the op-by-op fast
-/// path's curve evaluation (same arithmetic as the fused kernel's).
-pub fn curve_values(xs: &[f32], curve: &Curve) -> (Vec<f32>, Vec<f32>) {
+/// A curve over a CPU float32 tensor, with the vectorized kernel of the fused path, split
+/// over the cores: `(g(x), None)` without a gradient, else `(g'(x), Some(g(x) − x·g'(x)))`
+/// so that `x·g'(x) + offset` is the linearization (value `g(x)`, derivative `g'(x)`) in two
+/// libtorch operations. The input is read in place and the outputs written straight into
+/// fresh tensors.
+pub fn curve_tensors(x: &Tensor, curve: &Curve, gradient: bool) -> (Tensor, Option<Tensor>) {
     let segments: Vec<FastSegment> = curve.segments().iter().map(FastSegment::new).collect();
-    let mut values = vec![0.0f32; xs.len()];
-    let mut slopes = vec![0.0f32; xs.len()];
-    let chunk = xs.len().div_ceil(threads()).max(4096);
+    let source = x.detach().contiguous();
+    let size = source.size();
+    let elements = source.numel();
+    let first = Tensor::empty(size.as_slice(), (Kind::Float, tch::Device::Cpu));
+    let second = gradient.then(|| Tensor::empty(size.as_slice(), (Kind::Float, tch::Device::Cpu)));
+    if elements == 0 {
+        return (first, second);
+    }
+    // SAFETY: `source` is a contiguous float32 CPU tensor of `elements` values alive until the
+    // end of this function; `first` and `second` are fresh tensors of the same size that
+    // nothing else refers to yet.
+    let xs: &[f32] = unsafe { std::slice::from_raw_parts(source.data_ptr() as *const f32, elements) };
+    let first_out: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(first.data_ptr() as *mut f32, elements) };
+    let mut second_out: Option<&mut [f32]> =
+        second.as_ref().map(|t| unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, elements) });
+    let chunk = elements.div_ceil(threads()).max(1 << 14);
     std::thread::scope(|scope| {
-        for ((x, y), d) in xs.chunks(chunk).zip(values.chunks_mut(chunk)).zip(slopes.chunks_mut(chunk)) {
+        let mut second_chunks = second_out.as_mut().map(|s| s.chunks_mut(chunk));
+        for (x, out) in xs.chunks(chunk).zip(first_out.chunks_mut(chunk)) {
+            let offsets = second_chunks.as_mut().and_then(|c| c.next());
             let segments = &segments;
-            scope.spawn(move || curve_chunk(x, y, d, segments));
+            scope.spawn(move || curve_chunk(x, out, offsets, segments));
         }
     });
-    (values, slopes)
+    drop(source);
+    (first, second)
 }
 
 /// `e^x` for `x ≤ 0` (a logit minus its pixel's maximum), written so that loops over it
@@ -444,11 +463,30 @@ with_best_simd!(
     }
 );
 
-with_best_simd!(curve_chunk, (x: &[f32], y: &mut [f32], d: &mut [f32], segments: &[FastSegment]), {
-    for ((x, y), d) in x.chunks(TILE * 16).zip(y.chunks_mut(TILE * 16)).zip(d.chunks_mut(TILE * 16)) {
-        curve_row(x, y, d, segments);
+with_best_simd!(
+    curve_chunk,
+    (x: &[f32], first: &mut [f32], offsets: Option<&mut [f32]>, segments: &[FastSegment]),
+    {
+        const BLOCK: usize = TILE * 16;
+        let mut offsets = offsets;
+        let mut values = [0.0f32; BLOCK];
+        let mut slopes = [0.0f32; BLOCK];
+        for (index, x) in x.chunks(BLOCK).enumerate() {
+            let range = index * BLOCK..index * BLOCK + x.len();
+            let (values, slopes) = (&mut values[..x.len()], &mut slopes[..x.len()]);
+            curve_row(x, values, slopes, segments);
+            match offsets.as_deref_mut() {
+                None => first[range].copy_from_slice(values),
+                Some(offsets) => {
+                    first[range.clone()].copy_from_slice(slopes);
+                    for (((o, &v), &d), &x) in offsets[range].iter_mut().zip(values.iter()).zip(slopes.iter()).zip(x) {
+                        *o = v - x * d;
+                    }
+                }
+            }
+        }
     }
-});
+);
 
 /// A tile: `n` consecutive pixels of one image, from position `within`.
 #[derive(Clone, Copy, Debug)]

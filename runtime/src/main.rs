@@ -313,7 +313,27 @@ fn color() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
+/// libtorch's OpenMP workers spin for a while after each parallel region; on a machine with
+/// few cores they take time from losscc's own kernel threads (the fused loss, morphology,
+/// curves), which run right after libtorch operations. Sleeping workers fix that, but
+/// libgomp reads its policy once, when it loads, before `main`: so the command runs itself
+/// again once with `OMP_WAIT_POLICY=PASSIVE`, unless the user chose a policy.
+#[cfg(unix)]
+fn passive_openmp_workers() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    // `exec` only returns on failure; then run as we are.
+    let _ = std::process::Command::new(exe).arg0(argv0).args(args).env("OMP_WAIT_POLICY", "PASSIVE").exec();
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    passive_openmp_workers();
     // Like other command-line tools, stop quietly when the reader of our output goes away
     // (`losscc eval … | head`) instead of failing on the write.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.

@@ -239,71 +239,128 @@ fn pool_winners_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
     let size = x.size();
     let (planes, h, w) = ((size[0] * size[1]) as usize, size[2] as usize, size[3] as usize);
     let plane = h * w;
-    let input = Vec::<f32>::try_from(x.contiguous().reshape([-1])).unwrap_or_default();
-    let mut winners = vec![0i64; input.len()];
+    let elements = planes * plane;
+    let source = x.contiguous();
+    let result = Tensor::empty([planes as i64, plane as i64], (Kind::Int64, tch::Device::Cpu));
+    // SAFETY: `source` is a contiguous float32 CPU tensor of `elements` values alive until the
+    // end of this function; `result` is fresh, of the same length, and referred to nowhere else.
+    let input: &[f32] =
+        if elements == 0 { &[] } else { unsafe { std::slice::from_raw_parts(source.data_ptr() as *const f32, elements) } };
+    let winners: &mut [i64] = if elements == 0 {
+        &mut []
+    } else {
+        unsafe { std::slice::from_raw_parts_mut(result.data_ptr() as *mut i64, elements) }
+    };
     if plane > 0 {
-        // Strictly better, so the first of equal values wins; the sentinel never does.
-        let sentinel = if erode { f32::INFINITY } else { f32::NEG_INFINITY };
-        let better = move |candidate: f32, best: f32| if erode { candidate < best } else { candidate > best };
         let workers = crate::fused::threads().min(planes.max(1));
         let per_worker = planes.div_ceil(workers).max(1);
         std::thread::scope(|scope| {
             for (inputs, outputs) in input.chunks(per_worker * plane).zip(winners.chunks_mut(per_worker * plane)) {
-                scope.spawn(move || {
-                    // The column pass comes first, as in the reference (`[k, 1]` then
-                    // `[1, k]`), so ties pick the same winner.
-                    let mut column_value = vec![0.0f32; plane];
-                    let mut column_index = vec![0u32; plane];
-                    let mut padded_value = vec![sentinel; w + 2 * radius];
-                    let mut padded_index = vec![0u32; w + 2 * radius];
-                    for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
-                        for y in 0..h {
-                            let values = &mut column_value[y * w..(y + 1) * w];
-                            let indices = &mut column_index[y * w..(y + 1) * w];
-                            values.fill(sentinel);
-                            // The pixel itself always qualifies, so no stale index survives
-                            // (even for NaN or infinite values).
-                            for (x, i) in indices.iter_mut().enumerate() {
-                                *i = (y * w + x) as u32;
-                            }
-                            for row in y.saturating_sub(radius)..(y + radius + 1).min(h) {
-                                let candidates = &source[row * w..(row + 1) * w];
-                                let first = (row * w) as u32;
-                                for (x, ((v, i), &c)) in
-                                    values.iter_mut().zip(indices.iter_mut()).zip(candidates).enumerate()
-                                {
-                                    let take = better(c, *v);
-                                    *v = f32::from_bits(select_bits(take, c.to_bits(), v.to_bits()));
-                                    *i = select_bits(take, first + x as u32, *i);
-                                }
-                            }
-                        }
-                        for y in 0..h {
-                            padded_value[radius..radius + w].copy_from_slice(&column_value[y * w..(y + 1) * w]);
-                            padded_index[radius..radius + w].copy_from_slice(&column_index[y * w..(y + 1) * w]);
-                            let mut best_value = vec![sentinel; w];
-                            let mut best_index: Vec<u32> = column_index[y * w..(y + 1) * w].to_vec();
-                            for offset in 0..=2 * radius {
-                                let candidates = &padded_value[offset..offset + w];
-                                let indices = &padded_index[offset..offset + w];
-                                for (((v, i), &c), &ci) in
-                                    best_value.iter_mut().zip(best_index.iter_mut()).zip(candidates).zip(indices)
-                                {
-                                    let take = better(c, *v);
-                                    *v = f32::from_bits(select_bits(take, c.to_bits(), v.to_bits()));
-                                    *i = select_bits(take, ci, *i);
-                                }
-                            }
-                            for (t, &i) in target[y * w..(y + 1) * w].iter_mut().zip(&best_index) {
-                                *t = i as i64;
-                            }
-                        }
-                    }
-                });
+                scope.spawn(move || winner_planes(inputs, outputs, h, w, radius, erode));
             }
         });
     }
-    Tensor::from_slice(&winners).view([planes as i64, plane as i64])
+    drop(source);
+    result
+}
+
+crate::fused::with_best_simd!(
+    winner_planes,
+    (inputs: &[f32], outputs: &mut [i64], h: usize, w: usize, radius: usize, erode: bool),
+    {
+        if erode {
+            winners_of_planes::<true>(inputs, outputs, h, w, radius)
+        } else {
+            winners_of_planes::<false>(inputs, outputs, h, w, radius)
+        }
+    }
+);
+
+/// The body of [`pool_winners_cpu`] for some planes (inlined into each SIMD version).
+#[inline(always)]
+fn winners_of_planes<const ERODE: bool>(inputs: &[f32], outputs: &mut [i64], h: usize, w: usize, radius: usize) {
+    const L: usize = WINNER_LANES;
+    let plane = h * w;
+    // Strictly better, so the first of equal values wins; the sentinel never does.
+    let sentinel = if ERODE { f32::INFINITY } else { f32::NEG_INFINITY };
+    let better = |c: f32, best: f32| if ERODE { c < best } else { c > best };
+    // The column pass comes first, as in the reference (`[k, 1]` then `[1, k]`), so ties
+    // pick the same winner.
+    let mut column_value = vec![0.0f32; plane];
+    let mut column_index = vec![0u32; plane];
+    let mut padded_value = vec![sentinel; w + 2 * radius];
+    let mut padded_index = vec![0u32; w + 2 * radius];
+    let blocks = w / L * L;
+    for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
+        for y in 0..h {
+            let rows = y.saturating_sub(radius)..(y + radius + 1).min(h);
+            for start in (0..blocks).step_by(L) {
+                // The pixel itself always qualifies, so no stale index survives (even for
+                // NaN or infinite values).
+                let mut v = [sentinel; L];
+                let mut i: [u32; L] = std::array::from_fn(|lane| (y * w + start + lane) as u32);
+                for row in rows.clone() {
+                    let c: &[f32; L] = source[row * w + start..][..L].try_into().expect("a block");
+                    let ci: [u32; L] = std::array::from_fn(|lane| (row * w + start + lane) as u32);
+                    take_better::<ERODE, L>(&mut v, &mut i, c, &ci);
+                }
+                column_value[y * w + start..][..L].copy_from_slice(&v);
+                column_index[y * w + start..][..L].copy_from_slice(&i);
+            }
+            for x in blocks..w {
+                let (mut v, mut i) = (sentinel, (y * w + x) as u32);
+                for row in rows.clone() {
+                    if better(source[row * w + x], v) {
+                        (v, i) = (source[row * w + x], (row * w + x) as u32);
+                    }
+                }
+                column_value[y * w + x] = v;
+                column_index[y * w + x] = i;
+            }
+        }
+        for y in 0..h {
+            padded_value[radius..radius + w].copy_from_slice(&column_value[y * w..(y + 1) * w]);
+            padded_index[radius..radius + w].copy_from_slice(&column_index[y * w..(y + 1) * w]);
+            let own = &column_index[y * w..(y + 1) * w];
+            let out = &mut target[y * w..(y + 1) * w];
+            for start in (0..blocks).step_by(L) {
+                let mut v = [sentinel; L];
+                let mut i: [u32; L] = own[start..][..L].try_into().expect("a block");
+                for offset in 0..=2 * radius {
+                    let c: &[f32; L] = padded_value[offset + start..][..L].try_into().expect("a block");
+                    let ci: &[u32; L] = padded_index[offset + start..][..L].try_into().expect("a block");
+                    take_better::<ERODE, L>(&mut v, &mut i, c, ci);
+                }
+                for (t, &index) in out[start..][..L].iter_mut().zip(&i) {
+                    *t = index as i64;
+                }
+            }
+            for x in blocks..w {
+                let (mut v, mut i) = (sentinel, own[x]);
+                for offset in 0..=2 * radius {
+                    if better(padded_value[offset + x], v) {
+                        (v, i) = (padded_value[offset + x], padded_index[offset + x]);
+                    }
+                }
+                out[x] = i as i64;
+            }
+        }
+    }
+}
+
+/// Lanes kept in registers while a block of pixels runs through its window.
+const WINNER_LANES: usize = 16;
+
+/// One window step for a block of lanes: where the candidate is strictly better (first wins
+/// ties), take its value and index. A compare and two bit selects per lane, on arrays the
+/// compiler keeps in registers, so it vectorizes without masked stores.
+#[inline(always)]
+fn take_better<const ERODE: bool, const L: usize>(v: &mut [f32; L], i: &mut [u32; L], c: &[f32; L], ci: &[u32; L]) {
+    for lane in 0..L {
+        let take = if ERODE { c[lane] < v[lane] } else { c[lane] > v[lane] };
+        v[lane] = f32::from_bits(select_bits(take, c[lane].to_bits(), v[lane].to_bits()));
+        i[lane] = select_bits(take, ci[lane], i[lane]);
+    }
 }
 
 fn compare(op: CmpOp, a: &Tensor, b: &Tensor) -> Tensor {
@@ -537,19 +594,13 @@ fn label_frontier(module: &Module, logits: &Tensor, labels: &Tensor) -> Vec<Opti
 }
 
 /// `g(x)` from the vectorized curve kernel; the gradient enters by linearization:
-/// `x·g'(x) + (g(x) − x·g'(x)).detach()` has value `g(x)` and derivative `g'(x)`.
+/// `x·g'(x) + (g(x) − x·g'(x))` with the bracket computed by the kernel (no gradient) has
+/// value `g(x)` and derivative `g'(x)`.
 fn apply_curve_fast(x: &Tensor, curve: &Curve) -> Tensor {
-    let shape = x.size();
-    let flat = Vec::<f32>::try_from(x.detach().contiguous().reshape([-1])).unwrap_or_default();
-    let (values, slopes) = crate::fused::curve_values(&flat, curve);
-    let value = Tensor::from_slice(&values).view(shape.as_slice());
-    if !x.requires_grad() {
-        return value;
+    match crate::fused::curve_tensors(x, curve, x.requires_grad()) {
+        (values, None) => values,
+        (slopes, Some(offsets)) => x * slopes + offsets,
     }
-    let slope = Tensor::from_slice(&slopes).view(shape.as_slice());
-    let linear = x * slope;
-    let offset = value - linear.detach();
-    linear + offset
 }
 
 /// Assemble the loss from node values: `1 − metric` or the loss expression, 0 if undefined.
