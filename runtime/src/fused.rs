@@ -65,6 +65,13 @@ pub struct FusedPlan {
     count_widths: Vec<usize>,
     scratch: usize,
     classes: usize,
+    /// Per step: whether it depends on the predictions (gradients flow only into those).
+    pred: Vec<bool>,
+    /// Per step: whether the backward sweep needs its value (recomputed, or read back).
+    back_value: Vec<bool>,
+    /// Per curve step: its slot among the stored curves (slopes, and values when
+    /// `back_value`), written by the forward sweep so the backward never re-evaluates curves.
+    curve_slot: Vec<Option<usize>>,
 }
 
 fn width(shape: Shape, classes: usize) -> usize {
@@ -92,6 +99,9 @@ impl FusedPlan {
             count_widths: Vec::new(),
             scratch: 0,
             classes,
+            pred: Vec::new(),
+            back_value: Vec::new(),
+            curve_slot: Vec::new(),
         };
         let mut step_of: Vec<Option<usize>> = vec![None; n];
         for handle in module.handles() {
@@ -106,7 +116,62 @@ impl FusedPlan {
             }
             plan.lower(module, curves, handle, &on_pred, &mut step_of)?;
         }
+        plan.plan_backward();
         Some(plan)
+    }
+
+    /// Decide what the backward sweep reads: which steps' values it needs (operands of
+    /// products, `any`, the softmax) and where curves keep their slopes.
+    fn plan_backward(&mut self) {
+        let len = self.steps.len();
+        self.pred = self
+            .steps
+            .iter()
+            .map(|step| !matches!(step.op, Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_)))
+            .collect();
+        let mut need = vec![false; len];
+        for (index, step) in self.steps.iter().enumerate() {
+            match step.op {
+                Op::Mul(a, b) => {
+                    need[b] |= self.pred[a];
+                    need[a] |= self.pred[b];
+                }
+                Op::AnyClass(a) => {
+                    need[a] = true;
+                    need[index] = true;
+                }
+                Op::Softmax => need[index] = true,
+                _ => {}
+            }
+        }
+        // A needed value needs its operands' values, except where it is read back.
+        for index in (0..len).rev() {
+            if need[index] && !matches!(self.steps[index].op, Op::Curve { .. } | Op::Softmax) {
+                for operand in step_operands(&self.steps[index].op) {
+                    need[operand] = true;
+                }
+            }
+        }
+        self.back_value = need;
+        let mut slots = 0;
+        self.curve_slot = self
+            .steps
+            .iter()
+            .map(|step| {
+                matches!(step.op, Op::Curve { .. }).then(|| {
+                    slots += 1;
+                    slots - 1
+                })
+            })
+            .collect();
+    }
+
+    /// Stored curves: `(step, width, values too)` per slot.
+    fn stored_curves(&self) -> Vec<(usize, usize, bool)> {
+        (0..self.steps.len())
+            .filter(|&i| self.curve_slot[i].is_some())
+            .map(|i| (i, self.steps[i].width, self.back_value[i]))
+            .collect()
     }
 
     /// Whether the program evaluates any curve. A module without curves (plain
@@ -198,6 +263,16 @@ impl FusedPlan {
         };
         step_of[handle.index()] = Some(step);
         Some(step)
+    }
+}
+
+/// The steps an operation reads.
+fn step_operands(op: &Op) -> Vec<usize> {
+    match *op {
+        Op::Curve { input, .. } | Op::Neg(input) | Op::AnyClass(input) | Op::Slice { input, .. } => vec![input],
+        Op::Count { input, .. } => vec![input],
+        Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => vec![a, b],
+        Op::Softmax | Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) | Op::NllSum { .. } => Vec::new(),
     }
 }
 
@@ -439,12 +514,16 @@ macro_rules! with_best_simd {
 
 pub(crate) use with_best_simd;
 
-with_best_simd!(forward_run, (sweep: &Sweep<'_>, run: &[Tile], buffers: &mut TileBuffers, softmax: SharedPlanes), {
-    for &tile in run {
-        let TileBuffers { values, slopes, counts, rows, .. } = &mut *buffers;
-        sweep.forward_tile(tile, values, slopes, rows, softmax, true, counts);
+with_best_simd!(
+    forward_run,
+    (sweep: &Sweep<'_>, run: &[Tile], buffers: &mut TileBuffers, softmax: SharedPlanes, store: &CurveStore),
+    {
+        for &tile in run {
+            let TileBuffers { values, slopes, counts, rows, .. } = &mut *buffers;
+            sweep.forward_tile(tile, values, slopes, rows, softmax, store, false, counts);
+        }
     }
-});
+);
 
 with_best_simd!(
     backward_run,
@@ -453,12 +532,13 @@ with_best_simd!(
         run: &[Tile],
         buffers: &mut TileBuffers,
         softmax: SharedPlanes,
+        store: &CurveStore,
         count_grads: &[Vec<f32>],
         gradient: SharedPlanes
     ),
     {
         for &tile in run {
-            sweep.backward_tile(tile, softmax, count_grads, buffers, gradient);
+            sweep.backward_tile(tile, softmax, store, count_grads, buffers, gradient);
         }
     }
 );
@@ -531,6 +611,13 @@ struct Sweep<'a> {
     pixels_per_image: usize,
 }
 
+/// Where the forward sweep leaves each curve's slopes (and values, where the backward sweep
+/// reads them), per slot, `[N, width, H, W]`.
+struct CurveStore {
+    slopes: Vec<SharedPlanes>,
+    values: Vec<Option<SharedPlanes>>,
+}
+
 /// A label-only plane `[N, width, H, W]`: small integers from [`label_planes`] when they
 /// apply, else libtorch's float values.
 enum PlaneData {
@@ -581,10 +668,12 @@ impl Sweep<'_> {
         }
     }
 
-    /// Compute every step for the tile. Values of step `s` live at
-    /// `values[s.offset * n ..][k * n + j]`. With `stored` the softmax is read from that
-    /// `[N, C, H, W]` buffer instead of recomputed; otherwise it is also written there.
-    /// Curve slopes go to `slopes` (same layout as `values`).
+    /// Compute the steps for the tile. Values of step `s` live at
+    /// `values[s.offset * n ..][k * n + j]`, curve slopes at the same place in `slopes`.
+    /// Forward (`backward == false`): every step, accumulated into the counts; the softmax
+    /// and each curve's slopes (and values, where the backward needs them) are also written
+    /// to the `[N, ·, H, W]` stores. Backward: only the values the backward sweep needs,
+    /// with the softmax and curves read back from the stores instead of recomputed.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn forward_tile(
@@ -594,17 +683,36 @@ impl Sweep<'_> {
         slopes: &mut [f32],
         rows: &mut PixelRows,
         softmax: SharedPlanes,
-        recompute: bool,
+        store: &CurveStore,
+        backward: bool,
         counts: &mut [Vec<f64>],
     ) {
+        let recompute = !backward;
         let c = self.classes;
         let hw = self.pixels_per_image;
         let n = tile.n;
         let first = tile.image * hw + tile.within;
         let logit_base = tile.image * c * hw + tile.within;
-        for step in &self.plan.steps {
+        for (index, step) in self.plan.steps.iter().enumerate() {
             let (offset, w) = (step.offset * n, step.width);
+            if backward && !self.plan.back_value[index] && self.plan.curve_slot[index].is_none() {
+                continue;
+            }
             match &step.op {
+                Op::Curve { .. } if backward => {
+                    let slot = self.plan.curve_slot[index].expect("curve steps have a slot");
+                    let base = tile.image * w * hw + tile.within;
+                    for k in 0..w {
+                        // SAFETY: this tile owns these rows of the stores; only read here.
+                        let stored = unsafe { store.slopes[slot].row(base + k * hw, n) };
+                        slopes[offset + k * n..offset + (k + 1) * n].copy_from_slice(stored);
+                        if let Some(stored_values) = store.values[slot] {
+                            let stored = unsafe { stored_values.row(base + k * hw, n) };
+                            values[offset + k * n..offset + (k + 1) * n].copy_from_slice(stored);
+                        }
+                    }
+                }
+                Op::Count { .. } | Op::NllSum { .. } if backward => {}
                 Op::Softmax => {
                     let out = &mut values[offset..offset + c * n];
                     if recompute {
@@ -661,6 +769,18 @@ impl Sweep<'_> {
                         &mut slopes[offset..offset + w * n],
                         segments,
                     );
+                    let slot = self.plan.curve_slot[index].expect("curve steps have a slot");
+                    let base = tile.image * w * hw + tile.within;
+                    // Without a gradient to come there are no stores.
+                    for k in (0..w).filter(|_| !store.slopes.is_empty()) {
+                        // SAFETY: this tile owns these rows of the stores.
+                        let stored = unsafe { store.slopes[slot].row(base + k * hw, n) };
+                        stored.copy_from_slice(&slopes[offset + k * n..offset + (k + 1) * n]);
+                        if let Some(stored_values) = store.values[slot] {
+                            let stored = unsafe { stored_values.row(base + k * hw, n) };
+                            stored.copy_from_slice(&tail[k * n..(k + 1) * n]);
+                        }
+                    }
                 }
                 Op::Add(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x + y),
                 Op::Sub(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x - y),
@@ -736,12 +856,13 @@ impl Sweep<'_> {
         &self,
         tile: Tile,
         softmax: SharedPlanes,
+        store: &CurveStore,
         count_grads: &[Vec<f32>],
         buffers: &mut TileBuffers,
         logit_grads: SharedPlanes,
     ) {
         let TileBuffers { values, grads, slopes, counts, rows } = buffers;
-        self.forward_tile(tile, values, slopes, rows, softmax, false, counts);
+        self.forward_tile(tile, values, slopes, rows, softmax, store, true, counts);
         let n = tile.n;
         grads[..self.plan.scratch * n].fill(0.0);
         let c = self.classes;
@@ -795,6 +916,8 @@ impl Sweep<'_> {
                 Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => {
                     let (sa, sb) = (&self.plan.steps[*a], &self.plan.steps[*b]);
                     let (oa, ob) = (sa.offset * n, sb.offset * n);
+                    // Only prediction-dependent operands take gradients.
+                    let (to_a, to_b) = (self.plan.pred[*a], self.plan.pred[*b]);
                     let (head, tail) = grads.split_at_mut(offset);
                     for k in 0..w {
                         let g = &tail[k * n..(k + 1) * n];
@@ -803,20 +926,28 @@ impl Sweep<'_> {
                         match step.op {
                             Op::Add(..) | Op::Sub(..) => {
                                 let sign = if matches!(step.op, Op::Sub(..)) { -1.0 } else { 1.0 };
-                                for (target, &g) in head[ra..ra + n].iter_mut().zip(g) {
-                                    *target += g;
+                                if to_a {
+                                    for (target, &g) in head[ra..ra + n].iter_mut().zip(g) {
+                                        *target += g;
+                                    }
                                 }
-                                for (target, &g) in head[rb..rb + n].iter_mut().zip(g) {
-                                    *target += sign * g;
+                                if to_b {
+                                    for (target, &g) in head[rb..rb + n].iter_mut().zip(g) {
+                                        *target += sign * g;
+                                    }
                                 }
                             }
                             _ => {
                                 let (va, vb) = (&values[ra..ra + n], &values[rb..rb + n]);
-                                for ((target, &g), &other) in head[ra..ra + n].iter_mut().zip(g).zip(vb) {
-                                    *target += g * other;
+                                if to_a {
+                                    for ((target, &g), &other) in head[ra..ra + n].iter_mut().zip(g).zip(vb) {
+                                        *target += g * other;
+                                    }
                                 }
-                                for ((target, &g), &other) in head[rb..rb + n].iter_mut().zip(g).zip(va) {
-                                    *target += g * other;
+                                if to_b {
+                                    for ((target, &g), &other) in head[rb..rb + n].iter_mut().zip(g).zip(va) {
+                                        *target += g * other;
+                                    }
                                 }
                             }
                         }
@@ -994,15 +1125,27 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     let runs = tile_runs(n, pixels_per_image, threads());
     let mut softmax = vec![0.0f32; elements];
     let softmax_planes = SharedPlanes { data: softmax.as_mut_ptr(), len: softmax.len() };
+    // Curve stores only matter when there is a backward sweep.
+    let stored_curves = if logits.requires_grad() { plan.stored_curves() } else { Vec::new() };
+    let store_len = |width: usize| n * width * pixels_per_image;
+    let mut store_buffers: Vec<(Vec<f32>, Option<Vec<f32>>)> = stored_curves
+        .iter()
+        .map(|&(_, width, values)| (vec![0.0f32; store_len(width)], values.then(|| vec![0.0f32; store_len(width)])))
+        .collect();
+    let planes_of = |buffer: &mut Vec<f32>| SharedPlanes { data: buffer.as_mut_ptr(), len: buffer.len() };
+    let store = CurveStore {
+        slopes: store_buffers.iter_mut().map(|(slopes, _)| planes_of(slopes)).collect(),
+        values: store_buffers.iter_mut().map(|(_, values)| values.as_mut().map(planes_of)).collect(),
+    };
     let mut counts: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
     std::thread::scope(|scope| {
         let handles: Vec<_> = runs
             .iter()
             .map(|run| {
-                let sweep = &sweep;
+                let (sweep, store) = (&sweep, &store);
                 scope.spawn(move || {
                     let mut buffers = TileBuffers::new(plan);
-                    forward_run(sweep, run, &mut buffers, softmax_planes);
+                    forward_run(sweep, run, &mut buffers, softmax_planes, store);
                     buffers.counts
                 })
             })
@@ -1048,14 +1191,15 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     let gradient_planes = SharedPlanes { data: gradient.data_ptr() as *mut f32, len: elements };
     std::thread::scope(|scope| {
         for run in &runs {
-            let (sweep, count_grads) = (&sweep, &count_grads);
+            let (sweep, count_grads, store) = (&sweep, &count_grads, &store);
             scope.spawn(move || {
                 let mut buffers = TileBuffers::new(plan);
-                backward_run(sweep, run, &mut buffers, softmax_planes, count_grads, gradient_planes);
+                backward_run(sweep, run, &mut buffers, softmax_planes, store, count_grads, gradient_planes);
             });
         }
     });
     drop(logits_contiguous);
+    drop(store_buffers);
     let gradient = gradient.to_kind(kind);
     let linear = (logits * &gradient).sum(kind);
     let loss = &linear + (result.loss.detach() - linear.detach());
