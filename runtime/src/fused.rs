@@ -278,7 +278,7 @@ fn step_operands(op: &Op) -> Vec<usize> {
 
 /// One curve piece with its coefficients folded to float32 for the per-pixel loop.
 #[derive(Clone, Copy, Debug)]
-struct FastSegment {
+pub(crate) struct FastSegment {
     start_x: f32,
     end_x: f32,
     inv_width: f32,
@@ -294,7 +294,7 @@ struct FastSegment {
 }
 
 impl FastSegment {
-    fn new(segment: &Segment) -> FastSegment {
+    pub(crate) fn new(segment: &Segment) -> FastSegment {
         let width = segment.width();
         let m = segment.m;
         FastSegment {
@@ -382,7 +382,7 @@ impl FastSegment {
 /// piece's kind is decided outside the loop and every step inside is arithmetic or a bit
 /// select, so the loop vectorizes.
 #[inline(always)]
-fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
+pub(crate) fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
     #[inline(always)]
     fn apply(
         xs: &[f32],

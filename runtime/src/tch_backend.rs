@@ -395,15 +395,21 @@ pub struct NodeValues {
     pub undefined_terms: Vec<String>,
 }
 
-/// Which nodes must be computed to get `wanted`, given that `provided` nodes are known.
-fn needed(module: &Module, wanted: &[Handle], provided: &[Option<Tensor>]) -> Vec<bool> {
+/// Which nodes must be computed to get `wanted`, given that `provided` nodes are known and
+/// that computing a node reads `reads(node)`.
+fn needed(
+    module: &Module,
+    wanted: &[Handle],
+    provided: &[Option<Tensor>],
+    reads: &dyn Fn(Handle) -> Vec<Handle>,
+) -> Vec<bool> {
     let mut need = vec![false; module.len()];
     for handle in wanted {
         need[handle.index()] = true;
     }
-    for index in (0..module.len()).rev() {
-        if need[index] && provided[index].is_none() {
-            for operand in module.nodes[index].operands() {
+    for handle in module.handles().collect::<Vec<_>>().into_iter().rev() {
+        if need[handle.index()] && provided[handle.index()].is_none() {
+            for operand in reads(handle) {
                 need[operand.index()] = true;
             }
         }
@@ -437,7 +443,20 @@ pub fn run_nodes_with(
     fast_curves: bool,
 ) -> NodeValues {
     assert_eq!(module.mode, Mode::Relaxed);
-    let need = needed(module, wanted, &provided);
+    // On the fast path, groups of elementwise nodes run as one pass (see `elementwise`).
+    let clusters = if fast_curves && logits.device() == tch::Device::Cpu && logits.kind() == Kind::Float {
+        crate::elementwise::clusters(module, curves, &label_planes::prediction_dependent(module))
+    } else {
+        Vec::new()
+    };
+    let mut cluster_of: Vec<Option<usize>> = vec![None; module.len()];
+    for (index, cluster) in clusters.iter().enumerate() {
+        cluster_of[cluster.output.index()] = Some(index);
+    }
+    let need = needed(module, wanted, &provided, &|h: Handle| match cluster_of[h.index()] {
+        Some(index) => clusters[index].inputs.clone(),
+        None => module.node(h).operands(),
+    });
     let classes = logits.size()[1];
     let kind = logits.kind();
     let mut values: Vec<Option<Tensor>> = Vec::with_capacity(module.len());
@@ -458,6 +477,13 @@ pub fn run_nodes_with(
             continue;
         }
         let v = |h: &Handle| values[h.index()].as_ref().expect("operands come first");
+        if let Some(index) = cluster_of[handle.index()] {
+            let cluster = &clusters[index];
+            let inputs: Vec<&Tensor> = cluster.inputs.iter().map(v).collect();
+            values.push(Some(cluster.apply(&inputs)));
+            undefined.push(is_undefined);
+            continue;
+        }
         let value = match node {
             Node::Softmax => logits.softmax(1, kind),
             Node::Labels => one_hot(labels, classes, kind),
