@@ -15,7 +15,7 @@
 //! negation) of one shape whose inner nodes are used only inside the group; its inputs are
 //! prediction-dependent nodes of the same shape (softmax, a pooling) and constants.
 
-use crate::fused::{curve_row, threads, with_best_simd, FastSegment};
+use crate::fused::{curve_values_into, threads, with_best_simd, FastSegment};
 use compiler::curve::Curve;
 use compiler::ir::{Handle, Module, Node, Shape};
 use tch::{Kind, Tensor};
@@ -221,16 +221,12 @@ impl Cluster {
                     Op::Input(i) => target.copy_from_slice(&xs[*i][start..start + len]),
                     Op::Const(c) => target.fill(*c),
                     Op::Curve { input, segments } => {
-                        curve_row(&head[row(*input)], target, &mut slopes[row(index)], segments)
+                        curve_values_into(&head[row(*input)], target, &mut slopes[row(index)], segments)
                     }
-                    Op::Add(a, b) => zip_into(target, &head[row(*a)], &head[row(*b)], |x, y| x + y),
-                    Op::Sub(a, b) => zip_into(target, &head[row(*a)], &head[row(*b)], |x, y| x - y),
-                    Op::Mul(a, b) => zip_into(target, &head[row(*a)], &head[row(*b)], |x, y| x * y),
-                    Op::Neg(a) => {
-                        for (t, &x) in target.iter_mut().zip(&head[row(*a)]) {
-                            *t = -x;
-                        }
-                    }
+                    Op::Add(a, b) => binary(target, &head[row(*a)], &head[row(*b)], Arith::Add),
+                    Op::Sub(a, b) => binary(target, &head[row(*a)], &head[row(*b)], Arith::Sub),
+                    Op::Mul(a, b) => binary(target, &head[row(*a)], &head[row(*b)], Arith::Mul),
+                    Op::Neg(a) => binary(target, &head[row(*a)], &head[row(*a)], Arith::Neg),
                 }
             }
             let last = steps - 1;
@@ -247,33 +243,17 @@ impl Cluster {
                 let g = &tail[..len];
                 match op {
                     Op::Input(_) | Op::Const(_) => {}
-                    Op::Curve { input, .. } => {
-                        for ((t, &g), &d) in head[row(*input)].iter_mut().zip(g).zip(&slopes[row(index)]) {
-                            *t += g * d;
-                        }
-                    }
+                    Op::Curve { input, .. } => add_product(&mut head[row(*input)], g, &slopes[row(index)]),
                     Op::Add(a, b) | Op::Sub(a, b) => {
                         let sign = if matches!(op, Op::Sub(..)) { -1.0 } else { 1.0 };
-                        for (t, &g) in head[row(*a)].iter_mut().zip(g) {
-                            *t += g;
-                        }
-                        for (t, &g) in head[row(*b)].iter_mut().zip(g) {
-                            *t += sign * g;
-                        }
+                        add_scaled(&mut head[row(*a)], g, 1.0);
+                        add_scaled(&mut head[row(*b)], g, sign);
                     }
                     Op::Mul(a, b) => {
-                        for ((t, &g), &y) in head[row(*a)].iter_mut().zip(g).zip(&values[row(*b)]) {
-                            *t += g * y;
-                        }
-                        for ((t, &g), &x) in head[row(*b)].iter_mut().zip(g).zip(&values[row(*a)]) {
-                            *t += g * x;
-                        }
+                        add_product(&mut head[row(*a)], g, &values[row(*b)]);
+                        add_product(&mut head[row(*b)], g, &values[row(*a)]);
                     }
-                    Op::Neg(a) => {
-                        for (t, &g) in head[row(*a)].iter_mut().zip(g) {
-                            *t -= g;
-                        }
-                    }
+                    Op::Neg(a) => add_scaled(&mut head[row(*a)], g, -1.0),
                 }
             }
             // Offset: out − Σ xᵢ·∂out/∂xᵢ; the partials go out as they are.
@@ -283,9 +263,7 @@ impl Cluster {
                 if let Op::Input(i) = op {
                     let partial = &mut partials[*i][start..start + len];
                     partial.copy_from_slice(&grads[row(index)]);
-                    for ((o, &d), &x) in offset.iter_mut().zip(partial.iter()).zip(&xs[*i][start..start + len]) {
-                        *o -= x * d;
-                    }
+                    subtract_product(offset, partial, &xs[*i][start..start + len]);
                 }
             }
             start += len;
@@ -293,9 +271,41 @@ impl Cluster {
     }
 }
 
-#[inline(always)]
-fn zip_into(target: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
-    for ((t, &x), &y) in target.iter_mut().zip(a).zip(b) {
-        *t = f(x, y);
-    }
+// The row loops live in their own functions: slice arguments do not alias, so they
+// vectorize (inside one function, rows split from one buffer are not known to be apart).
+
+#[derive(Clone, Copy)]
+enum Arith {
+    Add,
+    Sub,
+    Mul,
+    Neg,
 }
+
+with_best_simd!(binary, (target: &mut [f32], a: &[f32], b: &[f32], op: Arith), {
+    let rows = target.iter_mut().zip(a).zip(b);
+    match op {
+        Arith::Add => rows.for_each(|((t, &x), &y)| *t = x + y),
+        Arith::Sub => rows.for_each(|((t, &x), &y)| *t = x - y),
+        Arith::Mul => rows.for_each(|((t, &x), &y)| *t = x * y),
+        Arith::Neg => rows.for_each(|((t, &x), _)| *t = -x),
+    }
+});
+
+with_best_simd!(add_scaled, (target: &mut [f32], g: &[f32], scale: f32), {
+    for (t, &g) in target.iter_mut().zip(g) {
+        *t += scale * g;
+    }
+});
+
+with_best_simd!(add_product, (target: &mut [f32], g: &[f32], y: &[f32]), {
+    for ((t, &g), &y) in target.iter_mut().zip(g).zip(y) {
+        *t += g * y;
+    }
+});
+
+with_best_simd!(subtract_product, (target: &mut [f32], d: &[f32], x: &[f32]), {
+    for ((t, &d), &x) in target.iter_mut().zip(d).zip(x) {
+        *t -= x * d;
+    }
+});

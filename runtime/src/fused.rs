@@ -568,6 +568,15 @@ with_best_simd!(
     }
 );
 
+with_best_simd!(curve_block, (xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]), {
+    curve_row(xs, ys, slopes, segments)
+});
+
+/// `g` and `g'` over a row (see [`curve_row`]), in its own vectorized function.
+pub(crate) fn curve_values_into(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
+    curve_block(xs, ys, slopes, segments)
+}
+
 /// A tile: `n` consecutive pixels of one image, from position `within`.
 #[derive(Clone, Copy, Debug)]
 struct Tile {
