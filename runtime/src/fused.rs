@@ -383,6 +383,15 @@ impl FastSegment {
 /// select, so the loop vectorizes.
 #[inline(always)]
 pub(crate) fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
+    if segments.len() == 2 {
+        // Two pieces (the default): pick each element's piece first, then evaluate it once.
+        if segments.iter().all(|s| s.linear || s.degenerate) {
+            blended_row::<false>(xs, ys, slopes, segments);
+        } else {
+            blended_row::<true>(xs, ys, slopes, segments);
+        }
+        return;
+    }
     #[inline(always)]
     fn apply(
         xs: &[f32],
@@ -420,6 +429,98 @@ pub(crate) fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments
         } else {
             apply(xs, ys, slopes, everywhere, segment.end_x, |x| segment.eval_quadratic(x));
         }
+    }
+}
+
+/// A piece's coefficients as plain numbers, so that lanes can blend them.
+#[derive(Clone, Copy)]
+struct Coefficients {
+    start_x: f32,
+    inv_width: f32,
+    m: f32,
+    slope: f32,
+    m2: f32,
+    inv_2m1: f32,
+    y0: f32,
+    y1: f32,
+    y2: f32,
+    linear: f32,
+    degenerate: f32,
+}
+
+impl Coefficients {
+    #[inline(always)]
+    fn of(segment: &FastSegment) -> Coefficients {
+        Coefficients {
+            start_x: segment.start_x,
+            inv_width: segment.inv_width,
+            m: segment.m,
+            slope: segment.slope,
+            m2: segment.m2,
+            inv_2m1: segment.inv_2m1,
+            y0: segment.y0,
+            y1: segment.y1,
+            y2: segment.y2,
+            linear: unit(segment.linear),
+            degenerate: unit(segment.degenerate),
+        }
+    }
+
+    #[inline(always)]
+    fn select(take: bool, a: &Coefficients, b: &Coefficients) -> Coefficients {
+        Coefficients {
+            start_x: select(take, a.start_x, b.start_x),
+            inv_width: select(take, a.inv_width, b.inv_width),
+            m: select(take, a.m, b.m),
+            slope: select(take, a.slope, b.slope),
+            m2: select(take, a.m2, b.m2),
+            inv_2m1: select(take, a.inv_2m1, b.inv_2m1),
+            y0: select(take, a.y0, b.y0),
+            y1: select(take, a.y1, b.y1),
+            y2: select(take, a.y2, b.y2),
+            linear: select(take, a.linear, b.linear),
+            degenerate: select(take, a.degenerate, b.degenerate),
+        }
+    }
+}
+
+/// [`curve_row`] for curves of two pieces: per element, the piece the reference's `where`
+/// chain picks (the first whose end is at least the clamped `x`) is blended into registers,
+/// then evaluated once with the same arithmetic as [`FastSegment`]'s. Without
+/// `QUADRATIC` every piece is linear (or a point) and the square root is skipped.
+#[inline(always)]
+fn blended_row<const QUADRATIC: bool>(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
+    let (first, second) = (Coefficients::of(&segments[0]), Coefficients::of(&segments[1]));
+    let first_end = segments[0].end_x;
+    let len = xs.len();
+    let (ys, slopes) = (&mut ys[..len], &mut slopes[..len]);
+    for i in 0..len {
+        let x = xs[i];
+        let cx = clamp_unit(x);
+        let c = Coefficients::select(cx <= first_end, &first, &second);
+        let x_in_range = unit((x >= 0.0) & (x <= 1.0));
+        let raw = (cx - c.start_x) * c.inv_width;
+        let norm_in_range = unit((raw >= 0.0) & (raw <= 1.0));
+        let (x_norm, passes) = (clamp_unit(raw), x_in_range * norm_in_range);
+        let linear = c.linear > 0.5;
+        let (t, dt) = if QUADRATIC {
+            let disc_raw = x_norm * c.slope + c.m2;
+            let floor = SQRT_FLOOR as f32;
+            let disc_slope = c.slope * unit(disc_raw >= floor);
+            let root = disc_raw.max(floor).sqrt();
+            let t_raw = (c.m - root) * c.inv_2m1;
+            let t_in_range = unit((t_raw >= 0.0) & (t_raw <= 1.0));
+            let dt_dxn = t_in_range * (-0.5 / root * disc_slope * c.inv_2m1);
+            (select(linear, x_norm, clamp_unit(t_raw)), select(linear, 1.0, dt_dxn))
+        } else {
+            (x_norm, 1.0)
+        };
+        let s = 1.0 - t;
+        let y = s * s * c.y0 + 2.0 * t * s * c.y1 + t * t * c.y2;
+        let dy_dt = -2.0 * s * c.y0 + 2.0 * (1.0 - 2.0 * t) * c.y1 + 2.0 * t * c.y2;
+        let degenerate = c.degenerate > 0.5;
+        ys[i] = select(degenerate, c.y2, y);
+        slopes[i] = select(degenerate, 0.0, passes * dy_dt * dt * c.inv_width);
     }
 }
 
