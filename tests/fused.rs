@@ -56,6 +56,10 @@ fn fused_kernel_equals_reference_path() {
         }
         let (fast_value, fast_grad) = run(true, &mut loss);
         let (reference_value, reference_grad) = run(false, &mut loss);
+        // Without a gradient (no curve stores, no backward sweep) the value is the same.
+        loss.set_fast_path(true);
+        let no_grad_value = loss.forward(&logits, &labels).unwrap().double_value(&[]);
+        assert!((no_grad_value - fast_value).abs() <= 1e-6 * fast_value.abs().max(1e-3), "{name}: without a gradient");
         assert!(
             (fast_value - reference_value).abs() <= 1e-5 * reference_value.abs().max(1e-3),
             "{name}: fast {fast_value} vs reference {reference_value}"

@@ -1184,6 +1184,38 @@ fn tile_runs(images: usize, pixels_per_image: usize, workers: usize) -> Vec<Vec<
     tiles.chunks(per_worker).map(|run| run.to_vec()).collect()
 }
 
+/// Scratch planes given back by earlier calls. The sweeps' large buffers (softmax, curve
+/// stores) come from here, so that repeated calls reuse memory whose pages are already
+/// mapped instead of faulting in fresh zeroed pages every time (a visible share of a call).
+static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// Most buffers kept for reuse (several models may train in threads at once).
+const SCRATCH_KEPT: usize = 16;
+
+/// A buffer of `len` values with unspecified contents (every user overwrites all of it).
+fn take_buffer(len: usize) -> Vec<f32> {
+    let reused = {
+        let mut pool = SCRATCH.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The smallest buffer that is large enough.
+        let best = (0..pool.len()).filter(|&i| pool[i].capacity() >= len).min_by_key(|&i| pool[i].capacity());
+        best.map(|i| pool.swap_remove(i))
+    };
+    let mut buffer = reused.unwrap_or_default();
+    buffer.resize(len, 0.0);
+    buffer.truncate(len);
+    buffer
+}
+
+fn give_back(buffer: Vec<f32>) {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    pool.push(buffer);
+    if pool.len() > SCRATCH_KEPT {
+        // Keep the largest.
+        let smallest = (0..pool.len()).min_by_key(|&i| pool[i].capacity()).expect("not empty");
+        pool.swap_remove(smallest);
+    }
+}
+
 /// The surrogate through the fused kernel. `logits` must be float32 on the CPU.
 pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &Tensor, labels: &Tensor) -> Surrogate {
     let size = logits.size();
@@ -1233,14 +1265,14 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         pixels_per_image,
     };
     let runs = tile_runs(n, pixels_per_image, threads());
-    let mut softmax = vec![0.0f32; elements];
+    let mut softmax = take_buffer(elements);
     let softmax_planes = SharedPlanes { data: softmax.as_mut_ptr(), len: softmax.len() };
     // Curve stores only matter when there is a backward sweep.
     let stored_curves = if logits.requires_grad() { plan.stored_curves() } else { Vec::new() };
     let store_len = |width: usize| n * width * pixels_per_image;
     let mut store_buffers: Vec<(Vec<f32>, Option<Vec<f32>>)> = stored_curves
         .iter()
-        .map(|&(_, width, values)| (vec![0.0f32; store_len(width)], values.then(|| vec![0.0f32; store_len(width)])))
+        .map(|&(_, width, values)| (take_buffer(store_len(width)), values.then(|| take_buffer(store_len(width)))))
         .collect();
     let planes_of = |buffer: &mut Vec<f32>| SharedPlanes { data: buffer.as_mut_ptr(), len: buffer.len() };
     let store = CurveStore {
@@ -1291,7 +1323,17 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         module,
         tch_backend::run_nodes(module, curves, logits, labels, provided, &wanted),
     );
+    let release = move || {
+        give_back(softmax);
+        for (slopes, values) in store_buffers {
+            give_back(slopes);
+            if let Some(values) = values {
+                give_back(values);
+            }
+        }
+    };
     if !logits.requires_grad() || !result.loss.requires_grad() {
+        release();
         return Surrogate { loss: result.loss.detach(), ..result };
     }
     let count_grads: Vec<Vec<f32>> =
@@ -1309,7 +1351,7 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         }
     });
     drop(logits_contiguous);
-    drop(store_buffers);
+    release();
     let gradient = gradient.to_kind(kind);
     let linear = (logits * &gradient).sum(kind);
     let loss = &linear + (result.loss.detach() - linear.detach());

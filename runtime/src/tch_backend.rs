@@ -733,12 +733,16 @@ mod tests {
     use super::*;
 
     /// The CPU pooling kernels equal libtorch's separable `max_pool2d` pair in values and,
-    /// on inputs full of ties, in which pixel receives the gradient.
+    /// on inputs full of ties, in which pixel receives the gradient; widths below and above
+    /// the winner search's block of lanes (with a remainder) are both covered.
     #[test]
     fn pooling_kernel_matches_max_pool2d_including_ties() {
         tch::manual_seed(3);
-        let x = Tensor::randint(3, [2, 3, 9, 11], (Kind::Float, tch::Device::Cpu));
-        for radius in [1u32, 2, 5] {
+        for (x, radius) in [[2, 3, 9, 11], [2, 2, 13, 37]]
+            .into_iter()
+            .map(|shape| Tensor::randint(3, shape, (Kind::Float, tch::Device::Cpu)))
+            .flat_map(|x| [1u32, 2, 5].map(|radius| (x.copy(), radius)))
+        {
             for erode in [false, true] {
                 let k = 2 * radius as i64 + 1;
                 let r = radius as i64;
