@@ -20,8 +20,9 @@ pub struct BenchReport {
     pub ce_ms: f64,
     pub ratio: f64,
     pub peak_extra_mb: f64,
-    /// `fused` (the fused kernel), `op by op + curve kernel` (the fast path without the fused kernel) or
-    /// `reference` (op by op in libtorch).
+    /// `fused` (the fused kernel), `op by op + curve kernels` (the fast path without the fused
+    /// kernel: label planes on bytes, elementwise clusters, CPU pooling), `op by op` (no curve
+    /// to speed up) or `reference` (op by op in libtorch).
     pub path: String,
 }
 
@@ -113,8 +114,10 @@ pub fn run(
         peak_extra_mb,
         path: if loss.uses_fused_kernel(&leaf) {
             "fused".into()
+        } else if loss.uses_fast_curves(&leaf) && !loss.compiled().manifest.curves.is_empty() {
+            "op by op + curve kernels".into()
         } else if loss.uses_fast_curves(&leaf) {
-            "op by op + curve kernel".into()
+            "op by op".into()
         } else {
             "reference".into()
         },
