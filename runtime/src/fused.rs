@@ -46,6 +46,9 @@ enum Op {
     Slice { input: usize, start: usize },
     Count { input: usize, count: usize },
     NllSum { count: usize },
+    /// A value computed in an earlier stage or by a pooling between stages: read from a
+    /// frame (a full plane), its gradient added back into the frame's gradient plane.
+    Import(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +56,22 @@ struct Step {
     op: Op,
     width: usize,
     offset: usize,
+    /// The sweep the step runs in (see [`FusedPlan`]'s stages).
+    stage: usize,
+    /// The frame this step's value is written to, when a later stage or a pooling reads it.
+    export: Option<usize>,
+}
+
+/// A pooling between stages: the window minimum (`erode`) or maximum of an input frame into
+/// an output frame, with each output's winner kept for the backward scatter.
+#[derive(Clone, Copy, Debug)]
+struct PoolStage {
+    input: usize,
+    output: usize,
+    radius: usize,
+    erode: bool,
+    /// The stage whose sweep first reads the output.
+    stage: usize,
 }
 
 /// The pixel program of a module for a given number of classes (run tile by tile).
@@ -63,7 +82,10 @@ pub struct FusedPlan {
     /// Accumulator nodes the program computes, in count-slot order.
     counts: Vec<Handle>,
     count_widths: Vec<usize>,
+    /// Scratch rows of a tile: the largest stage's.
     scratch: usize,
+    /// Scratch rows of each stage.
+    stage_scratch: Vec<usize>,
     classes: usize,
     /// Per step: whether it depends on the predictions (gradients flow only into those).
     pred: Vec<bool>,
@@ -72,6 +94,25 @@ pub struct FusedPlan {
     /// Per curve step: its slot among the stored curves (slopes, and values when
     /// `back_value`), written by the forward sweep so the backward never re-evaluates curves.
     curve_slot: Vec<Option<usize>>,
+    /// Sweeps: one for a module whose pixel part is per pixel; one more after each pooling of
+    /// prediction-dependent sets (BF1's boundary of `P`, then its dilation).
+    stages: usize,
+    /// Width (classes) of each frame.
+    frames: Vec<usize>,
+    pools: Vec<PoolStage>,
+}
+
+/// Bookkeeping while a plan is built.
+struct Lowering<'a> {
+    module: &'a Module,
+    curves: &'a [Curve],
+    on_pred: Vec<bool>,
+    /// Sweep of each prediction-dependent node (a pooling's is one more than its input's).
+    node_stage: Vec<usize>,
+    /// Step of `(node, stage)`.
+    step_of: std::collections::HashMap<(usize, usize), usize>,
+    /// Frame holding a node's value for later stages.
+    frame_of: Vec<Option<usize>>,
 }
 
 fn width(shape: Shape, classes: usize) -> usize {
@@ -85,12 +126,18 @@ impl FusedPlan {
     /// Build the program, or `None` when the module needs an operation the kernel lacks.
     pub fn new(module: &Module, curves: &[Curve], classes: usize) -> Option<FusedPlan> {
         let n = module.len();
-        // Which nodes depend on the predictions.
+        // Which nodes depend on the predictions, and in which sweep each is computed.
         let mut on_pred = vec![false; n];
+        let mut node_stage = vec![0usize; n];
         for handle in module.handles() {
             let node = module.node(handle);
-            on_pred[handle.index()] =
-                matches!(node, Node::Softmax | Node::NllSum) || node.operands().iter().any(|o| on_pred[o.index()]);
+            let i = handle.index();
+            on_pred[i] = matches!(node, Node::Softmax | Node::NllSum) || node.operands().iter().any(|o| on_pred[o.index()]);
+            let operands_stage = node.operands().iter().filter(|o| on_pred[o.index()]).map(|o| node_stage[o.index()]).max();
+            node_stage[i] = match node {
+                Node::Erode { .. } | Node::Dilate { .. } if on_pred[i] => operands_stage.unwrap_or(0) + 1,
+                _ => operands_stage.unwrap_or(0),
+            };
         }
         let mut plan = FusedPlan {
             steps: Vec::new(),
@@ -98,26 +145,175 @@ impl FusedPlan {
             counts: Vec::new(),
             count_widths: Vec::new(),
             scratch: 0,
+            stage_scratch: Vec::new(),
             classes,
             pred: Vec::new(),
             back_value: Vec::new(),
             curve_slot: Vec::new(),
+            stages: 1,
+            frames: Vec::new(),
+            pools: Vec::new(),
         };
-        let mut step_of: Vec<Option<usize>> = vec![None; n];
+        let mut lowering = Lowering {
+            module,
+            curves,
+            on_pred,
+            node_stage,
+            step_of: std::collections::HashMap::new(),
+            frame_of: vec![None; n],
+        };
         for handle in module.handles() {
             let node = module.node(handle);
             let accumulates_pred = match node {
-                Node::Count(input) => on_pred[input.index()],
+                Node::Count(input) => lowering.on_pred[input.index()],
                 Node::NllSum => true,
                 _ => false,
             };
             if !accumulates_pred {
                 continue;
             }
-            plan.lower(module, curves, handle, &on_pred, &mut step_of)?;
+            let stage = lowering.node_stage[handle.index()];
+            plan.lower(&mut lowering, handle, stage)?;
         }
+        plan.stages = plan.steps.iter().map(|s| s.stage + 1).max().unwrap_or(1);
         plan.plan_backward();
         Some(plan)
+    }
+
+    /// Whether the program evaluates any curve. A module without curves (plain
+    /// cross-entropy, say) is cheaper through libtorch's own fused kernels.
+    pub fn has_curves(&self) -> bool {
+        self.steps.iter().any(|step| matches!(step.op, Op::Curve { .. }))
+    }
+
+    /// Add a step; steps of one stage share a tile's scratch rows, stages reuse them.
+    fn push(&mut self, op: Op, width: usize, stage: usize) -> usize {
+        if self.stage_scratch.len() <= stage {
+            self.stage_scratch.resize(stage + 1, 0);
+        }
+        self.steps.push(Step { op, width, offset: self.stage_scratch[stage], stage, export: None });
+        self.stage_scratch[stage] += width;
+        self.scratch = self.scratch.max(self.stage_scratch[stage]);
+        self.steps.len() - 1
+    }
+
+    /// The frame that holds `handle`'s value for later stages: a pooling's output, or the
+    /// export of the step that computes it in its own stage.
+    fn frame(&mut self, lowering: &mut Lowering<'_>, handle: Handle) -> Option<usize> {
+        if let Some(frame) = lowering.frame_of[handle.index()] {
+            return Some(frame);
+        }
+        let module = lowering.module;
+        let w = width(module.shape(handle), self.classes);
+        let frame = match module.node(handle) {
+            Node::Erode { input, radius } | Node::Dilate { input, radius } => {
+                let input_frame = self.frame(lowering, *input)?;
+                self.frames.push(w);
+                let output = self.frames.len() - 1;
+                self.pools.push(PoolStage {
+                    input: input_frame,
+                    output,
+                    radius: *radius as usize,
+                    erode: matches!(module.node(handle), Node::Erode { .. }),
+                    stage: lowering.node_stage[handle.index()],
+                });
+                output
+            }
+            _ => {
+                let step = self.lower(lowering, handle, lowering.node_stage[handle.index()])?;
+                self.frames.push(w);
+                let frame = self.frames.len() - 1;
+                self.steps[step].export = Some(frame);
+                frame
+            }
+        };
+        lowering.frame_of[handle.index()] = Some(frame);
+        Some(frame)
+    }
+
+    /// Add the step computing `handle` in sweep `stage` (and its operands) unless already there.
+    fn lower(&mut self, lowering: &mut Lowering<'_>, handle: Handle, stage: usize) -> Option<usize> {
+        if let Some(&step) = lowering.step_of.get(&(handle.index(), stage)) {
+            return Some(step);
+        }
+        let module = lowering.module;
+        let node = module.node(handle);
+        let w = width(module.shape(handle), self.classes);
+        let pooled = matches!(node, Node::Erode { .. } | Node::Dilate { .. });
+        let step = if !lowering.on_pred[handle.index()] {
+            match node {
+                Node::Labels => self.push(Op::Labels, w, stage),
+                Node::Valid => self.push(Op::Valid, 1, stage),
+                Node::Const(value) => self.push(Op::Const(value.get() as f32), 1, stage),
+                _ => {
+                    let index = match self.planes.iter().position(|p| *p == handle) {
+                        Some(index) => index,
+                        None => {
+                            self.planes.push(handle);
+                            self.planes.len() - 1
+                        }
+                    };
+                    self.push(Op::Plane(index), w, stage)
+                }
+            }
+        } else if pooled || lowering.node_stage[handle.index()] < stage {
+            // From an earlier sweep (or a pooling between sweeps): read from its frame.
+            let frame = self.frame(lowering, handle)?;
+            self.push(Op::Import(frame), w, stage)
+        } else {
+            let mut operand = |this: &mut Self, h: &Handle| this.lower(lowering, *h, stage);
+            let op = match node {
+                Node::Softmax => Op::Softmax,
+                Node::Curve { input, curve } => Op::Curve {
+                    input: operand(self, input)?,
+                    segments: lowering.curves[curve.0 as usize].segments().iter().map(FastSegment::new).collect(),
+                },
+                Node::Add(a, b) => Op::Add(operand(self, a)?, operand(self, b)?),
+                Node::Sub(a, b) => Op::Sub(operand(self, a)?, operand(self, b)?),
+                Node::Mul(a, b) => Op::Mul(operand(self, a)?, operand(self, b)?),
+                Node::Neg(a) => Op::Neg(operand(self, a)?),
+                Node::AnyClass(a) => Op::AnyClass(operand(self, a)?),
+                Node::Slice { input, start, .. } => Op::Slice { input: operand(self, input)?, start: *start },
+                Node::Count(input) => {
+                    let input = operand(self, input)?;
+                    self.counts.push(handle);
+                    self.count_widths.push(w);
+                    Op::Count { input, count: self.counts.len() - 1 }
+                }
+                Node::NllSum => {
+                    // The backward sweep's cross-entropy gradient reads the stored softmax.
+                    if !self.steps.iter().any(|s| matches!(s.op, Op::Softmax)) {
+                        self.push(Op::Softmax, self.classes, 0);
+                    }
+                    self.counts.push(handle);
+                    self.count_widths.push(1);
+                    Op::NllSum { count: self.counts.len() - 1 }
+                }
+                // Divisions and reductions do not occur at pixel level; exact nodes do not
+                // occur in relaxed modules. Such modules use the reference path.
+                Node::Erode { .. }
+                | Node::Dilate { .. }
+                | Node::Div { .. }
+                | Node::Compare { .. }
+                | Node::Mean { .. }
+                | Node::Sum { .. }
+                | Node::Term { .. }
+                | Node::Labels
+                | Node::Valid
+                | Node::Const(_)
+                | Node::Pred
+                | Node::CurveTag { .. }
+                | Node::Scope { .. }
+                | Node::And(..)
+                | Node::Or(..)
+                | Node::Xor(..)
+                | Node::Not(..) => return None,
+            };
+            let width = if matches!(node, Node::Count(_) | Node::NllSum) { 0 } else { w };
+            self.push(op, width, stage)
+        };
+        lowering.step_of.insert((handle.index(), stage), step);
+        Some(step)
     }
 
     /// Decide what the backward sweep reads: which steps' values it needs (operands of
@@ -174,96 +370,6 @@ impl FusedPlan {
             .collect()
     }
 
-    /// Whether the program evaluates any curve. A module without curves (plain
-    /// cross-entropy, say) is cheaper through libtorch's own fused kernels.
-    pub fn has_curves(&self) -> bool {
-        self.steps.iter().any(|step| matches!(step.op, Op::Curve { .. }))
-    }
-
-    fn push(&mut self, op: Op, width: usize) -> usize {
-        self.steps.push(Step { op, width, offset: self.scratch });
-        self.scratch += width;
-        self.steps.len() - 1
-    }
-
-    /// Add the step for `handle` (and its operands) unless already there.
-    fn lower(
-        &mut self,
-        module: &Module,
-        curves: &[Curve],
-        handle: Handle,
-        on_pred: &[bool],
-        step_of: &mut Vec<Option<usize>>,
-    ) -> Option<usize> {
-        if let Some(step) = step_of[handle.index()] {
-            return Some(step);
-        }
-        let node = module.node(handle);
-        let w = width(module.shape(handle), self.classes);
-        let step = if !on_pred[handle.index()] {
-            match node {
-                Node::Labels => self.push(Op::Labels, w),
-                Node::Valid => self.push(Op::Valid, 1),
-                Node::Const(value) => self.push(Op::Const(value.get() as f32), 1),
-                _ => {
-                    self.planes.push(handle);
-                    self.push(Op::Plane(self.planes.len() - 1), w)
-                }
-            }
-        } else {
-            let mut operand = |this: &mut Self, h: &Handle| this.lower(module, curves, *h, on_pred, step_of);
-            let op = match node {
-                Node::Softmax => Op::Softmax,
-                Node::Curve { input, curve } => Op::Curve {
-                    input: operand(self, input)?,
-                    segments: curves[curve.0 as usize].segments().iter().map(FastSegment::new).collect(),
-                },
-                Node::Add(a, b) => Op::Add(operand(self, a)?, operand(self, b)?),
-                Node::Sub(a, b) => Op::Sub(operand(self, a)?, operand(self, b)?),
-                Node::Mul(a, b) => Op::Mul(operand(self, a)?, operand(self, b)?),
-                Node::Neg(a) => Op::Neg(operand(self, a)?),
-                Node::AnyClass(a) => Op::AnyClass(operand(self, a)?),
-                Node::Slice { input, start, .. } => Op::Slice { input: operand(self, input)?, start: *start },
-                Node::Count(input) => {
-                    let input = operand(self, input)?;
-                    self.counts.push(handle);
-                    self.count_widths.push(w);
-                    Op::Count { input, count: self.counts.len() - 1 }
-                }
-                Node::NllSum => {
-                    // The backward sweep's cross-entropy gradient reads the stored softmax.
-                    if !self.steps.iter().any(|s| matches!(s.op, Op::Softmax)) {
-                        self.push(Op::Softmax, self.classes);
-                    }
-                    self.counts.push(handle);
-                    self.count_widths.push(1);
-                    Op::NllSum { count: self.counts.len() - 1 }
-                }
-                // Pooling on predictions needs neighbours; divisions and reductions do not
-                // occur at pixel level. These modules use the reference path.
-                Node::Erode { .. }
-                | Node::Dilate { .. }
-                | Node::Div { .. }
-                | Node::Compare { .. }
-                | Node::Mean { .. }
-                | Node::Sum { .. }
-                | Node::Term { .. }
-                | Node::Labels
-                | Node::Valid
-                | Node::Const(_)
-                | Node::Pred
-                | Node::CurveTag { .. }
-                | Node::Scope { .. }
-                | Node::And(..)
-                | Node::Or(..)
-                | Node::Xor(..)
-                | Node::Not(..) => return None,
-            };
-            self.push(op, if matches!(node, Node::Count(_) | Node::NllSum) { 0 } else { w })
-        };
-        step_of[handle.index()] = Some(step);
-        Some(step)
-    }
 }
 
 /// The steps an operation reads.
@@ -272,7 +378,9 @@ fn step_operands(op: &Op) -> Vec<usize> {
         Op::Curve { input, .. } | Op::Neg(input) | Op::AnyClass(input) | Op::Slice { input, .. } => vec![input],
         Op::Count { input, .. } => vec![input],
         Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => vec![a, b],
-        Op::Softmax | Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) | Op::NllSum { .. } => Vec::new(),
+        Op::Softmax | Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) | Op::NllSum { .. } | Op::Import(_) => {
+            Vec::new()
+        }
     }
 }
 
@@ -711,6 +819,7 @@ impl SharedPlanes {
 }
 
 /// Inputs of one sweep, shared by the threads.
+#[derive(Clone, Copy)]
 struct Sweep<'a> {
     plan: &'a FusedPlan,
     logits: &'a [f32],
@@ -719,6 +828,30 @@ struct Sweep<'a> {
     plane_widths: &'a [usize],
     classes: usize,
     pixels_per_image: usize,
+    /// The stage this sweep runs (only its steps).
+    stage: usize,
+    /// Every frame's values and gradients, `[N, width, H, W]`.
+    frames: &'a [Frame],
+}
+
+/// A full plane that carries a value between stages, with its gradient.
+#[derive(Clone, Copy)]
+struct Frame {
+    values: SharedPlanes,
+    grads: SharedPlanes,
+    width: usize,
+}
+
+impl Sweep<'_> {
+    /// The tile's rows of a `[N, width, H, W]` buffer, class `k`.
+    ///
+    /// # Safety
+    /// As [`SharedPlanes::row`]: the tile owns these rows.
+    #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
+    unsafe fn frame_row<'b>(&self, planes: &'b SharedPlanes, width: usize, tile: Tile, k: usize) -> &'b mut [f32] {
+        planes.row(tile.image * width * self.pixels_per_image + k * self.pixels_per_image + tile.within, tile.n)
+    }
 }
 
 /// Where the forward sweep leaves each curve's slopes (and values, where the backward sweep
@@ -805,10 +938,20 @@ impl Sweep<'_> {
         let logit_base = tile.image * c * hw + tile.within;
         for (index, step) in self.plan.steps.iter().enumerate() {
             let (offset, w) = (step.offset * n, step.width);
-            if backward && !self.plan.back_value[index] && self.plan.curve_slot[index].is_none() {
+            if step.stage != self.stage
+                || (backward && !self.plan.back_value[index] && self.plan.curve_slot[index].is_none())
+            {
                 continue;
             }
             match &step.op {
+                Op::Import(frame) => {
+                    let frame = self.frames[*frame];
+                    for k in 0..w {
+                        // SAFETY: this tile owns these rows of the frame; only read here.
+                        let stored = unsafe { self.frame_row(&frame.values, frame.width, tile, k) };
+                        values[offset + k * n..offset + (k + 1) * n].copy_from_slice(stored);
+                    }
+                }
                 Op::Curve { .. } if backward => {
                     let slot = self.plan.curve_slot[index].expect("curve steps have a slot");
                     let base = tile.image * w * hw + tile.within;
@@ -955,6 +1098,14 @@ impl Sweep<'_> {
                     }
                 }
             }
+            if let (Some(frame), false) = (step.export, backward) {
+                let frame = self.frames[frame];
+                for k in 0..w {
+                    // SAFETY: this tile owns these rows of the frame.
+                    let stored = unsafe { self.frame_row(&frame.values, frame.width, tile, k) };
+                    stored.copy_from_slice(&values[offset + k * n..offset + (k + 1) * n]);
+                }
+            }
         }
     }
 
@@ -974,19 +1125,46 @@ impl Sweep<'_> {
         let TileBuffers { values, grads, slopes, counts, rows } = buffers;
         self.forward_tile(tile, values, slopes, rows, softmax, store, true, counts);
         let n = tile.n;
-        grads[..self.plan.scratch * n].fill(0.0);
+        grads[..self.plan.stage_scratch.get(self.stage).copied().unwrap_or(0) * n].fill(0.0);
         let c = self.classes;
         let hw = self.pixels_per_image;
         let first = tile.image * hw + tile.within;
         let logit_base = tile.image * c * hw + tile.within;
         // SAFETY: this tile owns these rows of the gradient buffer.
         let grad_row = |k: usize| unsafe { logit_grads.row(logit_base + k * hw, n) };
-        for k in 0..c {
-            grad_row(k).fill(0.0);
+        // The logits' gradient is written by the first stage's sweep (which runs last).
+        if self.stage == 0 {
+            for k in 0..c {
+                grad_row(k).fill(0.0);
+            }
         }
-        for step in self.plan.steps.iter().rev() {
+        // Values that later stages read bring their gradient from there.
+        for step in self.plan.steps.iter().filter(|s| s.stage == self.stage) {
+            if let Some(frame) = step.export {
+                let frame = self.frames[frame];
+                for k in 0..step.width {
+                    // SAFETY: this tile owns these rows of the frame; only read here.
+                    let later = unsafe { self.frame_row(&frame.grads, frame.width, tile, k) };
+                    let offset = step.offset * n;
+                    for (g, &l) in grads[offset + k * n..offset + (k + 1) * n].iter_mut().zip(later.iter()) {
+                        *g += l;
+                    }
+                }
+            }
+        }
+        for step in self.plan.steps.iter().rev().filter(|s| s.stage == self.stage) {
             let (offset, w) = (step.offset * n, step.width);
             match &step.op {
+                Op::Import(frame) => {
+                    let frame = self.frames[*frame];
+                    for k in 0..w {
+                        // SAFETY: this tile owns these rows of the frame.
+                        let target = unsafe { self.frame_row(&frame.grads, frame.width, tile, k) };
+                        for (t, &g) in target.iter_mut().zip(&grads[offset + k * n..offset + (k + 1) * n]) {
+                            *t += g;
+                        }
+                    }
+                }
                 Op::Count { input, count } => {
                     let si = &self.plan.steps[*input];
                     let source = si.offset * n;
@@ -1255,6 +1433,27 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
             .collect()
     };
     let plane_widths: Vec<usize> = plan.planes.iter().map(|p| width(module.shape(*p), c)).collect();
+    // Frames carry values (and gradients) between stages; pools keep their winners.
+    let frame_len = |width: usize| n * width * pixels_per_image;
+    let mut frame_buffers: Vec<(Vec<f32>, Vec<f32>)> = plan
+        .frames
+        .iter()
+        .map(|&width| {
+            let mut grads = take_buffer(frame_len(width));
+            grads.fill(0.0);
+            (take_buffer(frame_len(width)), grads)
+        })
+        .collect();
+    let frames: Vec<Frame> = frame_buffers
+        .iter_mut()
+        .zip(&plan.frames)
+        .map(|((values, grads), &width)| Frame {
+            values: SharedPlanes { data: values.as_mut_ptr(), len: values.len() },
+            grads: SharedPlanes { data: grads.as_mut_ptr(), len: grads.len() },
+            width,
+        })
+        .collect();
+    let mut winners: Vec<Vec<u32>> = plan.pools.iter().map(|pool| vec![0u32; frame_len(plan.frames[pool.output])]).collect();
     let sweep = Sweep {
         plan,
         logits: logit_values,
@@ -1263,6 +1462,8 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         plane_widths: &plane_widths,
         classes: c,
         pixels_per_image,
+        stage: 0,
+        frames: &frames,
     };
     let runs = tile_runs(n, pixels_per_image, threads());
     let mut softmax = take_buffer(elements);
@@ -1280,27 +1481,38 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         values: store_buffers.iter_mut().map(|(_, values)| values.as_mut().map(planes_of)).collect(),
     };
     let mut counts: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = runs
-            .iter()
-            .map(|run| {
-                let (sweep, store) = (&sweep, &store);
-                scope.spawn(move || {
-                    let mut buffers = TileBuffers::new(plan);
-                    forward_run(sweep, run, &mut buffers, softmax_planes, store);
-                    buffers.counts
+    for stage in 0..plan.stages {
+        // Poolings whose output this stage reads, from frames complete by now.
+        for (pool, winners) in plan.pools.iter().zip(winners.iter_mut()).filter(|(p, _)| p.stage == stage) {
+            let (input, output) = (&frame_buffers[pool.input].0, frames[pool.output].values);
+            tch_backend::window_winners(input, winners, h, w, pool.radius, pool.erode);
+            // SAFETY: the output frame is a buffer of its own, not read or written elsewhere now.
+            let output = unsafe { output.row(0, output.len) };
+            gather_planes(input, winners, output, pixels_per_image);
+        }
+        let sweep = Sweep { stage, ..sweep };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = runs
+                .iter()
+                .map(|run| {
+                    let (sweep, store) = (&sweep, &store);
+                    scope.spawn(move || {
+                        let mut buffers = TileBuffers::new(plan);
+                        forward_run(sweep, run, &mut buffers, softmax_planes, store);
+                        buffers.counts
+                    })
                 })
-            })
-            .collect();
-        for handle in handles {
-            let local = handle.join().expect("fused forward worker");
-            for (total, part) in counts.iter_mut().zip(local) {
-                for (t, p) in total.iter_mut().zip(part) {
-                    *t += p;
+                .collect();
+            for handle in handles {
+                let local = handle.join().expect("fused forward worker");
+                for (total, part) in counts.iter_mut().zip(local) {
+                    for (t, p) in total.iter_mut().zip(part) {
+                        *t += p;
+                    }
                 }
             }
-        }
-    });
+        });
+    }
     // Counts become leaves; the small graph above them runs with autograd.
     let kind = logits.kind();
     let count_leaves: Vec<Tensor> = plan
@@ -1324,6 +1536,10 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         tch_backend::run_nodes(module, curves, logits, labels, provided, &wanted),
     );
     let release = move || {
+        for (values, grads) in frame_buffers {
+            give_back(values);
+            give_back(grads);
+        }
         give_back(softmax);
         for (slopes, values) in store_buffers {
             give_back(slopes);
@@ -1341,21 +1557,67 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     // Every element is written by exactly one tile (zeroed, then accumulated).
     let gradient = Tensor::empty([n as i64, c as i64, h as i64, w as i64], (Kind::Float, tch::Device::Cpu));
     let gradient_planes = SharedPlanes { data: gradient.data_ptr() as *mut f32, len: elements };
-    std::thread::scope(|scope| {
-        for run in &runs {
-            let (sweep, count_grads, store) = (&sweep, &count_grads, &store);
-            scope.spawn(move || {
-                let mut buffers = TileBuffers::new(plan);
-                backward_run(sweep, run, &mut buffers, softmax_planes, store, count_grads, gradient_planes);
-            });
+    for stage in (0..plan.stages).rev() {
+        let sweep = Sweep { stage, ..sweep };
+        std::thread::scope(|scope| {
+            for run in &runs {
+                let (sweep, count_grads, store) = (&sweep, &count_grads, &store);
+                scope.spawn(move || {
+                    let mut buffers = TileBuffers::new(plan);
+                    backward_run(sweep, run, &mut buffers, softmax_planes, store, count_grads, gradient_planes);
+                });
+            }
+        });
+        // Every reader of these poolings' outputs is done: send their gradients back to the
+        // winners, in the input frames (read by an earlier stage, which runs next).
+        for (pool, winners) in plan.pools.iter().zip(&winners).filter(|(p, _)| p.stage == stage) {
+            let (from, to) = (frames[pool.output].grads, frames[pool.input].grads);
+            // SAFETY: two distinct frames' gradient buffers, not used by anything else now.
+            let (from, to) = unsafe { (from.row(0, from.len), to.row(0, to.len)) };
+            scatter_planes(from, winners, to, pixels_per_image);
         }
-    });
+    }
     drop(logits_contiguous);
     release();
     let gradient = gradient.to_kind(kind);
     let linear = (logits * &gradient).sum(kind);
     let loss = &linear + (result.loss.detach() - linear.detach());
     Surrogate { loss, ..result }
+}
+
+/// `output[i] = input[winner[i]]` within each `[H, W]` plane, split over the cores.
+fn gather_planes(input: &[f32], winners: &[u32], output: &mut [f32], plane: usize) {
+    let planes = input.len() / plane.max(1);
+    let per_worker = planes.div_ceil(threads().min(planes).max(1)).max(1) * plane;
+    std::thread::scope(|scope| {
+        for ((input, winners), output) in input.chunks(per_worker).zip(winners.chunks(per_worker)).zip(output.chunks_mut(per_worker)) {
+            scope.spawn(move || {
+                for ((input, winners), output) in input.chunks(plane).zip(winners.chunks(plane)).zip(output.chunks_mut(plane)) {
+                    for (o, &i) in output.iter_mut().zip(winners) {
+                        *o = input[i as usize];
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// `target[winner[i]] += source[i]` within each `[H, W]` plane (a pooling's backward: each
+/// output's gradient goes to its window's winner), split over the cores by planes.
+fn scatter_planes(source: &[f32], winners: &[u32], target: &mut [f32], plane: usize) {
+    let planes = source.len() / plane.max(1);
+    let per_worker = planes.div_ceil(threads().min(planes).max(1)).max(1) * plane;
+    std::thread::scope(|scope| {
+        for ((source, winners), target) in source.chunks(per_worker).zip(winners.chunks(per_worker)).zip(target.chunks_mut(per_worker)) {
+            scope.spawn(move || {
+                for ((source, winners), target) in source.chunks(plane).zip(winners.chunks(plane)).zip(target.chunks_mut(plane)) {
+                    for (&g, &i) in source.iter().zip(winners) {
+                        target[i as usize] += g;
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Whether the fused kernel can run these inputs at all (CPU, float32).

@@ -269,16 +269,51 @@ crate::fused::with_best_simd!(
     (inputs: &[f32], outputs: &mut [i64], h: usize, w: usize, radius: usize, erode: bool),
     {
         if erode {
-            winners_of_planes::<true>(inputs, outputs, h, w, radius)
+            winners_of_planes::<true, i64>(inputs, outputs, h, w, radius)
         } else {
-            winners_of_planes::<false>(inputs, outputs, h, w, radius)
+            winners_of_planes::<false, i64>(inputs, outputs, h, w, radius)
         }
     }
 );
 
+crate::fused::with_best_simd!(
+    winner_planes_u32,
+    (inputs: &[f32], outputs: &mut [u32], h: usize, w: usize, radius: usize, erode: bool),
+    {
+        if erode {
+            winners_of_planes::<true, u32>(inputs, outputs, h, w, radius)
+        } else {
+            winners_of_planes::<false, u32>(inputs, outputs, h, w, radius)
+        }
+    }
+);
+
+/// Window winners (as [`pool_winners_cpu`] finds them, index within the plane) of every
+/// `[H, W]` plane of `input` into `winners`, split over the cores (the fused kernel's
+/// pooling stage).
+pub(crate) fn window_winners(input: &[f32], winners: &mut [u32], h: usize, w: usize, radius: usize, erode: bool) {
+    let plane = h * w;
+    if plane == 0 || input.is_empty() {
+        return;
+    }
+    let planes = input.len() / plane;
+    let per_worker = planes.div_ceil(crate::fused::threads().min(planes).max(1)).max(1);
+    std::thread::scope(|scope| {
+        for (inputs, outputs) in input.chunks(per_worker * plane).zip(winners.chunks_mut(per_worker * plane)) {
+            scope.spawn(move || winner_planes_u32(inputs, outputs, h, w, radius, erode));
+        }
+    });
+}
+
 /// The body of [`pool_winners_cpu`] for some planes (inlined into each SIMD version).
 #[inline(always)]
-fn winners_of_planes<const ERODE: bool>(inputs: &[f32], outputs: &mut [i64], h: usize, w: usize, radius: usize) {
+fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
+    inputs: &[f32],
+    outputs: &mut [T],
+    h: usize,
+    w: usize,
+    radius: usize,
+) {
     const L: usize = WINNER_LANES;
     let plane = h * w;
     // Strictly better, so the first of equal values wins; the sentinel never does.
@@ -332,7 +367,7 @@ fn winners_of_planes<const ERODE: bool>(inputs: &[f32], outputs: &mut [i64], h: 
                     take_better::<ERODE, L>(&mut v, &mut i, c, ci);
                 }
                 for (t, &index) in out[start..][..L].iter_mut().zip(&i) {
-                    *t = index as i64;
+                    *t = T::from(index);
                 }
             }
             for x in blocks..w {
@@ -342,7 +377,7 @@ fn winners_of_planes<const ERODE: bool>(inputs: &[f32], outputs: &mut [i64], h: 
                         (v, i) = (padded_value[offset + x], padded_index[offset + x]);
                     }
                 }
-                out[x] = i as i64;
+                out[x] = T::from(i);
             }
         }
     }
