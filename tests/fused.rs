@@ -13,6 +13,8 @@ use tch::{Kind, Tensor};
 
 #[test]
 fn fused_kernel_equals_reference_path() {
+    // A value read but not written by the current call shows up as NaN.
+    runtime::fused::set_scratch_poisoning(true);
     tch::manual_seed(11);
     let mut fused_count = 0;
     for path in examples() {
@@ -59,9 +61,11 @@ fn fused_kernel_equals_reference_path() {
         // Without a gradient (no curve stores, no backward sweep) the value is the same.
         loss.set_fast_path(true);
         let no_grad_value = loss.forward(&logits, &labels).unwrap().double_value(&[]);
-        assert!((no_grad_value - fast_value).abs() <= 1e-6 * fast_value.abs().max(1e-3), "{name}: without a gradient");
+        // Losses are `1 − metric` (or sums of such terms and cross-entropy): float32 resolves
+        // them to about 6e-8 near 1, so the tolerance is 1e-5 of the larger of the value and 1.
+        assert!((no_grad_value - fast_value).abs() <= 1e-6 * fast_value.abs().max(1.0), "{name}: without a gradient");
         assert!(
-            (fast_value - reference_value).abs() <= 1e-5 * reference_value.abs().max(1e-3),
+            (fast_value - reference_value).abs() <= 1e-5 * reference_value.abs().max(1.0),
             "{name}: fast {fast_value} vs reference {reference_value}"
         );
         let scale = reference_grad.abs().max().double_value(&[]).max(1e-9);

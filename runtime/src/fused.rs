@@ -320,6 +320,11 @@ impl FusedPlan {
     /// products, `any`, the softmax) and where curves keep their slopes.
     fn plan_backward(&mut self) {
         let len = self.steps.len();
+        // One stage: curves keep their slopes (and values) for the backward sweep, which then
+        // never re-evaluates a curve. Several stages already move several planes per pixel
+        // between sweeps; there, re-evaluating curves costs less than storing and reading
+        // back two more planes per curve.
+        let store_curves = self.stages == 1;
         self.pred = self
             .steps
             .iter()
@@ -337,12 +342,16 @@ impl FusedPlan {
                     need[index] = true;
                 }
                 Op::Softmax => need[index] = true,
+                // Recomputed in the backward sweep when curves are not stored.
+                Op::Curve { .. } if !store_curves => need[index] = true,
                 _ => {}
             }
         }
         // A needed value needs its operands' values, except where it is read back.
         for index in (0..len).rev() {
-            if need[index] && !matches!(self.steps[index].op, Op::Curve { .. } | Op::Softmax) {
+            let read_back = matches!(self.steps[index].op, Op::Softmax)
+                || (store_curves && matches!(self.steps[index].op, Op::Curve { .. }));
+            if need[index] && !read_back {
                 for operand in step_operands(&self.steps[index].op) {
                     need[operand] = true;
                 }
@@ -354,7 +363,7 @@ impl FusedPlan {
             .steps
             .iter()
             .map(|step| {
-                matches!(step.op, Op::Curve { .. }).then(|| {
+                (store_curves && matches!(step.op, Op::Curve { .. })).then(|| {
                     slots += 1;
                     slots - 1
                 })
@@ -952,8 +961,8 @@ impl Sweep<'_> {
                         values[offset + k * n..offset + (k + 1) * n].copy_from_slice(stored);
                     }
                 }
-                Op::Curve { .. } if backward => {
-                    let slot = self.plan.curve_slot[index].expect("curve steps have a slot");
+                Op::Curve { .. } if backward && self.plan.curve_slot[index].is_some() => {
+                    let slot = self.plan.curve_slot[index].expect("checked");
                     let base = tile.image * w * hw + tile.within;
                     for k in 0..w {
                         // SAFETY: this tile owns these rows of the stores; only read here.
@@ -1022,10 +1031,10 @@ impl Sweep<'_> {
                         &mut slopes[offset..offset + w * n],
                         segments,
                     );
-                    let slot = self.plan.curve_slot[index].expect("curve steps have a slot");
                     let base = tile.image * w * hw + tile.within;
-                    // Without a gradient to come there are no stores.
-                    for k in (0..w).filter(|_| !store.slopes.is_empty()) {
+                    // Without a gradient to come (or without stored curves) nothing is kept.
+                    let slot = self.plan.curve_slot[index].filter(|_| !store.slopes.is_empty() && !backward);
+                    for (k, slot) in (0..w).filter_map(|k| slot.map(|slot| (k, slot))) {
                         // SAFETY: this tile owns these rows of the stores.
                         let stored = unsafe { store.slopes[slot].row(base + k * hw, n) };
                         stored.copy_from_slice(&slopes[offset + k * n..offset + (k + 1) * n]);
@@ -1098,7 +1107,8 @@ impl Sweep<'_> {
                     }
                 }
             }
-            if let (Some(frame), false) = (step.export, backward) {
+            // The softmax's frame is the softmax store itself.
+            if let (Some(frame), false, false) = (step.export, backward, matches!(step.op, Op::Softmax)) {
                 let frame = self.frames[frame];
                 for k in 0..w {
                     // SAFETY: this tile owns these rows of the frame.
@@ -1370,6 +1380,15 @@ static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new
 /// Most buffers kept for reuse (several models may train in threads at once).
 const SCRATCH_KEPT: usize = 16;
 
+/// When on, reused scratch is filled with NaN first, so that a test reading a value the
+/// current call did not write fails instead of finding the previous call's data.
+static POISON_SCRATCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Testing aid: fill reused scratch planes with NaN (see [`take_buffer`]).
+pub fn set_scratch_poisoning(on: bool) {
+    POISON_SCRATCH.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A buffer of `len` values with unspecified contents (every user overwrites all of it).
 fn take_buffer(len: usize) -> Vec<f32> {
     let reused = {
@@ -1381,6 +1400,9 @@ fn take_buffer(len: usize) -> Vec<f32> {
     let mut buffer = reused.unwrap_or_default();
     buffer.resize(len, 0.0);
     buffer.truncate(len);
+    if POISON_SCRATCH.load(std::sync::atomic::Ordering::Relaxed) {
+        buffer.fill(f32::NAN);
+    }
     buffer
 }
 
@@ -1444,7 +1466,8 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
             (take_buffer(frame_len(width)), grads)
         })
         .collect();
-    let frames: Vec<Frame> = frame_buffers
+    let softmax_frame = plan.steps.iter().find(|s| matches!(s.op, Op::Softmax)).and_then(|s| s.export);
+    let mut frames: Vec<Frame> = frame_buffers
         .iter_mut()
         .zip(&plan.frames)
         .map(|((values, grads), &width)| Frame {
@@ -1453,6 +1476,12 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
             width,
         })
         .collect();
+    let mut softmax = take_buffer(elements);
+    let softmax_planes = SharedPlanes { data: softmax.as_mut_ptr(), len: softmax.len() };
+    if let Some(frame) = softmax_frame {
+        frames[frame].values = softmax_planes;
+    }
+    let frames = frames;
     let mut winners: Vec<Vec<u32>> = plan.pools.iter().map(|pool| vec![0u32; frame_len(plan.frames[pool.output])]).collect();
     let sweep = Sweep {
         plan,
@@ -1466,8 +1495,6 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         frames: &frames,
     };
     let runs = tile_runs(n, pixels_per_image, threads());
-    let mut softmax = take_buffer(elements);
-    let softmax_planes = SharedPlanes { data: softmax.as_mut_ptr(), len: softmax.len() };
     // Curve stores only matter when there is a backward sweep.
     let stored_curves = if logits.requires_grad() { plan.stored_curves() } else { Vec::new() };
     let store_len = |width: usize| n * width * pixels_per_image;
@@ -1484,10 +1511,11 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     for stage in 0..plan.stages {
         // Poolings whose output this stage reads, from frames complete by now.
         for (pool, winners) in plan.pools.iter().zip(winners.iter_mut()).filter(|(p, _)| p.stage == stage) {
-            let (input, output) = (&frame_buffers[pool.input].0, frames[pool.output].values);
+            let (input, output) = (frames[pool.input].values, frames[pool.output].values);
+            // SAFETY: between sweeps nothing else touches the frames; input and output are
+            // distinct buffers (an output frame is always a buffer of its own).
+            let (input, output) = unsafe { (&*input.row(0, input.len), output.row(0, output.len)) };
             tch_backend::window_winners(input, winners, h, w, pool.radius, pool.erode);
-            // SAFETY: the output frame is a buffer of its own, not read or written elsewhere now.
-            let output = unsafe { output.row(0, output.len) };
             gather_planes(input, winners, output, pixels_per_image);
         }
         let sweep = Sweep { stage, ..sweep };
