@@ -1435,9 +1435,37 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     // Label-only planes, computed once: on bytes where they are small integers, else by
     // libtorch.
     let dims = label_planes::Dims { images: n, classes: c, height: h, width: w };
+    // Counts of label-only sets (BF1's label boundary pixels per class) come from the same
+    // byte planes, so that libtorch does not rebuild the label part for them.
+    let on_pred = label_planes::prediction_dependent(module);
+    let label_counts: Vec<(Handle, Handle)> = module
+        .handles()
+        .filter_map(|h| match module.node(h) {
+            Node::Count(input) if label_planes::pixel_label_node(module, *input, &on_pred) => Some((h, *input)),
+            _ => None,
+        })
+        .collect();
+    let mut wanted_planes = plan.planes.clone();
+    wanted_planes.extend(label_counts.iter().map(|(_, input)| *input));
+    let evaluated = if wanted_planes.is_empty() {
+        None
+    } else {
+        label_planes::evaluate(module, &label_values, dims, &wanted_planes)
+    };
+    let mut provided: Vec<Option<Tensor>> = (0..module.len()).map(|_| None).collect();
+    if let Some(computed) = &evaluated {
+        for (count, input) in &label_counts {
+            if let Some(label_planes::Value::Plane { data, width }) = &computed[input.index()] {
+                let sums = label_planes::class_sums(data, *width, pixels_per_image);
+                let tensor = Tensor::from_slice(&sums).to_kind(logits.kind());
+                let tensor = if matches!(module.shape(*count), Shape::Scalar) { tensor.sum(logits.kind()) } else { tensor };
+                provided[count.index()] = Some(tensor);
+            }
+        }
+    }
     let plane_values: Vec<PlaneData> = if plan.planes.is_empty() {
         Vec::new()
-    } else if let Some(mut computed) = label_planes::evaluate(module, &label_values, dims, &plan.planes) {
+    } else if let Some(mut computed) = evaluated {
         plan.planes
             .iter()
             .map(|p| match computed[p.index()].take() {
@@ -1553,7 +1581,6 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
             t.set_requires_grad(logits.requires_grad())
         })
         .collect();
-    let mut provided: Vec<Option<Tensor>> = (0..module.len()).map(|_| None).collect();
     for (handle, leaf) in plan.counts.iter().zip(&count_leaves) {
         provided[handle.index()] = Some(leaf.shallow_clone());
     }

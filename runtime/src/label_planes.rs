@@ -59,6 +59,15 @@ pub fn widen(source: &[i8], target: &mut [f32]) {
     });
 }
 
+/// Per-class sums of a `[N, width, H, W]` byte plane (over images and pixels).
+pub fn class_sums(data: &[i8], width: usize, pixels: usize) -> Vec<f64> {
+    let mut sums = vec![0i64; width];
+    for (index, row) in data.chunks(pixels.max(1)).enumerate() {
+        sums[index % width] += row.iter().map(|&x| x as i64).sum::<i64>();
+    }
+    sums.into_iter().map(|s| s as f64).collect()
+}
+
 /// The geometry of a batch.
 #[derive(Clone, Copy, Debug)]
 pub struct Dims {
