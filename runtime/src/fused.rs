@@ -1490,7 +1490,7 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
         .iter()
         .map(|&width| {
             let mut grads = take_buffer(frame_len(width));
-            grads.fill(0.0);
+            zero(&mut grads);
             (take_buffer(frame_len(width)), grads)
         })
         .collect();
@@ -1543,8 +1543,7 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
             // SAFETY: between sweeps nothing else touches the frames; input and output are
             // distinct buffers (an output frame is always a buffer of its own).
             let (input, output) = unsafe { (&*input.row(0, input.len), output.row(0, output.len)) };
-            tch_backend::window_winners(input, winners, h, w, pool.radius, pool.erode);
-            gather_planes(input, winners, output, pixels_per_image);
+            tch_backend::window_winners(input, winners, output, (h, w), pool.radius, pool.erode);
         }
         let sweep = Sweep { stage, ..sweep };
         std::thread::scope(|scope| {
@@ -1640,19 +1639,12 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     Surrogate { loss, ..result }
 }
 
-/// `output[i] = input[winner[i]]` within each `[H, W]` plane, split over the cores.
-fn gather_planes(input: &[f32], winners: &[u32], output: &mut [f32], plane: usize) {
-    let planes = input.len() / plane.max(1);
-    let per_worker = planes.div_ceil(threads().min(planes).max(1)).max(1) * plane;
+/// Zero a buffer, split over the cores.
+fn zero(buffer: &mut [f32]) {
+    let chunk = buffer.len().div_ceil(threads()).max(1 << 16);
     std::thread::scope(|scope| {
-        for ((input, winners), output) in input.chunks(per_worker).zip(winners.chunks(per_worker)).zip(output.chunks_mut(per_worker)) {
-            scope.spawn(move || {
-                for ((input, winners), output) in input.chunks(plane).zip(winners.chunks(plane)).zip(output.chunks_mut(plane)) {
-                    for (o, &i) in output.iter_mut().zip(winners) {
-                        *o = input[i as usize];
-                    }
-                }
-            });
+        for part in buffer.chunks_mut(chunk) {
+            scope.spawn(move || part.fill(0.0));
         }
     });
 }

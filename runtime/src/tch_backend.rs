@@ -269,38 +269,45 @@ crate::fused::with_best_simd!(
     (inputs: &[f32], outputs: &mut [i64], h: usize, w: usize, radius: usize, erode: bool),
     {
         if erode {
-            winners_of_planes::<true, i64>(inputs, outputs, h, w, radius)
+            winners_of_planes::<true, i64>(inputs, outputs, None, h, w, radius)
         } else {
-            winners_of_planes::<false, i64>(inputs, outputs, h, w, radius)
+            winners_of_planes::<false, i64>(inputs, outputs, None, h, w, radius)
         }
     }
 );
 
 crate::fused::with_best_simd!(
     winner_planes_u32,
-    (inputs: &[f32], outputs: &mut [u32], h: usize, w: usize, radius: usize, erode: bool),
+    (inputs: &[f32], outputs: &mut [u32], values: &mut [f32], h: usize, w: usize, radius: usize, erode: bool),
     {
         if erode {
-            winners_of_planes::<true, u32>(inputs, outputs, h, w, radius)
+            winners_of_planes::<true, u32>(inputs, outputs, Some(values), h, w, radius)
         } else {
-            winners_of_planes::<false, u32>(inputs, outputs, h, w, radius)
+            winners_of_planes::<false, u32>(inputs, outputs, Some(values), h, w, radius)
         }
     }
 );
 
 /// Window winners (as [`pool_winners_cpu`] finds them, index within the plane) of every
-/// `[H, W]` plane of `input` into `winners`, split over the cores (the fused kernel's
-/// pooling stage).
-pub(crate) fn window_winners(input: &[f32], winners: &mut [u32], h: usize, w: usize, radius: usize, erode: bool) {
+/// `[H, W]` plane of `input` into `winners`, and their values (the pooled planes) into
+/// `values`, split over the cores (the fused kernel's pooling stage; inputs are finite).
+pub(crate) fn window_winners(
+    input: &[f32],
+    winners: &mut [u32],
+    values: &mut [f32],
+    (h, w): (usize, usize),
+    radius: usize,
+    erode: bool,
+) {
     let plane = h * w;
     if plane == 0 || input.is_empty() {
         return;
     }
     let planes = input.len() / plane;
-    let per_worker = planes.div_ceil(crate::fused::threads().min(planes).max(1)).max(1);
+    let chunk = planes.div_ceil(crate::fused::threads().min(planes).max(1)).max(1) * plane;
     std::thread::scope(|scope| {
-        for (inputs, outputs) in input.chunks(per_worker * plane).zip(winners.chunks_mut(per_worker * plane)) {
-            scope.spawn(move || winner_planes_u32(inputs, outputs, h, w, radius, erode));
+        for ((inputs, outputs), values) in input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(values.chunks_mut(chunk)) {
+            scope.spawn(move || winner_planes_u32(inputs, outputs, values, h, w, radius, erode));
         }
     });
 }
@@ -310,6 +317,7 @@ pub(crate) fn window_winners(input: &[f32], winners: &mut [u32], h: usize, w: us
 fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
     inputs: &[f32],
     outputs: &mut [T],
+    mut values: Option<&mut [f32]>,
     h: usize,
     w: usize,
     radius: usize,
@@ -326,7 +334,7 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
     let mut padded_value = vec![sentinel; w + 2 * radius];
     let mut padded_index = vec![0u32; w + 2 * radius];
     let blocks = w / L * L;
-    for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
+    for (index, (source, target)) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)).enumerate() {
         for y in 0..h {
             let rows = y.saturating_sub(radius)..(y + radius + 1).min(h);
             for start in (0..blocks).step_by(L) {
@@ -358,6 +366,8 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
             padded_index[radius..radius + w].copy_from_slice(&column_index[y * w..(y + 1) * w]);
             let own = &column_index[y * w..(y + 1) * w];
             let out = &mut target[y * w..(y + 1) * w];
+            // The winners' values too, when asked for (the fused kernel's pooled frame).
+            let mut out_values = values.as_deref_mut().map(|v| &mut v[index * plane + y * w..index * plane + (y + 1) * w]);
             for start in (0..blocks).step_by(L) {
                 let mut v = [sentinel; L];
                 let mut i: [u32; L] = own[start..][..L].try_into().expect("a block");
@@ -369,6 +379,9 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
                 for (t, &index) in out[start..][..L].iter_mut().zip(&i) {
                     *t = T::from(index);
                 }
+                if let Some(out_values) = out_values.as_deref_mut() {
+                    out_values[start..][..L].copy_from_slice(&v);
+                }
             }
             for x in blocks..w {
                 let (mut v, mut i) = (sentinel, own[x]);
@@ -378,6 +391,9 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
                     }
                 }
                 out[x] = T::from(i);
+                if let Some(out_values) = out_values.as_deref_mut() {
+                    out_values[x] = v;
+                }
             }
         }
     }
