@@ -1002,8 +1002,8 @@ impl Sweep<'_> {
                     }
                 }
                 Op::Valid => {
-                    for j in 0..n {
-                        values[offset + j] = if self.labels[first + j] != IGNORE_LABEL { 1.0 } else { 0.0 };
+                    for (value, &label) in values[offset..offset + n].iter_mut().zip(&self.labels[first..first + n]) {
+                        *value = unit(label != IGNORE_LABEL);
                     }
                 }
                 Op::Const(value) => values[offset..offset + n].fill(*value),
@@ -1049,8 +1049,9 @@ impl Sweep<'_> {
                 Op::Mul(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x * y),
                 Op::Neg(a) => {
                     let source = self.plan.steps[*a].offset * n;
-                    for i in 0..w * n {
-                        values[offset + i] = -values[source + i];
+                    let (head, tail) = values.split_at_mut(offset);
+                    for (target, &x) in tail[..w * n].iter_mut().zip(&head[source..source + w * n]) {
+                        *target = -x;
                     }
                 }
                 Op::AnyClass(a) => {
@@ -1181,8 +1182,8 @@ impl Sweep<'_> {
                     let upstream = &count_grads[*count];
                     for k in 0..si.width {
                         let g = if upstream.len() == 1 { upstream[0] } else { upstream[k] };
-                        for j in 0..n {
-                            grads[source + k * n + j] += g;
+                        for target in &mut grads[source + k * n..source + (k + 1) * n] {
+                            *target += g;
                         }
                     }
                 }
