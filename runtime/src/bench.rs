@@ -20,9 +20,8 @@ pub struct BenchReport {
     pub ce_ms: f64,
     pub ratio: f64,
     pub peak_extra_mb: f64,
-    /// `fused` (the fused kernel), `op by op + curve kernels` (the fast path without the fused
-    /// kernel: label planes on bytes, elementwise clusters, CPU pooling), `op by op` (no curve
-    /// to speed up) or `reference` (op by op in libtorch).
+    /// `fused` (the fused kernel), `op by op` (a module without curves, which libtorch's own
+    /// kernels serve best) or `reference` (the op-by-op reference path, `--reference`).
     pub path: String,
 }
 
@@ -114,9 +113,8 @@ pub fn run(
         peak_extra_mb,
         path: if loss.uses_fused_kernel(&leaf) {
             "fused".into()
-        } else if loss.uses_fast_curves(&leaf) && !loss.compiled().manifest.curves.is_empty() {
-            "op by op + curve kernels".into()
-        } else if loss.uses_fast_curves(&leaf) {
+        } else if loss.fast_path() {
+            // A module without curves: libtorch's fused operations, op by op.
             "op by op".into()
         } else {
             "reference".into()

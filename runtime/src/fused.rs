@@ -1,23 +1,32 @@
-//! The fused CPU kernel: a relaxed module's pixel-level work done in one pass over the pixels.
+//! The fused CPU kernel: a relaxed module's pixel-level work done in a few passes over the
+//! pixels instead of one libtorch operation per node.
 //!
 //! The reference path (op by op in libtorch) materializes every intermediate `[N,C,H,W]`
 //! tensor and records it for autograd. Here, the pixel-level nodes that feed the counts
 //! become a small program over a pixel's classes, run on tiles of 64 pixels whose values lie
 //! class-major (`[class][pixel]`) so each step is a long contiguous loop:
 //! 1. forward sweep: softmax, curves, products, ... accumulated straight into the counts
-//!    (float64), the softmax kept for the second sweep;
+//!    (float64); the softmax and each curve's slopes are kept for the backward sweep;
 //! 2. the few per-class numbers above the counts run in libtorch with autograd, giving
 //!    `∂loss/∂count`;
 //! 3. backward sweep: per pixel, reverse mode through the same program to `∂loss/∂logits`.
+//!
+//! **Stages.** Pooling of prediction-dependent sets (BF1's `boundary(P)` erodes `P`, then
+//! dilates the soft boundary) needs neighbours, so such a module runs in several sweeps
+//! (stages): a value a later stage reads goes to a *frame* (a full `[N, w, H, W]` plane),
+//! and between stages the CPU winner search pools a frame into another, keeping each
+//! output's winner (as `max_pool2d` picks it). The backward runs the stages in reverse: each
+//! stage's sweep adds the gradients of what it read into the frames' gradient planes, each
+//! pooling scatters its output's gradient to the winners, and the first stage's sweep ends in
+//! the softmax backward.
 //!
 //! The result enters autograd by linearization (tch has no custom autograd function):
 //! `loss = Σ logits·G + (value − Σ logits·G).detach()` has value `value` and gradient `G`.
 //!
 //! What it covers: softmax, labels, valid, constants, curves, `+ − ×`, negation, `any`,
-//! class slices, counts and the cross-entropy sum; label-only parts (label boundaries,
-//! bands) are computed once by libtorch and read as planes. A module with pooling on
-//! predictions (erode/dilate of `P`, as in BF1) returns `None` from [`FusedPlan::new`] and
-//! runs op by op, with curves from [`curve_tensors`]. Tests prove the fast and reference
+//! class slices, erosion and dilation, counts and the cross-entropy sum; label-only parts
+//! (label boundaries, bands, their counts) are computed once, on bytes when
+//! [`label_planes`] proves they fit, and read as planes. Tests prove the fused and reference
 //! paths equal in values and gradients.
 //!
 //! Every hot loop is written to vectorize (contiguous rows, no branches, no aliasing between
@@ -395,7 +404,7 @@ fn step_operands(op: &Op) -> Vec<usize> {
 
 /// One curve piece with its coefficients folded to float32 for the per-pixel loop.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct FastSegment {
+struct FastSegment {
     start_x: f32,
     end_x: f32,
     inv_width: f32,
@@ -411,7 +420,7 @@ pub(crate) struct FastSegment {
 }
 
 impl FastSegment {
-    pub(crate) fn new(segment: &Segment) -> FastSegment {
+    fn new(segment: &Segment) -> FastSegment {
         let width = segment.width();
         let m = segment.m;
         FastSegment {
@@ -499,7 +508,7 @@ impl FastSegment {
 /// piece's kind is decided outside the loop and every step inside is arithmetic or a bit
 /// select, so the loop vectorizes.
 #[inline(always)]
-pub(crate) fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
+fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
     if segments.len() == 2 {
         // Two pieces (the default): pick each element's piece first, then evaluate it once.
         if segments.iter().all(|s| s.linear || s.degenerate) {
@@ -641,41 +650,6 @@ fn blended_row<const QUADRATIC: bool>(xs: &[f32], ys: &mut [f32], slopes: &mut [
     }
 }
 
-/// A curve over a CPU float32 tensor, with the vectorized kernel of the fused path, split
-/// over the cores: `(g(x), None)` without a gradient, else `(g'(x), Some(g(x) − x·g'(x)))`
-/// so that `x·g'(x) + offset` is the linearization (value `g(x)`, derivative `g'(x)`) in two
-/// libtorch operations. The input is read in place and the outputs written straight into
-/// fresh tensors.
-pub fn curve_tensors(x: &Tensor, curve: &Curve, gradient: bool) -> (Tensor, Option<Tensor>) {
-    let segments: Vec<FastSegment> = curve.segments().iter().map(FastSegment::new).collect();
-    let source = x.detach().contiguous();
-    let size = source.size();
-    let elements = source.numel();
-    let first = Tensor::empty(size.as_slice(), (Kind::Float, tch::Device::Cpu));
-    let second = gradient.then(|| Tensor::empty(size.as_slice(), (Kind::Float, tch::Device::Cpu)));
-    if elements == 0 {
-        return (first, second);
-    }
-    // SAFETY: `source` is a contiguous float32 CPU tensor of `elements` values alive until the
-    // end of this function; `first` and `second` are fresh tensors of the same size that
-    // nothing else refers to yet.
-    let xs: &[f32] = unsafe { std::slice::from_raw_parts(source.data_ptr() as *const f32, elements) };
-    let first_out: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(first.data_ptr() as *mut f32, elements) };
-    let mut second_out: Option<&mut [f32]> =
-        second.as_ref().map(|t| unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, elements) });
-    let chunk = elements.div_ceil(threads()).max(1 << 14);
-    std::thread::scope(|scope| {
-        let mut second_chunks = second_out.as_mut().map(|s| s.chunks_mut(chunk));
-        for (x, out) in xs.chunks(chunk).zip(first_out.chunks_mut(chunk)) {
-            let offsets = second_chunks.as_mut().and_then(|c| c.next());
-            let segments = &segments;
-            scope.spawn(move || curve_chunk(x, out, offsets, segments));
-        }
-    });
-    drop(source);
-    (first, second)
-}
-
 /// `e^x` for `x ≤ 0` (a logit minus its pixel's maximum), written so that loops over it
 /// vectorize: round-to-nearest by the 1.5·2²³ trick, a degree-6 polynomial on
 /// [−ln2/2, ln2/2] (relative error below 2e-7), and the power of two built in the exponent
@@ -760,40 +734,6 @@ with_best_simd!(
         }
     }
 );
-
-with_best_simd!(
-    curve_chunk,
-    (x: &[f32], first: &mut [f32], offsets: Option<&mut [f32]>, segments: &[FastSegment]),
-    {
-        const BLOCK: usize = TILE * 16;
-        let mut offsets = offsets;
-        let mut values = [0.0f32; BLOCK];
-        let mut slopes = [0.0f32; BLOCK];
-        for (index, x) in x.chunks(BLOCK).enumerate() {
-            let range = index * BLOCK..index * BLOCK + x.len();
-            let (values, slopes) = (&mut values[..x.len()], &mut slopes[..x.len()]);
-            curve_row(x, values, slopes, segments);
-            match offsets.as_deref_mut() {
-                None => first[range].copy_from_slice(values),
-                Some(offsets) => {
-                    first[range.clone()].copy_from_slice(slopes);
-                    for (((o, &v), &d), &x) in offsets[range].iter_mut().zip(values.iter()).zip(slopes.iter()).zip(x) {
-                        *o = v - x * d;
-                    }
-                }
-            }
-        }
-    }
-);
-
-with_best_simd!(curve_block, (xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]), {
-    curve_row(xs, ys, slopes, segments)
-});
-
-/// `g` and `g'` over a row (see [`curve_row`]), in its own vectorized function.
-pub(crate) fn curve_values_into(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
-    curve_block(xs, ys, slopes, segments)
-}
 
 /// A tile: `n` consecutive pixels of one image, from position `within`.
 #[derive(Clone, Copy, Debug)]

@@ -8,7 +8,6 @@
 
 pub mod bench;
 pub mod data;
-pub mod elementwise;
 pub mod fused;
 pub mod label_planes;
 pub mod loss;

@@ -41,9 +41,10 @@ pub enum LossError {
 pub struct Loss {
     compiled: Compiled,
     params: Params,
-    /// The fast path (on by default): on CPU float32 logits, the fused kernel where it
-    /// applies (see [`crate::fused`]), else op by op with the vectorized curve kernel. Off,
-    /// every loss runs op by op in libtorch: the reference the fast path is tested against.
+    /// The fast path (on by default): on CPU float32 logits, the fused kernel (see
+    /// [`crate::fused`]) for every module with a curve. Off, or for a module without curves
+    /// (plain cross-entropy, which libtorch's own fused kernels do best), every loss runs op
+    /// by op in libtorch: the reference the fast path is tested against.
     fast_path: bool,
 }
 
@@ -108,10 +109,9 @@ impl Loss {
         self.fast_path = on;
     }
 
-    /// Whether `forward` on these logits takes the fast path's curve kernel without the
-    /// fused kernel (CPU float32, a module the fused kernel does not cover).
-    pub fn uses_fast_curves(&self, logits: &Tensor) -> bool {
-        self.fast_path && fused::applicable(logits) && self.plan(logits).is_none()
+    /// Whether the fast path is on.
+    pub fn fast_path(&self) -> bool {
+        self.fast_path
     }
 
     /// Whether `forward` on these logits takes the fused kernel.
@@ -134,7 +134,6 @@ impl Loss {
             if let Some(plan) = self.plan(logits) {
                 return Ok(fused::surrogate(module, &self.params.curves, &plan, logits, &labels));
             }
-            return Ok(tch_backend::surrogate_with(module, &self.params.curves, logits, &labels, true));
         }
         Ok(tch_backend::surrogate(module, &self.params.curves, logits, &labels))
     }

@@ -8,7 +8,6 @@
 //! square roots are clamped, surrogate denominators carry `+1e-8`, and a reduction over
 //! no class yields an undefined marker instead of NaN.
 
-use crate::label_planes;
 use compiler::curve::{Curve, Segment, SQRT_FLOOR};
 use compiler::ir::{CmpOp, DivGuard, Handle, Mode, Module, Node, Shape, SURROGATE_EPS};
 use tch::{Kind, Reduction, Tensor};
@@ -446,21 +445,15 @@ pub struct NodeValues {
     pub undefined_terms: Vec<String>,
 }
 
-/// Which nodes must be computed to get `wanted`, given that `provided` nodes are known and
-/// that computing a node reads `reads(node)`.
-fn needed(
-    module: &Module,
-    wanted: &[Handle],
-    provided: &[Option<Tensor>],
-    reads: &dyn Fn(Handle) -> Vec<Handle>,
-) -> Vec<bool> {
+/// Which nodes must be computed to get `wanted`, given that `provided` nodes are known.
+fn needed(module: &Module, wanted: &[Handle], provided: &[Option<Tensor>]) -> Vec<bool> {
     let mut need = vec![false; module.len()];
     for handle in wanted {
         need[handle.index()] = true;
     }
-    for handle in module.handles().collect::<Vec<_>>().into_iter().rev() {
-        if need[handle.index()] && provided[handle.index()].is_none() {
-            for operand in reads(handle) {
+    for index in (0..module.len()).rev() {
+        if need[index] && provided[index].is_none() {
+            for operand in module.nodes[index].operands() {
                 need[operand.index()] = true;
             }
         }
@@ -478,36 +471,8 @@ pub fn run_nodes(
     provided: Vec<Option<Tensor>>,
     wanted: &[Handle],
 ) -> NodeValues {
-    run_nodes_with(module, curves, logits, labels, provided, wanted, false)
-}
-
-/// [`run_nodes`], with curves evaluated by the fused kernel's vectorized code and spliced in
-/// by linearization when `fast_curves` (CPU float32 only; values and gradients equal the
-/// op-by-op curve to float32 rounding).
-pub fn run_nodes_with(
-    module: &Module,
-    curves: &[Curve],
-    logits: &Tensor,
-    labels: &Tensor,
-    provided: Vec<Option<Tensor>>,
-    wanted: &[Handle],
-    fast_curves: bool,
-) -> NodeValues {
     assert_eq!(module.mode, Mode::Relaxed);
-    // On the fast path, groups of elementwise nodes run as one pass (see `elementwise`).
-    let clusters = if fast_curves && logits.device() == tch::Device::Cpu && logits.kind() == Kind::Float {
-        crate::elementwise::clusters(module, curves, &label_planes::prediction_dependent(module))
-    } else {
-        Vec::new()
-    };
-    let mut cluster_of: Vec<Option<usize>> = vec![None; module.len()];
-    for (index, cluster) in clusters.iter().enumerate() {
-        cluster_of[cluster.output.index()] = Some(index);
-    }
-    let need = needed(module, wanted, &provided, &|h: Handle| match cluster_of[h.index()] {
-        Some(index) => clusters[index].inputs.clone(),
-        None => module.node(h).operands(),
-    });
+    let need = needed(module, wanted, &provided);
     let classes = logits.size()[1];
     let kind = logits.kind();
     let mut values: Vec<Option<Tensor>> = Vec::with_capacity(module.len());
@@ -528,26 +493,12 @@ pub fn run_nodes_with(
             continue;
         }
         let v = |h: &Handle| values[h.index()].as_ref().expect("operands come first");
-        if let Some(index) = cluster_of[handle.index()] {
-            let cluster = &clusters[index];
-            let inputs: Vec<&Tensor> = cluster.inputs.iter().map(v).collect();
-            values.push(Some(cluster.apply(&inputs)));
-            undefined.push(is_undefined);
-            continue;
-        }
         let value = match node {
             Node::Softmax => logits.softmax(1, kind),
             Node::Labels => one_hot(labels, classes, kind),
             Node::Valid => labels.ne(IGNORE_LABEL).unsqueeze(1).to_kind(kind),
             Node::Const(c) => Tensor::from(c.get()).to_kind(kind).to_device(logits.device()),
-            Node::Curve { input, curve } => {
-                let x = v(input);
-                if fast_curves && x.device() == tch::Device::Cpu && x.kind() == Kind::Float {
-                    apply_curve_fast(x, &curves[curve.0 as usize])
-                } else {
-                    apply_curve(x, &curves[curve.0 as usize])
-                }
-            }
+            Node::Curve { input, curve } => apply_curve(v(input), &curves[curve.0 as usize]),
             Node::Erode { input, radius } => pool(v(input), *radius, true),
             Node::Dilate { input, radius } => pool(v(input), *radius, false),
             Node::AnyClass(input) => v(input).amax([1].as_slice(), true),
@@ -609,75 +560,10 @@ pub fn run_nodes_with(
 
 /// Run a relaxed module with autograd, op by op (the reference path).
 pub fn surrogate(module: &Module, curves: &[Curve], logits: &Tensor, labels: &Tensor) -> Surrogate {
-    surrogate_with(module, curves, logits, labels, false)
-}
-
-/// [`surrogate`], optionally with fast curves (see [`run_nodes_with`]).
-pub fn surrogate_with(
-    module: &Module,
-    curves: &[Curve],
-    logits: &Tensor,
-    labels: &Tensor,
-    fast_curves: bool,
-) -> Surrogate {
-    let provided = if fast_curves { label_frontier(module, logits, labels) } else { (0..module.len()).map(|_| None).collect() };
+    let provided = (0..module.len()).map(|_| None).collect();
     let mut wanted = vec![module.root];
     wanted.extend(module.reports.iter().map(|r| r.value));
-    finish_surrogate(module, run_nodes_with(module, curves, logits, labels, provided, &wanted, fast_curves))
-}
-
-/// The fast path's label-only values: every label-only pixel node that a prediction-dependent
-/// node or an accumulator reads, evaluated on bytes by [`crate::label_planes`] (all `None`
-/// when that evaluator does not apply, so libtorch computes them).
-fn label_frontier(module: &Module, logits: &Tensor, labels: &Tensor) -> Vec<Option<Tensor>> {
-    let mut provided: Vec<Option<Tensor>> = (0..module.len()).map(|_| None).collect();
-    let size = logits.size();
-    if logits.device() != tch::Device::Cpu || size.len() != 4 {
-        return provided;
-    }
-    let on_pred = label_planes::prediction_dependent(module);
-    let is_label = |h: Handle| label_planes::pixel_label_node(module, h, &on_pred);
-    let mut frontier = vec![false; module.len()];
-    for handle in module.handles() {
-        if is_label(handle) {
-            continue;
-        }
-        for operand in module.node(handle).operands() {
-            if is_label(operand) && !matches!(module.node(operand), Node::Const(_) | Node::Labels | Node::Valid) {
-                frontier[operand.index()] = true;
-            }
-        }
-    }
-    let wanted: Vec<Handle> = module.handles().filter(|h| frontier[h.index()]).collect();
-    if wanted.is_empty() {
-        return provided;
-    }
-    let dims = label_planes::Dims {
-        images: size[0] as usize,
-        classes: size[1] as usize,
-        height: size[2] as usize,
-        width: size[3] as usize,
-    };
-    let label_values = Vec::<i64>::try_from(labels.contiguous().reshape([-1])).unwrap_or_default();
-    if let Some(values) = label_planes::evaluate(module, &label_values, dims, &wanted) {
-        for handle in wanted {
-            if let Some(value) = &values[handle.index()] {
-                let tensor = value.to_tensor(dims.images, dims.height, dims.width).to_kind(logits.kind());
-                provided[handle.index()] = Some(tensor);
-            }
-        }
-    }
-    provided
-}
-
-/// `g(x)` from the vectorized curve kernel; the gradient enters by linearization:
-/// `x·g'(x) + (g(x) − x·g'(x))` with the bracket computed by the kernel (no gradient) has
-/// value `g(x)` and derivative `g'(x)`.
-fn apply_curve_fast(x: &Tensor, curve: &Curve) -> Tensor {
-    match crate::fused::curve_tensors(x, curve, x.requires_grad()) {
-        (values, None) => values,
-        (slopes, Some(offsets)) => x * slopes + offsets,
-    }
+    finish_surrogate(module, run_nodes(module, curves, logits, labels, provided, &wanted))
 }
 
 /// Assemble the loss from node values: `1 − metric` or the loss expression, 0 if undefined.
