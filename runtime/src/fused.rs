@@ -402,14 +402,13 @@ fn step_operands(op: &Op) -> Vec<usize> {
     }
 }
 
-/// One curve piece with its coefficients folded to float32 for the per-pixel loop.
+/// One curve piece with its coefficients folded to float32 for the per-pixel loop. The kind
+/// of piece is a number too (1.0 or 0.0), so that lanes can blend whole pieces.
 #[derive(Clone, Copy, Debug)]
 struct FastSegment {
     start_x: f32,
     end_x: f32,
     inv_width: f32,
-    degenerate: bool,
-    linear: bool,
     m: f32,
     slope: f32,
     m2: f32,
@@ -417,6 +416,10 @@ struct FastSegment {
     y0: f32,
     y1: f32,
     y2: f32,
+    /// 1.0 for a straight piece (`t = x'`), else 0.0.
+    linear: f32,
+    /// 1.0 for a piece of zero width (the value `y2`, slope 0), else 0.0.
+    degenerate: f32,
 }
 
 impl FastSegment {
@@ -427,8 +430,6 @@ impl FastSegment {
             start_x: segment.start[0] as f32,
             end_x: segment.end[0] as f32,
             inv_width: if width > 0.0 { (1.0 / width) as f32 } else { 0.0 },
-            degenerate: width <= 0.0,
-            linear: segment.linear,
             m: m as f32,
             slope: (1.0 - 2.0 * m) as f32,
             m2: (m * m) as f32,
@@ -436,7 +437,64 @@ impl FastSegment {
             y0: segment.start[1] as f32,
             y1: segment.middle[1] as f32,
             y2: segment.end[1] as f32,
+            linear: unit(segment.linear),
+            degenerate: unit(width <= 0.0),
         }
+    }
+
+    /// Whether evaluating the piece needs the square root (a curved, non-degenerate piece).
+    fn quadratic(&self) -> bool {
+        self.linear == 0.0 && self.degenerate == 0.0
+    }
+
+    /// `a` where `take`, else `b`, field by field.
+    #[inline(always)]
+    fn select(take: bool, a: &FastSegment, b: &FastSegment) -> FastSegment {
+        FastSegment {
+            start_x: select(take, a.start_x, b.start_x),
+            end_x: select(take, a.end_x, b.end_x),
+            inv_width: select(take, a.inv_width, b.inv_width),
+            m: select(take, a.m, b.m),
+            slope: select(take, a.slope, b.slope),
+            m2: select(take, a.m2, b.m2),
+            inv_2m1: select(take, a.inv_2m1, b.inv_2m1),
+            y0: select(take, a.y0, b.y0),
+            y1: select(take, a.y1, b.y1),
+            y2: select(take, a.y2, b.y2),
+            linear: select(take, a.linear, b.linear),
+            degenerate: select(take, a.degenerate, b.degenerate),
+        }
+    }
+
+    /// `g(x)` and `dg/dx` of the piece with the reference path's clamping: `x` clamped to
+    /// [0, 1] and normalised to the piece; `t = x'` on a straight piece, else the closed form
+    /// with the square root's argument clamped; a degenerate piece is its end value with
+    /// slope 0. Without `QUADRATIC` (every piece straight or degenerate) the square root is
+    /// skipped. Branch-free, so loops over it vectorize.
+    #[inline(always)]
+    fn eval<const QUADRATIC: bool>(&self, x: f32) -> (f32, f32) {
+        let x_in_range = unit((x >= 0.0) & (x <= 1.0));
+        let raw = (clamp_unit(x) - self.start_x) * self.inv_width;
+        let norm_in_range = unit((raw >= 0.0) & (raw <= 1.0));
+        let (x_norm, passes) = (clamp_unit(raw), x_in_range * norm_in_range);
+        let (t, dt) = if QUADRATIC {
+            let disc_raw = x_norm * self.slope + self.m2;
+            let floor = SQRT_FLOOR as f32;
+            let disc_slope = self.slope * unit(disc_raw >= floor);
+            let root = disc_raw.max(floor).sqrt();
+            let t_raw = (self.m - root) * self.inv_2m1;
+            let t_in_range = unit((t_raw >= 0.0) & (t_raw <= 1.0));
+            let dt_dxn = t_in_range * (-0.5 / root * disc_slope * self.inv_2m1);
+            let linear = self.linear > 0.5;
+            (select(linear, x_norm, clamp_unit(t_raw)), select(linear, 1.0, dt_dxn))
+        } else {
+            (x_norm, 1.0)
+        };
+        let s = 1.0 - t;
+        let y = s * s * self.y0 + 2.0 * t * s * self.y1 + t * t * self.y2;
+        let dy_dt = -2.0 * s * self.y0 + 2.0 * (1.0 - 2.0 * t) * self.y1 + 2.0 * t * self.y2;
+        let degenerate = self.degenerate > 0.5;
+        (select(degenerate, self.y2, y), select(degenerate, 0.0, passes * dy_dt * dt * self.inv_width))
     }
 }
 
@@ -459,194 +517,48 @@ fn clamp_unit(x: f32) -> f32 {
     x.max(0.0).min(1.0)
 }
 
-impl FastSegment {
-    /// `y(t)` and `dy/dt` of the piece.
-    #[inline(always)]
-    fn bezier(&self, t: f32) -> (f32, f32) {
-        let s = 1.0 - t;
-        let y = s * s * self.y0 + 2.0 * t * s * self.y1 + t * t * self.y2;
-        let dy_dt = -2.0 * s * self.y0 + 2.0 * (1.0 - 2.0 * t) * self.y1 + 2.0 * t * self.y2;
-        (y, dy_dt)
-    }
-
-    /// The clamped, piece-normalised x, and 1 where the clamps pass gradients (else 0).
-    #[inline(always)]
-    fn normalise(&self, x: f32) -> (f32, f32) {
-        let x_in_range = unit((x >= 0.0) & (x <= 1.0));
-        let raw = (clamp_unit(x) - self.start_x) * self.inv_width;
-        let norm_in_range = unit((raw >= 0.0) & (raw <= 1.0));
-        (clamp_unit(raw), x_in_range * norm_in_range)
-    }
-
-    /// `g(x)` and `dg/dx` of a linear piece (`t = x'`), with the reference path's clamping.
-    #[inline(always)]
-    fn eval_linear(&self, x: f32) -> (f32, f32) {
-        let (t, passes) = self.normalise(x);
-        let (y, dy_dt) = self.bezier(t);
-        (y, passes * dy_dt * self.inv_width)
-    }
-
-    /// `g(x)` and `dg/dx` of a quadratic piece: `t` from the closed form with the square
-    /// root's argument clamped, exactly as the reference path computes it.
-    #[inline(always)]
-    fn eval_quadratic(&self, x: f32) -> (f32, f32) {
-        let (x_norm, passes) = self.normalise(x);
-        let disc_raw = x_norm * self.slope + self.m2;
-        let floor = SQRT_FLOOR as f32;
-        let disc_slope = self.slope * unit(disc_raw >= floor);
-        let root = disc_raw.max(floor).sqrt();
-        let t_raw = (self.m - root) * self.inv_2m1;
-        let t_in_range = unit((t_raw >= 0.0) & (t_raw <= 1.0));
-        let dt_dxn = t_in_range * (-0.5 / root * disc_slope * self.inv_2m1);
-        let (y, dy_dt) = self.bezier(clamp_unit(t_raw));
-        (y, passes * dy_dt * dt_dxn * self.inv_width)
-    }
-}
-
-/// `g` and `g'` over a row of values: the last piece everywhere, then each earlier piece
-/// where `x` is at most its end (the reference path's `where` chain, piece by piece). The
-/// piece's kind is decided outside the loop and every step inside is arithmetic or a bit
-/// select, so the loop vectorizes.
+/// `g` and `g'` over a row of values, piece by piece as the reference path's `where` chain
+/// picks them: the first piece whose end is at least the clamped `x`. One or two pieces (the
+/// usual counts) pick the piece per element and evaluate it once; more pieces evaluate each
+/// and select. The square root is compiled in only when some piece needs it.
 #[inline(always)]
 fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
-    if segments.len() == 2 {
-        // Two pieces (the default): pick each element's piece first, then evaluate it once.
-        if segments.iter().all(|s| s.linear || s.degenerate) {
-            blended_row::<false>(xs, ys, slopes, segments);
-        } else {
-            blended_row::<true>(xs, ys, slopes, segments);
-        }
-        return;
-    }
-    #[inline(always)]
-    fn apply(
-        xs: &[f32],
-        ys: &mut [f32],
-        slopes: &mut [f32],
-        everywhere: bool,
-        end_x: f32,
-        eval: impl Fn(f32) -> (f32, f32),
-    ) {
-        let len = xs.len();
-        let (ys, slopes) = (&mut ys[..len], &mut slopes[..len]);
-        if everywhere {
-            for i in 0..len {
-                let (value, derivative) = eval(xs[i]);
-                ys[i] = value;
-                slopes[i] = derivative;
-            }
-        } else {
-            for i in 0..len {
-                let x = xs[i];
-                let (value, derivative) = eval(x);
-                let take = clamp_unit(x) <= end_x;
-                ys[i] = select(take, value, ys[i]);
-                slopes[i] = select(take, derivative, slopes[i]);
-            }
-        }
-    }
-    let last = segments.len() - 1;
-    for (index, segment) in segments.iter().enumerate().rev() {
-        let everywhere = index == last;
-        if segment.degenerate {
-            apply(xs, ys, slopes, everywhere, segment.end_x, |_| (segment.y2, 0.0));
-        } else if segment.linear {
-            apply(xs, ys, slopes, everywhere, segment.end_x, |x| segment.eval_linear(x));
-        } else {
-            apply(xs, ys, slopes, everywhere, segment.end_x, |x| segment.eval_quadratic(x));
-        }
+    if segments.iter().any(FastSegment::quadratic) {
+        curve_row_of::<true>(xs, ys, slopes, segments)
+    } else {
+        curve_row_of::<false>(xs, ys, slopes, segments)
     }
 }
 
-/// A piece's coefficients as plain numbers, so that lanes can blend them.
-#[derive(Clone, Copy)]
-struct Coefficients {
-    start_x: f32,
-    inv_width: f32,
-    m: f32,
-    slope: f32,
-    m2: f32,
-    inv_2m1: f32,
-    y0: f32,
-    y1: f32,
-    y2: f32,
-    linear: f32,
-    degenerate: f32,
-}
-
-impl Coefficients {
-    #[inline(always)]
-    fn of(segment: &FastSegment) -> Coefficients {
-        Coefficients {
-            start_x: segment.start_x,
-            inv_width: segment.inv_width,
-            m: segment.m,
-            slope: segment.slope,
-            m2: segment.m2,
-            inv_2m1: segment.inv_2m1,
-            y0: segment.y0,
-            y1: segment.y1,
-            y2: segment.y2,
-            linear: unit(segment.linear),
-            degenerate: unit(segment.degenerate),
-        }
-    }
-
-    #[inline(always)]
-    fn select(take: bool, a: &Coefficients, b: &Coefficients) -> Coefficients {
-        Coefficients {
-            start_x: select(take, a.start_x, b.start_x),
-            inv_width: select(take, a.inv_width, b.inv_width),
-            m: select(take, a.m, b.m),
-            slope: select(take, a.slope, b.slope),
-            m2: select(take, a.m2, b.m2),
-            inv_2m1: select(take, a.inv_2m1, b.inv_2m1),
-            y0: select(take, a.y0, b.y0),
-            y1: select(take, a.y1, b.y1),
-            y2: select(take, a.y2, b.y2),
-            linear: select(take, a.linear, b.linear),
-            degenerate: select(take, a.degenerate, b.degenerate),
-        }
-    }
-}
-
-/// [`curve_row`] for curves of two pieces: per element, the piece the reference's `where`
-/// chain picks (the first whose end is at least the clamped `x`) is blended into registers,
-/// then evaluated once with the same arithmetic as [`FastSegment`]'s. Without
-/// `QUADRATIC` every piece is linear (or a point) and the square root is skipped.
 #[inline(always)]
-fn blended_row<const QUADRATIC: bool>(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
-    let (first, second) = (Coefficients::of(&segments[0]), Coefficients::of(&segments[1]));
-    let first_end = segments[0].end_x;
+fn curve_row_of<const QUADRATIC: bool>(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], segments: &[FastSegment]) {
     let len = xs.len();
     let (ys, slopes) = (&mut ys[..len], &mut slopes[..len]);
-    for i in 0..len {
-        let x = xs[i];
-        let cx = clamp_unit(x);
-        let c = Coefficients::select(cx <= first_end, &first, &second);
-        let x_in_range = unit((x >= 0.0) & (x <= 1.0));
-        let raw = (cx - c.start_x) * c.inv_width;
-        let norm_in_range = unit((raw >= 0.0) & (raw <= 1.0));
-        let (x_norm, passes) = (clamp_unit(raw), x_in_range * norm_in_range);
-        let linear = c.linear > 0.5;
-        let (t, dt) = if QUADRATIC {
-            let disc_raw = x_norm * c.slope + c.m2;
-            let floor = SQRT_FLOOR as f32;
-            let disc_slope = c.slope * unit(disc_raw >= floor);
-            let root = disc_raw.max(floor).sqrt();
-            let t_raw = (c.m - root) * c.inv_2m1;
-            let t_in_range = unit((t_raw >= 0.0) & (t_raw <= 1.0));
-            let dt_dxn = t_in_range * (-0.5 / root * disc_slope * c.inv_2m1);
-            (select(linear, x_norm, clamp_unit(t_raw)), select(linear, 1.0, dt_dxn))
-        } else {
-            (x_norm, 1.0)
-        };
-        let s = 1.0 - t;
-        let y = s * s * c.y0 + 2.0 * t * s * c.y1 + t * t * c.y2;
-        let dy_dt = -2.0 * s * c.y0 + 2.0 * (1.0 - 2.0 * t) * c.y1 + 2.0 * t * c.y2;
-        let degenerate = c.degenerate > 0.5;
-        ys[i] = select(degenerate, c.y2, y);
-        slopes[i] = select(degenerate, 0.0, passes * dy_dt * dt * c.inv_width);
+    match segments {
+        [only] => {
+            for i in 0..len {
+                (ys[i], slopes[i]) = only.eval::<QUADRATIC>(xs[i]);
+            }
+        }
+        [first, second] => {
+            for i in 0..len {
+                let piece = FastSegment::select(clamp_unit(xs[i]) <= first.end_x, first, second);
+                (ys[i], slopes[i]) = piece.eval::<QUADRATIC>(xs[i]);
+            }
+        }
+        _ => {
+            // The last piece everywhere, then each earlier piece where `x` is at most its end.
+            let last = segments.len() - 1;
+            for (index, segment) in segments.iter().enumerate().rev() {
+                for i in 0..len {
+                    let x = xs[i];
+                    let (value, derivative) = segment.eval::<QUADRATIC>(x);
+                    let take = index == last || clamp_unit(x) <= segment.end_x;
+                    ys[i] = select(take, value, ys[i]);
+                    slopes[i] = select(take, derivative, slopes[i]);
+                }
+            }
+        }
     }
 }
 
