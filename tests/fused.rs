@@ -11,6 +11,15 @@ use compiler::params::Params;
 use runtime::Loss;
 use tch::{Kind, Tensor};
 
+/// The loss value and the logits' gradient, on the fast path or the reference path.
+fn forward_backward(loss: &mut Loss, fast: bool, logits: &Tensor, labels: &Tensor) -> (f64, Tensor) {
+    loss.set_fast_path(fast);
+    let x = logits.copy().set_requires_grad(true);
+    let value = loss.forward(&x, labels).unwrap();
+    value.backward();
+    (value.double_value(&[]), x.grad())
+}
+
 #[test]
 fn fused_kernel_equals_reference_path() {
     // A value read but not written by the current call shows up as NaN.
@@ -38,13 +47,6 @@ fn fused_kernel_equals_reference_path() {
         let ignore = Tensor::rand([2, 19, 23], (Kind::Float, tch::Device::Cpu)).lt(0.1);
         let labels = labels.where_self(&ignore.logical_not(), &labels.full_like(255));
 
-        let run = |fast: bool, loss: &mut Loss| {
-            loss.set_fast_path(fast);
-            let x = logits.copy().set_requires_grad(true);
-            let value = loss.forward(&x, &labels).unwrap();
-            value.backward();
-            (value.double_value(&[]), x.grad())
-        };
         let uses_fast = {
             loss.set_fast_path(true);
             loss.uses_fused_kernel(&logits)
@@ -56,8 +58,8 @@ fn fused_kernel_equals_reference_path() {
         if uses_fast {
             fused_count += 1;
         }
-        let (fast_value, fast_grad) = run(true, &mut loss);
-        let (reference_value, reference_grad) = run(false, &mut loss);
+        let (fast_value, fast_grad) = forward_backward(&mut loss, true, &logits, &labels);
+        let (reference_value, reference_grad) = forward_backward(&mut loss, false, &logits, &labels);
         // Without a gradient (no curve stores, no backward sweep) the value is the same.
         loss.set_fast_path(true);
         let no_grad_value = loss.forward(&logits, &labels).unwrap().double_value(&[]);
@@ -125,15 +127,8 @@ fn label_planes_on_bytes_equal_libtorch() {
     // Declined modules still take the fast path, with float planes, and equal the reference.
     let mut deep = Loss::from_source("deep.metric", DEEP_XOR, &[]).unwrap();
     assert!(deep.uses_fused_kernel(&logits));
-    let run = |fast: bool, loss: &mut Loss| {
-        loss.set_fast_path(fast);
-        let x = logits.copy().set_requires_grad(true);
-        let value = loss.forward(&x, &labels).unwrap();
-        value.backward();
-        (value.double_value(&[]), x.grad())
-    };
-    let (fast_value, fast_grad) = run(true, &mut deep);
-    let (reference_value, reference_grad) = run(false, &mut deep);
+    let (fast_value, fast_grad) = forward_backward(&mut deep, true, &logits, &labels);
+    let (reference_value, reference_grad) = forward_backward(&mut deep, false, &logits, &labels);
     assert!((fast_value - reference_value).abs() <= 1e-5, "deep: {fast_value} vs {reference_value}");
     let difference = (&fast_grad - &reference_grad).abs().max().double_value(&[]);
     assert!(difference <= 1e-5 * reference_grad.abs().max().double_value(&[]).max(1e-9));

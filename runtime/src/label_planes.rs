@@ -291,32 +291,10 @@ crate::fused::with_best_simd!(
     pool_planes,
     (inputs: &[i8], outputs: &mut [i8], h: usize, w: usize, radius: usize, erode: bool),
     {
-        let plane = h * w;
-        let combine = move |a: i8, b: i8| if erode { a.min(b) } else { a.max(b) };
-        let mut rows = vec![0i8; plane];
-        for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
-            for (line, out) in source.chunks(w).zip(rows.chunks_mut(w)) {
-                out.copy_from_slice(line);
-                for d in 1..=radius.min(w.saturating_sub(1)) {
-                    for (o, &v) in out[..w - d].iter_mut().zip(&line[d..]) {
-                        *o = combine(*o, v);
-                    }
-                    for (o, &v) in out[d..].iter_mut().zip(&line[..w - d]) {
-                        *o = combine(*o, v);
-                    }
-                }
-            }
-            for y in 0..h {
-                let out = &mut target[y * w..(y + 1) * w];
-                out.copy_from_slice(&rows[y * w..(y + 1) * w]);
-                for neighbour in y.saturating_sub(radius)..(y + radius + 1).min(h) {
-                    if neighbour != y {
-                        for (o, &v) in out.iter_mut().zip(&rows[neighbour * w..(neighbour + 1) * w]) {
-                            *o = combine(*o, v);
-                        }
-                    }
-                }
-            }
+        if erode {
+            crate::tch_backend::pool_planes_of(inputs, outputs, h, w, radius, Ord::min)
+        } else {
+            crate::tch_backend::pool_planes_of(inputs, outputs, h, w, radius, Ord::max)
         }
     }
 );

@@ -189,30 +189,48 @@ crate::fused::with_best_simd!(
     pool_planes,
     (inputs: &[f32], outputs: &mut [f32], h: usize, w: usize, radius: usize, erode: bool),
     {
-        let plane = h * w;
-        let combine = move |a: f32, b: f32| if erode { a.min(b) } else { a.max(b) };
-        let mut rows = vec![0.0f32; plane];
-        for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
-            // Row pass into `rows`.
-            for (line, out) in source.chunks(w).zip(rows.chunks_mut(w)) {
-                out.copy_from_slice(line);
-                for d in 1..=radius.min(w.saturating_sub(1)) {
-                    for (o, &v) in out[..w - d].iter_mut().zip(&line[d..]) {
-                        *o = combine(*o, v);
-                    }
-                    for (o, &v) in out[d..].iter_mut().zip(&line[..w - d]) {
-                        *o = combine(*o, v);
-                    }
+        if erode {
+            pool_planes_of(inputs, outputs, h, w, radius, f32::min)
+        } else {
+            pool_planes_of(inputs, outputs, h, w, radius, f32::max)
+        }
+    }
+);
+
+/// Square-window `combine` (min or max) of every `[H, W]` plane of `inputs`, the window clipped
+/// at the border: a row pass, then a column pass over whole rows, each a few contiguous
+/// sweeps over shifted rows (inlined into each SIMD version; shared by the float and byte
+/// planes).
+#[inline(always)]
+pub(crate) fn pool_planes_of<T: Copy + Default>(
+    inputs: &[T],
+    outputs: &mut [T],
+    h: usize,
+    w: usize,
+    radius: usize,
+    combine: impl Fn(T, T) -> T + Copy,
+) {
+    let plane = h * w;
+    let mut rows = vec![T::default(); plane];
+    for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
+        // Row pass into `rows`.
+        for (line, out) in source.chunks(w).zip(rows.chunks_mut(w)) {
+            out.copy_from_slice(line);
+            for d in 1..=radius.min(w.saturating_sub(1)) {
+                for (o, &v) in out[..w - d].iter_mut().zip(&line[d..]) {
+                    *o = combine(*o, v);
+                }
+                for (o, &v) in out[d..].iter_mut().zip(&line[..w - d]) {
+                    *o = combine(*o, v);
                 }
             }
-            // Column pass: whole rows at a time.
-            for y in 0..h {
-                let out = &mut target[y * w..(y + 1) * w];
-                out.copy_from_slice(&rows[y * w..(y + 1) * w]);
-                for neighbour in y.saturating_sub(radius)..(y + radius + 1).min(h) {
-                    if neighbour == y {
-                        continue;
-                    }
+        }
+        // Column pass: whole rows at a time.
+        for y in 0..h {
+            let out = &mut target[y * w..(y + 1) * w];
+            out.copy_from_slice(&rows[y * w..(y + 1) * w]);
+            for neighbour in y.saturating_sub(radius)..(y + radius + 1).min(h) {
+                if neighbour != y {
                     for (o, &v) in out.iter_mut().zip(&rows[neighbour * w..(neighbour + 1) * w]) {
                         *o = combine(*o, v);
                     }
@@ -220,7 +238,7 @@ crate::fused::with_best_simd!(
             }
         }
     }
-);
+}
 
 /// `if take { a } else { b }` on bit patterns, so loops using it vectorize.
 #[inline(always)]
