@@ -380,11 +380,11 @@ impl FusedPlan {
             .collect();
     }
 
-    /// Stored curves: `(step, width, values too)` per slot.
-    fn stored_curves(&self) -> Vec<(usize, usize, bool)> {
+    /// Stored curves: `(width, values too)` per slot.
+    fn stored_curves(&self) -> Vec<(usize, bool)> {
         (0..self.steps.len())
             .filter(|&i| self.curve_slot[i].is_some())
-            .map(|i| (i, self.steps[i].width, self.back_value[i]))
+            .map(|i| (self.steps[i].width, self.back_value[i]))
             .collect()
     }
 
@@ -1209,6 +1209,13 @@ pub(crate) fn threads() -> usize {
     (tch::get_num_threads().max(1) as usize).min(cores).min(16)
 }
 
+/// Elements per worker when `len` values, in `[H, W]` planes of `plane` values, are split
+/// over [`threads`] by whole planes (the pooling kernels' split).
+pub(crate) fn plane_chunk(len: usize, plane: usize) -> usize {
+    let planes = len / plane.max(1);
+    planes.div_ceil(threads().min(planes).max(1)).max(1) * plane.max(1)
+}
+
 /// The tiles of `images` images of `pixels_per_image` pixels, split into `workers` runs of
 /// about equal length; tiles never cross an image boundary.
 fn tile_runs(images: usize, pixels_per_image: usize, workers: usize) -> Vec<Vec<Tile>> {
@@ -1381,7 +1388,7 @@ pub fn surrogate(module: &Module, curves: &[Curve], plan: &FusedPlan, logits: &T
     let store_len = |width: usize| n * width * pixels_per_image;
     let mut store_buffers: Vec<(Vec<f32>, Option<Vec<f32>>)> = stored_curves
         .iter()
-        .map(|&(_, width, values)| (take_buffer(store_len(width)), values.then(|| take_buffer(store_len(width)))))
+        .map(|&(width, values)| (take_buffer(store_len(width)), values.then(|| take_buffer(store_len(width)))))
         .collect();
     let planes_of = |buffer: &mut Vec<f32>| SharedPlanes { data: buffer.as_mut_ptr(), len: buffer.len() };
     let store = CurveStore {
@@ -1505,8 +1512,7 @@ fn zero(buffer: &mut [f32]) {
 /// `target[winner[i]] += source[i]` within each `[H, W]` plane (a pooling's backward: each
 /// output's gradient goes to its window's winner), split over the cores by planes.
 fn scatter_planes(source: &[f32], winners: &[u32], target: &mut [f32], plane: usize) {
-    let planes = source.len() / plane.max(1);
-    let per_worker = planes.div_ceil(threads().min(planes).max(1)).max(1) * plane;
+    let per_worker = plane_chunk(source.len(), plane);
     std::thread::scope(|scope| {
         for ((source, winners), target) in source.chunks(per_worker).zip(winners.chunks(per_worker)).zip(target.chunks_mut(per_worker)) {
             scope.spawn(move || {

@@ -277,10 +277,9 @@ fn pool(data: &[i8], dims: Dims, radius: usize, erode: bool) -> Vec<i8> {
     if plane == 0 || data.is_empty() {
         return out;
     }
-    let planes = data.len() / plane;
-    let per_worker = planes.div_ceil(threads().min(planes).max(1)).max(1);
+    let chunk = crate::fused::plane_chunk(data.len(), plane);
     std::thread::scope(|scope| {
-        for (inputs, outputs) in data.chunks(per_worker * plane).zip(out.chunks_mut(per_worker * plane)) {
+        for (inputs, outputs) in data.chunks(chunk).zip(out.chunks_mut(chunk)) {
             scope.spawn(move || pool_planes(inputs, outputs, dims.height, dims.width, radius, erode));
         }
     });

@@ -174,10 +174,9 @@ fn pool_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
     // else refers to yet.
     let input: &[f32] = unsafe { std::slice::from_raw_parts(source.data_ptr() as *const f32, elements) };
     let output: &mut [f32] = unsafe { std::slice::from_raw_parts_mut(result.data_ptr() as *mut f32, elements) };
-    let workers = crate::fused::threads().min(planes.max(1));
-    let per_worker = planes.div_ceil(workers).max(1);
+    let chunk = crate::fused::plane_chunk(elements, plane);
     std::thread::scope(|scope| {
-        for (inputs, outputs) in input.chunks(per_worker * plane).zip(output.chunks_mut(per_worker * plane)) {
+        for (inputs, outputs) in input.chunks(chunk).zip(output.chunks_mut(chunk)) {
             scope.spawn(move || pool_planes(inputs, outputs, h, w, radius, erode));
         }
     });
@@ -269,10 +268,9 @@ fn pool_winners_cpu(x: &Tensor, radius: usize, erode: bool) -> Tensor {
         unsafe { std::slice::from_raw_parts_mut(result.data_ptr() as *mut i64, elements) }
     };
     if plane > 0 {
-        let workers = crate::fused::threads().min(planes.max(1));
-        let per_worker = planes.div_ceil(workers).max(1);
+        let chunk = crate::fused::plane_chunk(elements, plane);
         std::thread::scope(|scope| {
-            for (inputs, outputs) in input.chunks(per_worker * plane).zip(winners.chunks_mut(per_worker * plane)) {
+            for (inputs, outputs) in input.chunks(chunk).zip(winners.chunks_mut(chunk)) {
                 scope.spawn(move || winner_planes(inputs, outputs, h, w, radius, erode));
             }
         });
@@ -320,8 +318,7 @@ pub(crate) fn window_winners(
     if plane == 0 || input.is_empty() {
         return;
     }
-    let planes = input.len() / plane;
-    let chunk = planes.div_ceil(crate::fused::threads().min(planes).max(1)).max(1) * plane;
+    let chunk = crate::fused::plane_chunk(input.len(), plane);
     std::thread::scope(|scope| {
         for ((inputs, outputs), values) in input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(values.chunks_mut(chunk)) {
             scope.spawn(move || winner_planes_u32(inputs, outputs, values, h, w, radius, erode));
