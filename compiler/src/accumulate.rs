@@ -6,7 +6,8 @@
 //! [`DivGuard::Auto`]) are NaN internally and skipped by `mean`, like the published
 //! evaluator's nanmean; a metric that ends up NaN is reported as undefined.
 
-use crate::ir::{DivGuard, Handle, Mode, Module, Node, Shape};
+use crate::ir::{Handle, Node, Shape};
+use crate::ExactModule;
 use std::collections::BTreeMap;
 
 /// A number or one number per class.
@@ -40,33 +41,79 @@ impl Value {
 }
 
 /// Running sums of every accumulator node of an exact module.
-#[derive(Clone, Debug, Default)]
+///
+/// The sums are plain numbers, so a trainer that evaluates on several processes can
+/// all-reduce them: [`Accumulator::to_flat`] gives every sum (and the batch count) as one
+/// vector, element-wise additive across processes, and [`Accumulator::from_flat`] rebuilds
+/// the accumulator from the reduced vector.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Accumulator {
     sums: BTreeMap<Handle, Vec<f64>>,
     /// Number of batches added.
     pub batches: usize,
 }
 
-/// The accumulator nodes of a module, in arena order: what a back end must compute.
-pub fn accumulator_nodes(module: &Module) -> Vec<Handle> {
-    module.handles().filter(|h| module.node(*h).is_accumulator()).collect()
+/// Sums that cannot be added up.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AccumulateError {
+    #[error("accumulator {node} got {got} values but earlier batches gave {expected}; every batch of one evaluation must have the same number of classes")]
+    Length { node: Handle, expected: usize, got: usize },
+    #[error("the flat counts have {got} numbers but this metric's layout needs {expected}")]
+    Flat { expected: usize, got: usize },
 }
 
 impl Accumulator {
     /// Add one batch's values for `node` (per class, or a single number).
-    pub fn add(&mut self, node: Handle, values: &[f64]) {
+    pub fn add(&mut self, node: Handle, values: &[f64]) -> Result<(), AccumulateError> {
         let entry = self.sums.entry(node).or_insert_with(|| vec![0.0; values.len()]);
         if entry.len() != values.len() {
-            // A different class count than earlier batches: keep the union's length.
-            entry.resize(entry.len().max(values.len()), 0.0);
+            return Err(AccumulateError::Length { node, expected: entry.len(), got: values.len() });
         }
         for (sum, value) in entry.iter_mut().zip(values) {
             *sum += value;
         }
+        Ok(())
+    }
+
+    /// Add another accumulator of the same module (another process's, say).
+    pub fn merge(&mut self, other: &Accumulator) -> Result<(), AccumulateError> {
+        for (node, values) in &other.sums {
+            self.add(*node, values)?;
+        }
+        self.batches += other.batches;
+        Ok(())
     }
 
     pub fn get(&self, node: Handle) -> Option<&[f64]> {
         self.sums.get(&node).map(Vec::as_slice)
+    }
+
+    /// Every sum in node order, then the batch count: the vector to all-reduce. Its layout
+    /// is [`Accumulator::layout`].
+    pub fn to_flat(&self) -> Vec<f64> {
+        let mut flat: Vec<f64> = self.sums.values().flatten().copied().collect();
+        flat.push(self.batches as f64);
+        flat
+    }
+
+    /// The length of each node's sums, in node order.
+    pub fn layout(&self) -> Vec<(Handle, usize)> {
+        self.sums.iter().map(|(node, values)| (*node, values.len())).collect()
+    }
+
+    /// Rebuild an accumulator from a (reduced) flat vector with the given layout.
+    pub fn from_flat(layout: &[(Handle, usize)], flat: &[f64]) -> Result<Accumulator, AccumulateError> {
+        let expected = layout.iter().map(|(_, len)| len).sum::<usize>() + 1;
+        if flat.len() != expected {
+            return Err(AccumulateError::Flat { expected, got: flat.len() });
+        }
+        let mut sums = BTreeMap::new();
+        let mut offset = 0;
+        for &(node, len) in layout {
+            sums.insert(node, flat[offset..offset + len].to_vec());
+            offset += len;
+        }
+        Ok(Accumulator { sums, batches: flat[offset].round().max(0.0) as usize })
     }
 }
 
@@ -85,8 +132,7 @@ pub enum FinishError {
 }
 
 /// Evaluate the module's root (and reports) from accumulated sums.
-pub fn finish(module: &Module, accumulated: &Accumulator) -> Result<Evaluation, FinishError> {
-    assert_eq!(module.mode, Mode::Exact, "finish evaluates exact modules");
+pub fn finish(module: &ExactModule, accumulated: &Accumulator) -> Result<Evaluation, FinishError> {
     let mut values: Vec<Option<Value>> = vec![None; module.len()];
     for handle in module.handles() {
         let get = |h: Handle| values[h.index()].clone();
@@ -103,10 +149,9 @@ pub fn finish(module: &Module, accumulated: &Accumulator) -> Result<Evaluation, 
             Node::Add(a, b) => both(get(*a), get(*b), |x, y| x + y),
             Node::Sub(a, b) => both(get(*a), get(*b), |x, y| x - y),
             Node::Mul(a, b) => both(get(*a), get(*b), |x, y| x * y),
-            Node::Div { num, den, guard } => match guard {
-                DivGuard::Auto => both(get(*num), get(*den), |x, y| if y == 0.0 { f64::NAN } else { x / y }),
-                DivGuard::Explicit => both(get(*num), get(*den), |x, y| x / y),
-            },
+            // `x / 0` is undefined whatever the guard (an explicit epsilon is positive, so
+            // only a denominator that cancels it reaches zero).
+            Node::Div { num, den, .. } => both(get(*num), get(*den), |x, y| if y == 0.0 { f64::NAN } else { x / y }),
             Node::Neg(a) => get(*a).map(|v| v.map(|x| -x)),
             Node::Compare { op, lhs, rhs } => both(get(*lhs), get(*rhs), |x, y| if op.apply(x, y) { 1.0 } else { 0.0 }),
             // Logical operators on class masks (pixel-level ones have no value here).

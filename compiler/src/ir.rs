@@ -122,15 +122,22 @@ impl CmpOp {
 }
 
 /// How a division guards against a zero denominator.
+///
+/// In exact mode `x / 0` is undefined (NaN, skipped by `mean`) under either guard. In
+/// surrogate mode every back end divides *zero-safely*: after the guard, a denominator that
+/// is exactly 0 gives 0 with zero gradient, so no value is ever NaN or infinite, even for a
+/// denominator that can cancel (a soft `xor` can be negative).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum DivGuard {
-    /// Exact mode: `x / 0` is undefined (skipped by `mean`). Surrogate mode: the
-    /// denominator gets `+1e-8`, as in the published losses.
+    /// Surrogate mode: the denominator gets `+1e-8`, as in the published losses.
     Auto,
-    /// The user wrote `/ (d + eps)` with a literal `eps`; nothing more is added in
-    /// either mode.
+    /// The user wrote `/ (d + eps)` with a positive literal `eps`; nothing more is added.
     Explicit,
 }
+
+/// The label that marks ignored pixels unless the user chooses another value (or none).
+/// Ignored pixels belong to no class of `L` and are outside `V`.
+pub const DEFAULT_IGNORE_LABEL: i64 = 255;
 
 /// The epsilon the surrogate adds to [`DivGuard::Auto`] denominators.
 pub const SURROGATE_EPS: f64 = 1e-8;
@@ -395,7 +402,7 @@ impl Module {
         self.spans[handle.index()]
     }
 
-    pub fn handles(&self) -> impl Iterator<Item = Handle> {
+    pub fn handles(&self) -> impl DoubleEndedIterator<Item = Handle> + ExactSizeIterator {
         (0..self.nodes.len() as u32).map(Handle)
     }
 

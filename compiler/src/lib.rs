@@ -7,16 +7,19 @@
 //! 2. [`check::check_program`] — kinds of every expression, every error reported;
 //! 3. [`lower::lower`] — parameters bound, exact IR built with CSE;
 //! 4. [`relax::relax`] — curves inserted by the published rule, manifest made;
-//! 5. [`validate::validate`] — IR invariants, run on both modules by [`compile`].
+//! 5. [`validate::validate`] — IR invariants, run when an [`ExactModule`] or a
+//!    [`RelaxedModule`] is made, so back ends only ever see valid modules of the right mode.
 //!
 //! Architecture invariant: this crate knows nothing of tensors. Back ends (tch in
 //! `runtime/`, ONNX in [`onnx`]) interpret the closed [`ir::Node`] enum.
 
 pub mod accumulate;
+pub mod analysis;
 pub mod check;
 pub mod curve;
 pub mod ir;
 pub mod lower;
+pub mod modules;
 pub mod onnx;
 pub mod params;
 pub mod print;
@@ -25,8 +28,8 @@ pub mod relax;
 pub mod validate;
 
 use check::FileDiagnostics;
-use ir::Module;
 use lower::{LowerError, ParamValue};
+pub use modules::{ExactModule, RelaxedModule};
 use program::{LoadError, Program};
 use relax::Manifest;
 use std::collections::BTreeMap;
@@ -36,11 +39,17 @@ use std::path::Path;
 #[derive(Debug)]
 pub struct Compiled {
     pub program: Program,
-    pub exact: Module,
-    pub relaxed: Module,
-    pub manifest: Manifest,
+    pub exact: ExactModule,
+    pub relaxed: RelaxedModule,
     /// The parameter values used (defaults with overrides applied).
     pub params: BTreeMap<String, ParamValue>,
+}
+
+impl Compiled {
+    /// The relaxed module's curves.
+    pub fn manifest(&self) -> &Manifest {
+        self.relaxed.manifest()
+    }
 }
 
 /// Why compilation failed; [`Failure::render`] turns it into user-facing text.
@@ -129,17 +138,14 @@ pub fn compile_program(program: Program, overrides: &[(String, String)]) -> Resu
         .transpose()
         .map_err(|_| Failure::Message("parameters could not be resolved.".into()))?
         .unwrap_or_default();
-    let (relaxed, manifest) = relax::relax(&exact);
-    for (module, manifest) in [(&exact, None), (&relaxed, Some(&manifest))] {
-        let problems = validate::validate(module, manifest);
-        if !problems.is_empty() {
-            return Err(Failure::Message(format!(
-                "internal error: the compiled IR is invalid ({}); please report this with the metric file.",
-                problems.join("; ")
-            )));
-        }
-    }
-    Ok(Compiled { program, exact, relaxed, manifest, params })
+    let internal = |invalid: modules::Invalid| {
+        Failure::Message(format!(
+            "internal error: {invalid}; this is a bug in losscc, please report it with the metric file."
+        ))
+    };
+    let exact = ExactModule::new(exact).map_err(internal)?;
+    let relaxed = relax::relax(&exact).map_err(internal)?;
+    Ok(Compiled { program, exact, relaxed, params })
 }
 
 /// Lower every definition of the main file with its default parameters, so that errors

@@ -711,13 +711,18 @@ fn cmp_op(op: BinaryOp) -> Option<CmpOp> {
     })
 }
 
-/// A denominator written as `d + literal` (or `literal + d`) carries its own epsilon.
+/// A denominator written as `d + literal` (or `literal + d`) with a positive literal carries
+/// its own epsilon. `d + 0` does not: it gets the automatic one, so that it cannot be 0/0.
 fn division_guard(denominator: &ast::Expr) -> DivGuard {
     let mut expr = denominator;
     while let ExprKind::Paren(inner) = &expr.kind {
         expr = inner;
     }
-    let is_literal = |e: &ast::Expr| matches!(e.kind, ExprKind::Literal(Literal::Float(_) | Literal::Int(_)));
+    let is_literal = |e: &ast::Expr| match e.kind {
+        ExprKind::Literal(Literal::Float(value)) => value > 0.0,
+        ExprKind::Literal(Literal::Int(value)) => value > 0,
+        _ => false,
+    };
     match &expr.kind {
         ExprKind::Binary { op: BinaryOp::Add, lhs, rhs, .. } if is_literal(rhs) || is_literal(lhs) => {
             DivGuard::Explicit

@@ -22,6 +22,13 @@ pub struct SourceFile {
     pub ast: ast::File,
 }
 
+/// A loaded file's name and text, as recorded for provenance.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourceRecord {
+    pub name: String,
+    pub text: String,
+}
+
 /// The main file and the files it uses.
 #[derive(Debug)]
 pub struct Program {
@@ -126,6 +133,12 @@ impl Program {
 
     pub fn files(&self) -> impl Iterator<Item = (SourceId, &SourceFile)> {
         self.files.iter().enumerate()
+    }
+
+    /// Every loaded file's name and text, the main file first: what compiled artifacts (ONNX
+    /// metadata, a search's configuration) record, so that a change to any used file is noticed.
+    pub fn sources(&self) -> Vec<SourceRecord> {
+        self.files.iter().map(|f| SourceRecord { name: f.name.clone(), text: f.text.clone() }).collect()
     }
 
     pub fn file(&self, id: SourceId) -> &SourceFile {

@@ -15,7 +15,8 @@
 //! numbered in source order, which reproduces the published layouts: mIoU, FWIoU, BIoU get
 //! [and, or]; mAcc, gAcc [and]; BF1 [and·P, and·erode(P), or·P, or·erode(P)].
 
-use crate::ir::{Builder, CurveId, Handle, Mode, Module, Node, Shape};
+use crate::ir::{Builder, CurveId, Handle, Mode, Node, Shape};
+use crate::modules::{ExactModule, Invalid, RelaxedModule};
 use grammar::ast::Span;
 use serde::Serialize;
 
@@ -64,14 +65,14 @@ struct Eligibility {
     scope: Option<(String, usize)>,
 }
 
-/// Relax an exact module into a surrogate module and its curve manifest.
-pub fn relax(exact: &Module) -> (Module, Manifest) {
-    assert_eq!(exact.mode, Mode::Exact, "relax takes an exact module");
+/// Relax an exact module into a surrogate module with its curve manifest. The result is
+/// validated; an error here is the compiler's own bug, never the user's.
+pub fn relax(exact: &ExactModule) -> Result<RelaxedModule, Invalid> {
+    let depends_on_pred = exact.prediction_dependent();
     let mut builder = Builder::default();
     let mut manifest = Manifest::default();
     let mut map: Vec<Handle> = Vec::with_capacity(exact.len());
     let mut eligible: Vec<Option<Eligibility>> = Vec::with_capacity(exact.len());
-    let mut depends_on_pred: Vec<bool> = Vec::with_capacity(exact.len());
 
     for handle in exact.handles() {
         let node = exact.node(handle);
@@ -79,7 +80,7 @@ pub fn relax(exact: &Module) -> (Module, Manifest) {
         let span = exact.span(handle);
         let rule = exact.rules[handle.index()];
         let m = |h: Handle| map[h.index()];
-        let dep = node.operands().iter().any(|o| depends_on_pred[o.index()]) || matches!(node, Node::Pred);
+        let dep = depends_on_pred[handle.index()];
         let mut elig: Option<Eligibility> = None;
         let new_handle = match node {
             Node::Pred => {
@@ -164,7 +165,6 @@ pub fn relax(exact: &Module) -> (Module, Manifest) {
         };
         map.push(new_handle);
         eligible.push(if dep { elig } else { None });
-        depends_on_pred.push(dep);
     }
     let reports =
         exact.reports.iter().map(|r| crate::ir::Report { name: r.name.clone(), value: map[r.value.index()] }).collect();
@@ -178,7 +178,7 @@ pub fn relax(exact: &Module) -> (Module, Manifest) {
         exact.min_classes,
         exact.pieces,
     );
-    (relaxed, manifest)
+    RelaxedModule::new(relaxed, manifest)
 }
 
 fn soft_or(builder: &mut Builder, a: Handle, b: Handle, shape: Shape, span: Span, rule: &'static str) -> Handle {
@@ -197,7 +197,7 @@ fn curve_for(
     relaxed_operand: Handle,
     op: CurveOp,
     span: Span,
-    exact: &Module,
+    exact: &ExactModule,
 ) -> Handle {
     let Some(elig) = &eligible[exact_operand.index()] else { return relaxed_operand };
     let op_text = match op {

@@ -25,7 +25,7 @@ fn every_example_compiles_and_snapshots() {
         let text = format!(
             "{}\n{}",
             print::dump(&compiled.exact, None),
-            print::dump(&compiled.relaxed, Some(&compiled.manifest))
+            print::dump(&compiled.relaxed, Some(&compiled.manifest()))
         );
         insta::assert_snapshot!(format!("ir_{name}"), text);
     }
@@ -34,7 +34,7 @@ fn every_example_compiles_and_snapshots() {
 fn curve_names(file: &str, overrides: &[(String, String)]) -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(file);
     let compiled = compile_file(&path, overrides).unwrap_or_else(|e| panic!("{}", e.render(false)));
-    compiled.manifest.curves.iter().map(|c| format!("{}:{}", c.name, c.pieces)).collect()
+    compiled.manifest().curves.iter().map(|c| format!("{}:{}", c.name, c.pieces)).collect()
 }
 
 #[test]
@@ -73,7 +73,7 @@ fn own_params_format_round_trips_and_checks_names() {
     use compiler::params::Params;
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bf1.metric");
     let compiled = compile_file(&path, &[]).unwrap();
-    let manifest = &compiled.manifest;
+    let manifest = &compiled.manifest();
     let curves: Vec<Curve> = (0..4).map(|i| Curve::from_search(&[0.2 + 0.1 * i as f64, 0.6], 1).unwrap()).collect();
     let params = Params { curves, fixed: vec![false, true, false, false] };
     let file = params.to_file("bf1", manifest, serde_json::json!({"source": "test"}));
@@ -107,5 +107,5 @@ fn use_is_transitive_and_loads_each_file_once() {
     std::fs::write(dir.join("top.metric"), "use \"lib/mid.metric\";\nloss top {\n    2 * (1 - acc())\n}\n").unwrap();
     let compiled = compile_file(&dir.join("top.metric"), &[]).unwrap_or_else(|e| panic!("{}", e.render(false)));
     assert_eq!(compiled.program.files().count(), 3, "top, mid and acc, each once");
-    assert_eq!(compiled.manifest.curves.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["acc.and_P"]);
+    assert_eq!(compiled.manifest().curves.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["acc.and_P"]);
 }

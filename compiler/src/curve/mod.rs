@@ -9,14 +9,15 @@
 //!
 //! Search variables `u ∈ [0,1]^(2(2k−1))` map to control points cumulatively and
 //! coordinate-wise: `p_i = p_{i−1} + u_i (1 − p_{i−1})` with `p_0 = (0, 0)`.
+//!
+//! This module holds the curve as data ([`Curve`], its folded [`Segment`]s); [`math`] holds
+//! its evaluation, written once and instantiated by every back end.
 
+pub mod math;
+
+pub use math::{LINEAR_TOLERANCE, SQRT_FLOOR};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-
-/// Below this, a piece's middle point is treated as exactly halfway (the linear case).
-const LINEAR_TOLERANCE: f64 = 1e-6;
-/// The square root's argument is clamped to at least this, so its gradient stays finite.
-pub const SQRT_FLOOR: f64 = 1e-12;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum CurveError {
@@ -57,23 +58,6 @@ impl Segment {
     /// Width of the piece along x; zero for a degenerate (vertical) piece.
     pub fn width(&self) -> f64 {
         self.end[0] - self.start[0]
-    }
-
-    /// `t` for a piece-normalised `x' ∈ [0,1]`.
-    pub fn solve_t(&self, x_norm: f64) -> f64 {
-        if self.linear {
-            x_norm
-        } else {
-            let m = self.m;
-            let disc = (m * m + (1.0 - 2.0 * m) * x_norm).max(SQRT_FLOOR);
-            ((m - disc.sqrt()) / (2.0 * m - 1.0)).clamp(0.0, 1.0)
-        }
-    }
-
-    /// y of the piece at parameter `t`.
-    pub fn y_at(&self, t: f64) -> f64 {
-        let s = 1.0 - t;
-        s * s * self.start[1] + 2.0 * t * s * self.middle[1] + t * t * self.end[1]
     }
 }
 
@@ -194,15 +178,12 @@ impl Curve {
             .collect()
     }
 
-    /// `g(x)` for `x` clamped to `[0, 1]`. A piece covers `(x_start, x_end]`; the first
-    /// piece also covers 0.
+    /// `g(x)` for `x` clamped to `[0, 1]` (NaN counts as 0), in float64: the curve math of
+    /// [`math`] with plain numbers.
     pub fn eval(&self, x: f64) -> f64 {
-        let x = if x.is_nan() { 0.0 } else { x.clamp(0.0, 1.0) };
-        let segments = self.segments();
-        let chosen = segments.iter().find(|s| x <= s.end[0]).unwrap_or(&segments[segments.len() - 1]);
-        let width = chosen.width();
-        let x_norm = if width > 0.0 { ((x - chosen.start[0]) / width).clamp(0.0, 1.0) } else { 1.0 };
-        chosen.y_at(chosen.solve_t(x_norm))
+        let x = if x.is_nan() { 0.0 } else { x };
+        let pieces: Vec<_> = self.segments().iter().map(|s| math::Piece::known(&mut math::Numbers, s)).collect();
+        math::eval(&mut math::Numbers, &x, &pieces, math::Strategy::EachPiece, false).0
     }
 }
 

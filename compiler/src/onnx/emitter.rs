@@ -1,0 +1,318 @@
+//! The ONNX node writer shared by every graph losscc emits: named outputs, constants as
+//! initializers, the label and pooling primitives, and the curve math's [`CurveOps`] for
+//! graph values (so curves are emitted by the one definition in [`crate::curve::math`]).
+
+use crate::curve::math::CurveOps;
+use onnx_protobuf::attribute_proto::AttributeType;
+use onnx_protobuf::tensor_proto::DataType;
+use onnx_protobuf::tensor_shape_proto::Dimension;
+use onnx_protobuf::type_proto;
+use onnx_protobuf::{AttributeProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto};
+use protobuf::{EnumOrUnknown, MessageField};
+use std::collections::HashMap;
+
+/// ONNX's `i` field of `AttributeProto` (field number 3).
+const ATTRIBUTE_I_FIELD: u32 = 3;
+
+pub(crate) fn attr_int(name: &str, value: i64) -> AttributeProto {
+    let mut attribute = AttributeProto {
+        name: name.into(),
+        type_: EnumOrUnknown::new(AttributeType::INT),
+        i: value,
+        ..Default::default()
+    };
+    if value == 0 {
+        // proto3 code never writes a zero scalar, but ONNX is proto2 and onnx2torch tests
+        // `HasField('i')`: write the zero explicitly so every reader sees the attribute.
+        attribute.special_fields.mut_unknown_fields().add_varint(ATTRIBUTE_I_FIELD, 0);
+    }
+    attribute
+}
+
+pub(crate) fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        type_: EnumOrUnknown::new(AttributeType::INTS),
+        ints: values.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// A graph input or output: element type and symbolic dimensions (none for a scalar).
+pub(crate) fn value_info(name: &str, elem: DataType, dims: &[&str]) -> ValueInfoProto {
+    let mut shape = TensorShapeProto::new();
+    for dim in dims {
+        let mut d = Dimension::new();
+        d.set_dim_param(dim.to_string());
+        shape.dim.push(d);
+    }
+    let tensor = type_proto::Tensor { elem_type: elem as i32, shape: MessageField::some(shape), ..Default::default() };
+    ValueInfoProto {
+        name: name.into(),
+        type_: MessageField::some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Builds a node list, naming every output after the IR node it implements.
+pub(crate) struct Emitter {
+    pub nodes: Vec<NodeProto>,
+    pub initializers: Vec<TensorProto>,
+    float_constants: HashMap<u32, String>,
+    /// The value of every float constant by name, so arithmetic on constants folds.
+    constant_values: HashMap<String, f64>,
+    int_constants: HashMap<Vec<i64>, String>,
+    counter: usize,
+    /// The IR node and rule being emitted, for names and doc strings.
+    pub origin: String,
+    pub origin_id: String,
+    shared: HashMap<&'static str, String>,
+    /// The label value of ignored pixels, if any.
+    ignore_label: Option<i64>,
+}
+
+impl Emitter {
+    pub fn new(ignore_label: Option<i64>) -> Emitter {
+        Emitter {
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            float_constants: HashMap::new(),
+            constant_values: HashMap::new(),
+            int_constants: HashMap::new(),
+            counter: 0,
+            origin: String::from("graph inputs"),
+            origin_id: String::from("input"),
+            shared: HashMap::new(),
+            ignore_label,
+        }
+    }
+
+    /// Say which IR node the following graph nodes implement.
+    pub fn at(&mut self, origin: String, origin_id: String) {
+        self.origin = origin;
+        self.origin_id = origin_id;
+    }
+
+    pub fn op(&mut self, op_type: &str, inputs: &[&str], attributes: Vec<AttributeProto>) -> String {
+        self.counter += 1;
+        let output = format!("{}_{}", self.origin_id, self.counter);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.clone()],
+            name: format!("{}_{}_{}", self.origin_id, op_type, self.counter),
+            op_type: op_type.into(),
+            attribute: attributes,
+            doc_string: self.origin.clone(),
+            ..Default::default()
+        });
+        output
+    }
+
+    /// An `Identity` from `input` to the graph output `name`.
+    pub fn output(&mut self, input: &str, name: &str, doc: &str) {
+        self.nodes.push(NodeProto {
+            input: vec![input.into()],
+            output: vec![name.into()],
+            name: format!("{name}_output"),
+            op_type: "Identity".into(),
+            doc_string: doc.into(),
+            ..Default::default()
+        });
+    }
+
+    pub fn float(&mut self, value: f64) -> String {
+        let value = value as f32;
+        if let Some(name) = self.float_constants.get(&value.to_bits()) {
+            return name.clone();
+        }
+        let name = format!("const_f{}", self.float_constants.len());
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            data_type: DataType::FLOAT as i32,
+            float_data: vec![value],
+            ..Default::default()
+        });
+        self.float_constants.insert(value.to_bits(), name.clone());
+        self.constant_values.insert(name.clone(), value as f64);
+        name
+    }
+
+    /// `f(a, b)` as a new constant when both are constants.
+    fn fold(&mut self, a: &str, b: &str, f: impl Fn(f64, f64) -> f64) -> Option<String> {
+        let (x, y) = (*self.constant_values.get(a)?, *self.constant_values.get(b)?);
+        Some(self.float(f(x, y)))
+    }
+
+    /// An int64 constant: a scalar when `scalar`, else a 1-D tensor.
+    pub fn ints(&mut self, values: &[i64], scalar: bool) -> String {
+        let mut key = values.to_vec();
+        key.push(if scalar { 1 } else { 0 });
+        if let Some(name) = self.int_constants.get(&key) {
+            return name.clone();
+        }
+        let name = format!("const_i{}", self.int_constants.len());
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            data_type: DataType::INT64 as i32,
+            dims: if scalar { vec![] } else { vec![values.len() as i64] },
+            int64_data: values.to_vec(),
+            ..Default::default()
+        });
+        self.int_constants.insert(key, name.clone());
+        name
+    }
+
+    pub fn clip(&mut self, x: &str, low: f64, high: f64) -> String {
+        let (lo, hi) = (self.float(low), self.float(high));
+        self.op("Clip", &[x, &lo, &hi], vec![])
+    }
+
+    pub fn cast_float(&mut self, x: &str) -> String {
+        self.op("Cast", &[x], vec![attr_int("to", DataType::FLOAT as i64)])
+    }
+
+    /// A value computed once per graph: the first call emits it, later calls reuse it.
+    fn shared(&mut self, key: &'static str, make: impl FnOnce(&mut Self) -> String) -> String {
+        if let Some(name) = self.shared.get(key) {
+            return name.clone();
+        }
+        let value = make(self);
+        self.shared.insert(key, value.clone());
+        value
+    }
+
+    /// `[1, C, 1, 1]` class indices, built from the logits' shape (C is symbolic).
+    pub fn class_range(&mut self) -> String {
+        self.shared("range", |this| {
+            let shape = this.op("Shape", &["logits"], vec![]);
+            let one = this.ints(&[1], true);
+            let classes = this.op("Gather", &[&shape, &one], vec![attr_int("axis", 0)]);
+            let (zero, step) = (this.ints(&[0], true), this.ints(&[1], true));
+            let range = this.op("Range", &[&zero, &classes, &step], vec![]);
+            let target = this.ints(&[1, -1, 1, 1], false);
+            this.op("Reshape", &[&range, &target], vec![])
+        })
+    }
+
+    fn labels_unsqueezed(&mut self) -> String {
+        self.shared("labels1", |this| {
+            let axes = this.ints(&[1], false);
+            this.op("Unsqueeze", &["labels", &axes], vec![])
+        })
+    }
+
+    /// Valid pixels as a boolean `[N, 1, H, W]` (every pixel without an ignore label).
+    fn valid_mask(&mut self) -> Option<String> {
+        let ignore = self.ignore_label?;
+        Some(self.shared("valid_mask", |this| {
+            let labels = this.labels_unsqueezed();
+            let ignore = this.ints(&[ignore], true);
+            let equal = this.op("Equal", &[&labels, &ignore], vec![]);
+            this.op("Not", &[&equal], vec![])
+        }))
+    }
+
+    /// One-hot labels, float `[N, C, H, W]`; ignored pixels belong to no class.
+    pub fn one_hot_labels(&mut self) -> String {
+        self.shared("onehot", |this| {
+            let (labels, range) = (this.labels_unsqueezed(), this.class_range());
+            let equal = this.op("Equal", &[&labels, &range], vec![]);
+            let equal = match this.valid_mask() {
+                Some(valid) => this.op("And", &[&equal, &valid], vec![]),
+                None => equal,
+            };
+            this.cast_float(&equal)
+        })
+    }
+
+    /// Valid pixels, float `[N, 1, H, W]`.
+    pub fn valid(&mut self) -> String {
+        self.shared("valid", |this| match this.valid_mask() {
+            Some(valid) => this.cast_float(&valid),
+            None => {
+                let labels = this.labels_unsqueezed();
+                let zero = this.ints(&[0], true);
+                let times_zero = this.op("Mul", &[&labels, &zero], vec![]);
+                let equal = this.op("Equal", &[&times_zero, &zero], vec![]);
+                this.cast_float(&equal)
+            }
+        })
+    }
+
+    /// Square-window maximum (minimum for erosion) of radius `radius`: the border counts as
+    /// outside for dilation and inside for erosion (MaxPool pads with −∞).
+    pub fn pool(&mut self, x: &str, radius: u32, erode: bool) -> String {
+        let k = 2 * radius as i64 + 1;
+        let r = radius as i64;
+        let attributes = vec![
+            attr_ints("kernel_shape", &[k, k]),
+            attr_ints("pads", &[r, r, r, r]),
+            attr_ints("strides", &[1, 1]),
+            attr_ints("dilations", &[1, 1]),
+            attr_int("ceil_mode", 0),
+        ];
+        if erode {
+            let negated = self.op("Neg", &[x], vec![]);
+            let pooled = self.op("MaxPool", &[&negated], attributes);
+            self.op("Neg", &[&pooled], vec![])
+        } else {
+            self.op("MaxPool", &[x], attributes)
+        }
+    }
+}
+
+/// Curves as graph nodes: the curve math of [`crate::curve::math`] with ONNX values.
+/// `x ≤ y` is written `Not(Greater(x, y))` (onnx2torch has no opset-16 `LessOrEqual`).
+impl CurveOps for Emitter {
+    type Value = String;
+    type Mask = String;
+    fn constant(&mut self, value: f64) -> String {
+        self.float(value)
+    }
+    fn add(&mut self, a: &String, b: &String) -> String {
+        self.fold(a, b, |x, y| x + y).unwrap_or_else(|| self.op("Add", &[a, b], vec![]))
+    }
+    fn sub(&mut self, a: &String, b: &String) -> String {
+        self.fold(a, b, |x, y| x - y).unwrap_or_else(|| self.op("Sub", &[a, b], vec![]))
+    }
+    fn mul(&mut self, a: &String, b: &String) -> String {
+        self.fold(a, b, |x, y| x * y).unwrap_or_else(|| self.op("Mul", &[a, b], vec![]))
+    }
+    fn div(&mut self, a: &String, b: &String) -> String {
+        self.fold(a, b, |x, y| x / y).unwrap_or_else(|| self.op("Div", &[a, b], vec![]))
+    }
+    fn sqrt(&mut self, a: &String) -> String {
+        self.op("Sqrt", &[a], vec![])
+    }
+    fn abs(&mut self, a: &String) -> String {
+        self.op("Abs", &[a], vec![])
+    }
+    fn clamp(&mut self, a: &String, low: f64, high: f64) -> String {
+        self.clip(a, low, high)
+    }
+    fn clamp_min(&mut self, a: &String, low: f64) -> String {
+        self.clip(a, low, f32::MAX as f64)
+    }
+    fn le(&mut self, a: &String, b: &String) -> String {
+        let greater = self.op("Greater", &[a, b], vec![]);
+        self.op("Not", &[&greater], vec![])
+    }
+    fn lt(&mut self, a: &String, b: &String) -> String {
+        self.op("Less", &[a, b], vec![])
+    }
+    fn not(&mut self, a: &String) -> String {
+        self.op("Not", &[a], vec![])
+    }
+    fn and(&mut self, a: &String, b: &String) -> String {
+        self.op("And", &[a, b], vec![])
+    }
+    fn select(&mut self, take: &String, a: &String, b: &String) -> String {
+        self.op("Where", &[take, a, b], vec![])
+    }
+    fn select_mask(&mut self, take: &String, a: &String, b: &String) -> String {
+        self.op("Where", &[take, a, b], vec![])
+    }
+    fn indicator(&mut self, mask: &String) -> String {
+        self.cast_float(mask)
+    }
+}

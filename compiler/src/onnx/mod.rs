@@ -1,0 +1,233 @@
+//! ONNX emission: a relaxed module becomes a portable loss graph; an exact module becomes a
+//! graph of per-batch counts. Written with onnx-protobuf.
+//!
+//! Contract (what external trainers rely on):
+//! * opset 17, IR version 8; inputs `logits` float32 `[N,C,H,W]` and `labels` int64
+//!   `[N,H,W]` with symbolic N, C, H, W; output `loss`, a float32 scalar;
+//! * curves are baked in as initializers (their folded per-piece coefficients), or read from
+//!   an input `curves`; either way they are emitted by the one curve definition,
+//!   [`crate::curve::math`];
+//! * divisions are zero-safe, as in every back end: a zero denominator gives 0;
+//! * only operators that ONNX Runtime, onnx2torch and tract all load: one-hot as
+//!   `Cast(Equal(Unsqueeze(labels), Range))`, explicit `axis`/`pads`/`keepdims`, constants as
+//!   initializers, both `Clip` bounds given, `Sqrt` of a clamped argument (never a
+//!   `Where`-guarded one, whose gradient is NaN in PyTorch);
+//! * every node's name and `doc_string` say which IR node and rewrite rule it came from;
+//!   `metadata_props` carry the metric source and the source of every file it `use`s, the
+//!   parameters, the curve manifest, the ignore label and losscc's version.
+//!
+//! Files: [`emitter`] (the node writer and its primitives), [`loss`] (the loss graph),
+//! [`exact`] (the exact-count graph); this file has the shared pieces, the model's metadata
+//! and the text listing.
+//!
+//! The exact graph (`--exact`) outputs one tensor per accumulator node (`count_<id>`), float32,
+//! per class or scalar; they add across batches, and the manifest in `metadata_props`
+//! (`losscc.accumulators`) says which is which.
+
+mod emitter;
+mod exact;
+mod loss;
+
+pub use exact::emit_exact;
+pub use loss::emit_loss;
+
+use crate::curve::Curve;
+use crate::ir::{CmpOp, Shape, DEFAULT_IGNORE_LABEL};
+use crate::Compiled;
+use emitter::{attr_int, value_info, Emitter};
+use onnx_protobuf::tensor_proto::DataType;
+use onnx_protobuf::{
+    GraphProto, Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, ValueInfoProto,
+};
+use protobuf::MessageField;
+use std::fmt::Write;
+
+pub const OPSET: i64 = 17;
+pub const IR_VERSION: i64 = 8;
+
+/// Why a module cannot be emitted.
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxError {
+    #[error("the loss needs {expected} curves but {got} were given")]
+    Curves { expected: usize, got: usize },
+}
+
+/// Where the loss graph gets its curves from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CurveSource {
+    /// Folded into initializers (the default: the graph is the loss).
+    Baked,
+    /// A graph input `curves`: float32, every curve's flat control points concatenated in
+    /// manifest order (`losscc.curves` in the metadata gives pieces per curve), so an
+    /// external search can vary them without recompiling.
+    Input,
+}
+
+/// How a graph is emitted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmitOptions {
+    pub curves: CurveSource,
+    /// The label of ignored pixels (`None`: every pixel is valid).
+    pub ignore_label: Option<i64>,
+}
+
+impl Default for EmitOptions {
+    fn default() -> Self {
+        EmitOptions { curves: CurveSource::Baked, ignore_label: Some(DEFAULT_IGNORE_LABEL) }
+    }
+}
+
+fn slice(emitter: &mut Emitter, x: &str, shape: Shape, start: usize, end: Option<usize>) -> String {
+    let axis = match shape {
+        Shape::ClassPixels(_) => 1,
+        _ => 0,
+    };
+    let starts = emitter.ints(&[start as i64], false);
+    let ends = emitter.ints(&[end.map(|e| e as i64).unwrap_or(i64::MAX)], false);
+    let axes = emitter.ints(&[axis], false);
+    emitter.op("Slice", &[x, &starts, &ends, &axes], vec![])
+}
+
+fn count(emitter: &mut Emitter, x: &str, shape: Shape) -> String {
+    match shape {
+        Shape::ClassPixels(_) => {
+            let axes = emitter.ints(&[0, 2, 3], false);
+            emitter.op("ReduceSum", &[x, &axes], vec![attr_int("keepdims", 0)])
+        }
+        _ => emitter.op("ReduceSum", &[x], vec![attr_int("keepdims", 0)]),
+    }
+}
+
+fn nll_sum(emitter: &mut Emitter) -> String {
+    let log_probabilities = emitter.op("LogSoftmax", &["logits"], vec![attr_int("axis", 1)]);
+    let one_hot = emitter.one_hot_labels();
+    let picked = emitter.op("Mul", &[&log_probabilities, &one_hot], vec![]);
+    let total = emitter.op("ReduceSum", &[&picked], vec![attr_int("keepdims", 0)]);
+    emitter.op("Neg", &[&total], vec![])
+}
+
+fn compare(emitter: &mut Emitter, op: CmpOp, a: &str, b: &str) -> String {
+    let result = match op {
+        CmpOp::Lt => emitter.op("Less", &[a, b], vec![]),
+        // onnx2torch converts no opset-16 LessOrEqual/GreaterOrEqual: negate the strict ones.
+        CmpOp::Le => {
+            let greater = emitter.op("Greater", &[a, b], vec![]);
+            emitter.op("Not", &[&greater], vec![])
+        }
+        CmpOp::Gt => emitter.op("Greater", &[a, b], vec![]),
+        CmpOp::Ge => {
+            let less = emitter.op("Less", &[a, b], vec![]);
+            emitter.op("Not", &[&less], vec![])
+        }
+        CmpOp::Eq => emitter.op("Equal", &[a, b], vec![]),
+        CmpOp::Ne => {
+            let equal = emitter.op("Equal", &[a, b], vec![]);
+            emitter.op("Not", &[&equal], vec![])
+        }
+    };
+    emitter.cast_float(&result)
+}
+
+fn model(
+    compiled: &Compiled,
+    curves: &[Curve],
+    emitter: Emitter,
+    outputs: Vec<ValueInfoProto>,
+    what: &str,
+    options: &EmitOptions,
+) -> ModelProto {
+    let mut inputs = vec![
+        value_info("logits", DataType::FLOAT, &["N", "C", "H", "W"]),
+        value_info("labels", DataType::INT64, &["N", "H", "W"]),
+    ];
+    if options.curves == CurveSource::Input && what != "exact counts" {
+        inputs.push(value_info("curves", DataType::FLOAT, &["curve_coordinates"]));
+    }
+    let graph = GraphProto {
+        name: format!("losscc_{}", compiled.exact.name),
+        node: emitter.nodes,
+        initializer: emitter.initializers,
+        input: inputs,
+        output: outputs,
+        doc_string: format!("losscc {what} of `{}`", compiled.exact.name),
+        ..Default::default()
+    };
+    let curves_json: Vec<serde_json::Value> = compiled
+        .manifest()
+        .curves
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            serde_json::json!({
+                "name": spec.name, "op": spec.op, "operand": spec.operand, "pieces": spec.pieces,
+                "control_points": curves.get(i).map(|c| c.flat()),
+            })
+        })
+        .collect();
+    let metadata = [
+        ("losscc.version", env!("CARGO_PKG_VERSION").to_string()),
+        ("losscc.metric", compiled.exact.name.clone()),
+        ("losscc.source", compiled.program.main().text.clone()),
+        ("losscc.sources", serde_json::to_string(&compiled.program.sources()).unwrap_or_default()),
+        ("losscc.ignore_label", serde_json::to_string(&options.ignore_label).unwrap_or_default()),
+        ("losscc.params", serde_json::to_string(&compiled.params).unwrap_or_default()),
+        ("losscc.curves", serde_json::Value::Array(curves_json).to_string()),
+    ];
+    ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET, ..Default::default() }],
+        producer_name: "losscc".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        graph: MessageField::some(graph),
+        metadata_props: metadata
+            .into_iter()
+            .map(|(key, value)| StringStringEntryProto { key: key.into(), value, ..Default::default() })
+            .collect(),
+        doc_string: format!("{what} compiled by losscc"),
+        ..Default::default()
+    }
+}
+
+/// Serialize a model.
+pub fn to_bytes(model: &ModelProto) -> Vec<u8> {
+    model.write_to_bytes().expect("in-memory protobuf serialization does not fail")
+}
+
+/// A readable listing of the graph (`--emit onnx-text`).
+pub fn listing(model: &ModelProto) -> String {
+    let mut out = String::new();
+    let graph = model.graph.as_ref().cloned().unwrap_or_default();
+    let _ = writeln!(out, "graph {} (opset {}, IR {})", graph.name, OPSET, model.ir_version);
+    for input in &graph.input {
+        let _ = writeln!(out, "  input {}", input.name);
+    }
+    for init in &graph.initializer {
+        let values: Vec<String> = if init.data_type == DataType::FLOAT as i32 {
+            init.float_data.iter().map(|v| format!("{v:?}")).collect()
+        } else {
+            init.int64_data.iter().map(|v| v.to_string()).collect()
+        };
+        let _ = writeln!(out, "  init {} = [{}]", init.name, values.join(", "));
+    }
+    for node in &graph.node {
+        let attributes: Vec<String> = node
+            .attribute
+            .iter()
+            .map(|a| if a.ints.is_empty() { format!("{}={}", a.name, a.i) } else { format!("{}={:?}", a.name, a.ints) })
+            .collect();
+        let attributes = if attributes.is_empty() { String::new() } else { format!(" {{{}}}", attributes.join(", ")) };
+        let _ = writeln!(
+            out,
+            "  {} = {}({}){}  # {}",
+            node.output.join(", "),
+            node.op_type,
+            node.input.join(", "),
+            attributes,
+            node.doc_string
+        );
+    }
+    for output in &graph.output {
+        let _ = writeln!(out, "  output {}", output.name);
+    }
+    out
+}
