@@ -3,24 +3,14 @@
 
 mod common;
 
-use common::root;
+use common::{example, examples, losscc, root};
 
-use runtime::npy;
+use losscc_cli::npy;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn losscc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_losscc")).args(args).output().expect("run losscc")
-}
-
-fn example(name: &str) -> String {
-    root().join("examples").join(name).display().to_string()
-}
+use std::process::Output;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("losscc-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("cli", name)
 }
 
 fn stderr(output: &Output) -> String {
@@ -29,13 +19,7 @@ fn stderr(output: &Output) -> String {
 
 #[test]
 fn check_accepts_every_example() {
-    let mut files: Vec<String> = std::fs::read_dir(root().join("examples"))
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
-        .map(|p| p.display().to_string())
-        .collect();
-    files.sort();
+    let files: Vec<String> = examples().iter().map(|p| p.display().to_string()).collect();
     let mut args = vec!["check"];
     args.extend(files.iter().map(String::as_str));
     let output = losscc(&args);

@@ -5,9 +5,12 @@
 mod common;
 
 use rand::SeedableRng;
-use runtime::data::{self, SyntheticSpec, IGNORE};
-use runtime::search::{self, Baseline, Layout, SearchConfig};
-use runtime::trainer::{self, TrainConfig};
+use compiler::ir::DEFAULT_IGNORE_LABEL as IGNORE;
+use losscc_loss::{Loss, Overrides};
+use losscc_proxy::data::{self, SyntheticSpec};
+use losscc_proxy::trainer::{self, TrainConfig};
+use losscc_search::config::{Baseline, SearchConfig};
+use losscc_search::policy::{self as search, Layout};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -50,10 +53,7 @@ fn synthetic_scenes_are_a_function_of_their_seed() {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("losscc-proxy-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("proxy", name)
 }
 
 /// A palette PNG whose indices are `label` (palette colours are arbitrary, as in VOC).
@@ -268,7 +268,7 @@ fn truncated_normal_density_integrates_to_one_and_draws_stay_inside() {
 fn ppo_config() -> SearchConfig {
     SearchConfig {
         file: "x.metric".into(),
-        source: String::new(),
+        sources: Vec::new(),
         overrides: Vec::new(),
         target: "x".into(),
         rounds: 1,
@@ -284,7 +284,7 @@ fn ppo_config() -> SearchConfig {
         start: Vec::new(),
         threads_per_model: 1,
         device: "cpu".into(),
-        target_source: String::new(),
+        target_sources: Vec::new(),
     }
 }
 
@@ -307,7 +307,7 @@ fn the_ppo_step_moves_mu_toward_better_samples_within_the_clip() {
 
 #[test]
 fn search_variables_map_to_the_published_identity_start_and_keep_fixed_curves() {
-    let loss = runtime::Loss::from_file(&common::root().join("examples/biou.metric"), &[]).unwrap();
+    let loss = Loss::from_file(&common::root().join("examples/biou.metric"), &Overrides::new()).unwrap();
     let mut start = loss.params().clone();
     let layout = Layout::new(start.clone());
     assert_eq!(layout.dimensions, 12);

@@ -7,7 +7,8 @@ mod common;
 use common::root;
 
 use compiler::params::Params;
-use runtime::{npy, Loss};
+use losscc_cli::npy;
+use losscc_loss::{Loss, Overrides};
 use serde_json::Value;
 
 #[test]
@@ -20,14 +21,13 @@ fn all_reference_cases_match() {
     let mut worst_metric: f64 = 0.0;
     for case in cases {
         let metric = case["metric"].as_str().unwrap();
-        let mut overrides = Vec::new();
+        let mut overrides = Overrides::new();
         if metric == "biou" || metric == "bf1" {
-            overrides.push(("tol".to_string(), case["tol"].to_string()));
-            overrides.push(("drop_bg".to_string(), case["drop_bg"].to_string()));
+            overrides = overrides.text("tol", &case["tol"].to_string()).text("drop_bg", &case["drop_bg"].to_string());
         }
         let mut loss = Loss::from_file(&root().join(format!("examples/{metric}.metric")), &overrides).unwrap();
         let published = serde_json::json!({ "control_points": case["control_points"] }).to_string();
-        loss.set_params(Params::from_json(&published, &loss.compiled().manifest).unwrap());
+        loss.set_params(Params::from_json(&published, loss.compiled().manifest()).unwrap()).unwrap();
         let logits = npy::read_logits(&dir.join(case["logits"].as_str().unwrap())).unwrap();
         let labels = npy::read_labels(&dir.join(case["labels"].as_str().unwrap())).unwrap();
         let got_loss = loss.forward(&logits, &labels).unwrap().double_value(&[]);
@@ -54,7 +54,7 @@ fn exact_counts_add_across_batches() {
     let logits = npy::read_logits(&dir.join("case2_logits.npy")).unwrap();
     let labels = npy::read_labels(&dir.join("case2_labels.npy")).unwrap();
     for metric in ["miou", "fwiou", "macc", "gacc", "biou", "bf1"] {
-        let loss = Loss::from_file(&root().join(format!("examples/{metric}.metric")), &[]).unwrap();
+        let loss = Loss::from_file(&root().join(format!("examples/{metric}.metric")), &Overrides::new()).unwrap();
         let mut whole = loss.evaluator();
         whole.add_batch(&logits, &labels).unwrap();
         let mut split = loss.evaluator();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::root;
+use common::{example, losscc, text};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,22 +15,11 @@ const TINY: [&str; 8] = ["--iters", "8", "--train-images", "12", "--image-size",
 /// Small built-in data for `train`.
 const SMALL_DATA: [&str; 6] = ["--train-images", "8", "--image-size", "32", "--crop", "32"];
 
-fn losscc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_losscc")).args(args).output().expect("run losscc")
-}
-
-fn example(name: &str) -> String {
-    root().join("examples").join(name).display().to_string()
-}
-
+/// A folder for one search: it must not exist yet (a search refuses to overwrite one).
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("losscc-search-{}-{name}", std::process::id()));
+    let dir = common::scratch("search", name);
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn search(out: &Path, extra: &[&str]) -> Output {

@@ -92,6 +92,12 @@ impl std::fmt::Display for Failure {
 
 impl std::error::Error for Failure {}
 
+impl From<LoadError> for Failure {
+    fn from(error: LoadError) -> Failure {
+        from_load(error)
+    }
+}
+
 fn from_load(error: LoadError) -> Failure {
     match error {
         LoadError::Io { path, error } => Failure::Io(format!(

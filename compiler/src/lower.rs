@@ -28,6 +28,30 @@ pub enum ParamValue {
     Bool(bool),
 }
 
+impl From<i64> for ParamValue {
+    fn from(value: i64) -> Self {
+        ParamValue::Int(value)
+    }
+}
+
+impl From<i32> for ParamValue {
+    fn from(value: i32) -> Self {
+        ParamValue::Int(value.into())
+    }
+}
+
+impl From<f64> for ParamValue {
+    fn from(value: f64) -> Self {
+        ParamValue::Float(value)
+    }
+}
+
+impl From<bool> for ParamValue {
+    fn from(value: bool) -> Self {
+        ParamValue::Bool(value)
+    }
+}
+
 impl fmt::Display for ParamValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -4,15 +4,11 @@
 use compiler::{compile_file, print};
 use std::path::{Path, PathBuf};
 
+#[path = "../../tests/common/files.rs"]
+mod files;
+
 fn examples() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("examples directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
-        .collect();
-    files.sort();
-    files
+    files::metric_files(&files::root_from(env!("CARGO_MANIFEST_DIR")).join("examples"))
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! program prints the surrogate loss and the exact metric on held-out images as it trains.
 
 use anyhow::{bail, Result};
-use runtime::Loss;
+use losscc_loss::{Loss, Overrides};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -51,12 +51,12 @@ fn network(vs: &nn::Path) -> impl Module {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(metric) = args.first() else { bail!("usage: train_tch METRIC_FILE [--set NAME=VALUE]...") };
-    let mut overrides = Vec::new();
+    let mut overrides = Overrides::new();
     let mut rest = args[1..].iter();
     while let Some(arg) = rest.next() {
         if arg == "--set" {
             if let Some((k, v)) = rest.next().and_then(|s| s.split_once('=')) {
-                overrides.push((k.to_string(), v.to_string()));
+                overrides = overrides.text(k, v);
             }
         }
     }

@@ -19,7 +19,9 @@
 //! Guarantees: rendering never panics, whatever the spans. A span that runs past the end of
 //! the source, starts after it ends, or cuts a multi-byte character is clamped to the
 //! nearest valid range before it reaches `codespan-reporting` (which would otherwise
-//! panic on a bad slice).
+//! panic on a bad slice). A source line longer than [`MAX_SHOWN_LINE`] characters is shown
+//! cut to a window around its labels, with `…` where text was left out; the
+//! `file:line:column` still counts in the whole line.
 //!
 //! Codes `E00xx` are reserved for this crate (syntax); see [`codes`]. Later stages use
 //! their own ranges so a code alone tells which stage complained.
@@ -28,7 +30,7 @@ use std::fmt;
 use std::ops::Range;
 
 use codespan_reporting::diagnostic as cs;
-use codespan_reporting::files::SimpleFile;
+use codespan_reporting::files::{self as csfiles, Files, SimpleFile};
 use codespan_reporting::term::{self, termcolor::Buffer};
 use serde::Serialize;
 
@@ -170,9 +172,17 @@ pub fn render(diagnostics: &[Diagnostic], file_name: &str, source: &str, color: 
     let config = term::Config { chars: term::Chars::ascii(), ..term::Config::default() };
     let mut buffer = if color { Buffer::ansi() } else { Buffer::no_color() };
     let mut fallback = String::new();
+    let long_lines = source.lines().any(|line| line.chars().count() > MAX_SHOWN_LINE);
     for diagnostic in diagnostics {
         let converted = to_codespan(diagnostic, source);
-        if term::emit(&mut buffer, &config, &file, &converted).is_err() {
+        let emitted = if long_lines {
+            let windowed = Windowed::new(file_name, source, &converted);
+            let converted = windowed.remap(converted);
+            term::emit(&mut buffer, &config, &windowed, &converted)
+        } else {
+            term::emit(&mut buffer, &config, &file, &converted)
+        };
+        if emitted.is_err() {
             // `codespan-reporting` only fails on ranges it cannot map, which clamping rules
             // out; a plain line still tells the user what and where if it ever happens.
             let (line, column) = line_col(source, diagnostic.primary.span.start);
@@ -207,6 +217,163 @@ fn to_codespan(diagnostic: &Diagnostic, source: &str) -> cs::Diagnostic<()> {
         .with_message(diagnostic.message.clone())
         .with_labels(labels)
         .with_notes(notes)
+}
+
+/// Lines longer than this many characters are shown cut around their labels.
+pub const MAX_SHOWN_LINE: usize = 200;
+
+/// Characters of context kept on each side of the labels of a cut line.
+const CONTEXT: usize = 60;
+
+/// How one line of the shown text maps back to the source.
+struct LineMap {
+    /// Where the line starts in the shown text.
+    shown_start: usize,
+    /// Where the line starts in the source.
+    source_start: usize,
+    /// The source byte where the kept window starts, and the bytes of the `…` shown before it.
+    window_start: usize,
+    marker: usize,
+    /// The source byte where the kept window ends.
+    window_end: usize,
+}
+
+/// The source as shown: lines longer than [`MAX_SHOWN_LINE`] cut to a window around the
+/// labels on them (or their start), each cut marked with `…`. Positions in headers are
+/// reported in the source's own lines and columns.
+struct Windowed<'s> {
+    name: &'s str,
+    source: &'s str,
+    shown: String,
+    lines: Vec<LineMap>,
+}
+
+impl<'s> Windowed<'s> {
+    fn new(name: &'s str, source: &'s str, diagnostic: &cs::Diagnostic<()>) -> Windowed<'s> {
+        let mut shown = String::with_capacity(source.len().min(1 << 16));
+        let mut lines = Vec::new();
+        let mut source_start = 0;
+        for line in source.split_inclusive('\n') {
+            let body = line.strip_suffix('\n').unwrap_or(line);
+            let end = source_start + body.len();
+            let mut map =
+                LineMap { shown_start: shown.len(), source_start, window_start: source_start, marker: 0, window_end: end };
+            if body.chars().count() > MAX_SHOWN_LINE {
+                // The labels on this line, primary first; the window covers them if it can.
+                let mut marks: Vec<(usize, usize)> = diagnostic
+                    .labels
+                    .iter()
+                    .filter(|l| l.range.start <= end && l.range.end >= source_start)
+                    .map(|l| (l.range.start.max(source_start), l.range.end.min(end)))
+                    .collect();
+                if marks.is_empty() {
+                    marks.push((source_start, source_start));
+                }
+                let (first, last) = (marks[0].0, marks[0].1);
+                let (low, high) = marks.iter().fold((first, last), |(lo, hi), &(a, b)| (lo.min(a), hi.max(b)));
+                let (low, high) = if char_distance(source, low, high) <= MAX_SHOWN_LINE - 2 * CONTEXT {
+                    (low, high)
+                } else {
+                    (first, last.min(advance(source, first, MAX_SHOWN_LINE - 2 * CONTEXT)))
+                };
+                let window_start = retreat(source, low, CONTEXT).max(source_start);
+                let window_end = advance(source, high, CONTEXT).min(end);
+                if window_start > source_start {
+                    shown.push('…');
+                }
+                map.marker = shown.len() - map.shown_start;
+                shown.push_str(&source[window_start..window_end]);
+                if window_end < end {
+                    shown.push('…');
+                }
+                map.window_start = window_start;
+                map.window_end = window_end;
+            } else {
+                shown.push_str(body);
+            }
+            if line.len() > body.len() {
+                shown.push('\n');
+            }
+            lines.push(map);
+            source_start += line.len();
+        }
+        if lines.is_empty() || source.ends_with('\n') {
+            lines.push(LineMap { shown_start: shown.len(), source_start, window_start: source_start, marker: 0, window_end: source_start });
+        }
+        Windowed { name, source, shown, lines }
+    }
+
+    /// The shown position of source byte `offset` (clamped into its line's window).
+    fn to_shown(&self, offset: usize) -> usize {
+        let index = self.lines.partition_point(|l| l.source_start <= offset).saturating_sub(1);
+        let line = &self.lines[index];
+        if line.marker == 0 && line.window_start == line.source_start && line.window_end >= offset {
+            return line.shown_start + (offset - line.source_start);
+        }
+        let inside = offset.clamp(line.window_start, line.window_end);
+        line.shown_start + line.marker + (inside - line.window_start)
+    }
+
+    /// The source position of shown byte `offset`.
+    fn to_source(&self, offset: usize) -> usize {
+        let index = self.lines.partition_point(|l| l.shown_start <= offset).saturating_sub(1);
+        let line = &self.lines[index];
+        let within = offset.saturating_sub(line.shown_start + line.marker);
+        (line.window_start + within).min(line.window_end.max(line.window_start))
+    }
+
+    fn remap(&self, mut diagnostic: cs::Diagnostic<()>) -> cs::Diagnostic<()> {
+        for label in &mut diagnostic.labels {
+            let start = self.to_shown(label.range.start);
+            let end = self.to_shown(label.range.end).max(start);
+            label.range = start..end;
+        }
+        diagnostic
+    }
+}
+
+/// Characters between two byte offsets of `source`.
+fn char_distance(source: &str, from: usize, to: usize) -> usize {
+    source.get(from..to).map_or(0, |text| text.chars().count())
+}
+
+/// The byte offset `count` characters after `offset` (or the end).
+fn advance(source: &str, offset: usize, count: usize) -> usize {
+    source[offset..].char_indices().nth(count).map_or(source.len(), |(i, _)| offset + i)
+}
+
+/// The byte offset `count` characters before `offset` (or 0).
+fn retreat(source: &str, offset: usize, count: usize) -> usize {
+    source[..offset].char_indices().rev().nth(count.saturating_sub(1)).map_or(0, |(i, _)| i)
+}
+
+impl<'a> Files<'a> for Windowed<'_> {
+    type FileId = ();
+    type Name = &'a str;
+    type Source = &'a str;
+
+    fn name(&'a self, (): ()) -> Result<&'a str, csfiles::Error> {
+        Ok(self.name)
+    }
+
+    fn source(&'a self, (): ()) -> Result<&'a str, csfiles::Error> {
+        Ok(&self.shown)
+    }
+
+    fn line_index(&'a self, (): (), byte_index: usize) -> Result<usize, csfiles::Error> {
+        Ok(self.lines.partition_point(|l| l.shown_start <= byte_index).saturating_sub(1))
+    }
+
+    fn line_range(&'a self, (): (), line_index: usize) -> Result<Range<usize>, csfiles::Error> {
+        let start = self.lines.get(line_index).ok_or(csfiles::Error::LineTooLarge { given: line_index, max: self.lines.len() })?.shown_start;
+        let end = self.lines.get(line_index + 1).map_or(self.shown.len(), |next| next.shown_start);
+        Ok(start..end)
+    }
+
+    fn location(&'a self, (): (), byte_index: usize) -> Result<csfiles::Location, csfiles::Error> {
+        let (line_number, column_number) = line_col(self.source, self.to_source(byte_index));
+        Ok(csfiles::Location { line_number, column_number })
+    }
 }
 
 /// The largest valid byte range of `source` inside `span`: ends clamped to the source
@@ -281,6 +448,26 @@ mod tests {
         // `é` is two bytes: a span that cuts it is widened to the whole character.
         assert_eq!(clamp(Span::new(2, 2), "aé"), 1..3);
         assert_eq!(clamp(Span::new(1, 2), "aé"), 1..3);
+    }
+
+    /// A 200 000-character line is shown as a window around the caret, not whole, and the
+    /// header still gives the column in the whole line.
+    #[test]
+    fn long_lines_are_cut_around_the_caret() {
+        let padding = "x + ".repeat(50_000);
+        let source = format!("metric m {{\n    mean({padding}Lx)\n}}\n");
+        let at = source.find("Lx").unwrap();
+        let diagnostic = Diagnostic::error(codes::SYNTAX, "unknown name", Span::new(at, at + 2), "not defined");
+        let text = render(&[diagnostic], "long.metric", &source, false);
+        let (line, column) = line_col(&source, at);
+        assert!(text.contains(&format!("long.metric:{line}:{column}")), "{}", &text[..text.len().min(600)]);
+        assert!(text.len() < 2_000, "the rendering is {} bytes long", text.len());
+        assert!(text.contains('…') && text.contains("Lx") && text.contains("^^"), "{text}");
+        // Short lines render as before.
+        let short = "metric m {\n    mean(Lx)\n}\n";
+        let diagnostic = Diagnostic::error(codes::SYNTAX, "unknown name", Span::new(20, 22), "not defined");
+        let text = render(&[diagnostic], "short.metric", short, false);
+        assert!(text.contains("short.metric:2:10") && !text.contains('…'), "{text}");
     }
 
     #[test]

@@ -14,15 +14,12 @@ use grammar::dump::dump_file;
 use grammar::format::strip_spans;
 use grammar::{format_file, parse, render};
 
+#[path = "../../tests/common/files.rs"]
+mod files;
+
 fn example_files() -> Vec<PathBuf> {
-    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&directory)
-        .unwrap_or_else(|error| panic!("cannot read {}: {error}", directory.display()))
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| path.extension().is_some_and(|extension| extension == "metric"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no examples found in {}", directory.display());
+    let files = files::metric_files(&files::root_from(env!("CARGO_MANIFEST_DIR")).join("examples"));
+    assert!(!files.is_empty(), "no examples found");
     files
 }
 

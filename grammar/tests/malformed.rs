@@ -76,14 +76,11 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
+#[path = "../../tests/common/files.rs"]
+mod files;
+
 fn corpus_files() -> Vec<PathBuf> {
-    let directory = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/malformed");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&directory)
-        .unwrap_or_else(|error| panic!("cannot read {}: {error}", directory.display()))
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| path.extension().is_some_and(|extension| extension == "metric"))
-        .collect();
-    files.sort();
+    let files = files::metric_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/malformed"));
     assert!(files.len() >= 15, "the corpus shrank to {} files", files.len());
     files
 }

@@ -1,24 +1,53 @@
-//! Helpers shared by the integration tests: paths, the example library, and a small
-//! deterministic random generator (the same data on every machine).
+//! Helpers shared by the integration tests: paths, the example library, running the built
+//! binary, scratch folders, and a small deterministic random generator (the same data on
+//! every machine).
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+pub mod corpus;
+#[path = "files.rs"]
+mod files;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    files::root_from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Every `examples/*.metric`, sorted: adding a file there adds it to every suite.
 pub fn examples() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("examples"))
-        .expect("examples directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "metric"))
-        .collect();
-    files.sort();
-    files
+    files::metric_files(&root().join("examples"))
+}
+
+/// An example's path as a string argument.
+pub fn example(name: &str) -> String {
+    root().join("examples").join(name).display().to_string()
+}
+
+/// Run the built `losscc` binary.
+pub fn losscc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_losscc")).args(args).output().expect("run losscc")
+}
+
+/// The path of the built `losscc` binary.
+pub fn losscc_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_losscc"))
+}
+
+/// A fresh, empty folder for one test (`suite` and `name` keep tests apart, the process id
+/// keeps concurrent runs apart).
+pub fn scratch(suite: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("losscc-{suite}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    dir
+}
+
+/// A process's stderr (or stdout) as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// xorshift64: uniform numbers in [0, 1).

@@ -151,6 +151,7 @@ impl<V: Clone, M: Clone> Piece<V, M> {
     }
 
     /// Whether evaluating the piece may need the square root.
+    #[inline(always)]
     pub fn may_be_quadratic(&self) -> bool {
         !matches!(self.linear, Flag::Known(true)) && !matches!(self.degenerate, Flag::Known(true))
     }
@@ -167,6 +168,7 @@ pub enum Strategy {
     BlendPieces,
 }
 
+#[inline(always)]
 fn select_flag<O: CurveOps>(ops: &mut O, take: &O::Mask, a: &Flag<O::Mask>, b: &Flag<O::Mask>) -> Flag<O::Mask> {
     match (a, b) {
         (Flag::Known(x), Flag::Known(y)) if x == y => Flag::Known(*x),
@@ -191,6 +193,7 @@ fn select_flag<O: CurveOps>(ops: &mut O, take: &O::Mask, a: &Flag<O::Mask>, b: &
 }
 
 /// `a` where `take`, else `b`, coefficient by coefficient.
+#[inline(always)]
 pub fn select_piece<O: CurveOps>(
     ops: &mut O,
     take: &O::Mask,
@@ -217,6 +220,7 @@ pub fn select_piece<O: CurveOps>(
 /// `[0, 1]` first). `pieces` are in x order; `may_be_quadratic` says whether any piece can
 /// need the square root (pass [`Piece::may_be_quadratic`] of the curve's own pieces when
 /// blending, so a straight curve skips it).
+#[inline(always)]
 pub fn eval<O: CurveOps>(
     ops: &mut O,
     x: &O::Value,
@@ -269,6 +273,7 @@ pub fn eval<O: CurveOps>(
 }
 
 /// One piece at `x` (already clamped to `[0, 1]`): `y` and, with `want_slope`, `dy/dx`.
+#[inline(always)]
 fn eval_piece<O: CurveOps>(
     ops: &mut O,
     x: &O::Value,

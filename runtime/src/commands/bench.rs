@@ -1,11 +1,11 @@
-//! `losscc bench`: the compiled loss against libtorch cross-entropy on the same tensors.
+//! `losscc bench FILE`: the compiled loss against libtorch cross-entropy on the same tensors.
 //!
 //! Both run forward plus backward on identical logits and labels, interleaved iteration by
 //! iteration after a warm-up so that machine noise hits both alike; the medians and their
 //! ratio are reported. Peak extra memory is the growth of the process's resident-set high
 //! water mark (CPU) while the loss runs.
 
-use crate::Loss;
+use losscc_loss::Loss;
 use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
@@ -120,4 +120,67 @@ pub fn run(
             "reference".into()
         },
     })
+}
+
+#[derive(Copy, Clone, clap::ValueEnum)]
+pub enum BenchDevice {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    file: std::path::PathBuf,
+    /// Logits shape `N,C,H,W`.
+    #[arg(long, default_value = "4,21,256,256")]
+    shape: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: BenchDevice,
+    #[arg(long, default_value_t = 10)]
+    iterations: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Time the op-by-op reference path instead of the fast path.
+    #[arg(long)]
+    reference: bool,
+    #[arg(long)]
+    params: Option<std::path::PathBuf>,
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+}
+
+pub fn run_command(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    let overrides = crate::args::parse_sets(&args.set)?;
+    let shape_text = &args.shape;
+    let dims: Vec<i64> = shape_text.split(',').map(|d| d.trim().parse::<i64>()).collect::<Result<_, _>>().map_err(|_| {
+        anyhow::anyhow!("`--shape {shape_text}` must be four positive integers N,C,H,W, e.g. 4,21,256,256.")
+    })?;
+    let shape: [i64; 4] = match dims.as_slice() {
+        [n, c, h, w] if dims.iter().all(|&d| d > 0) => [*n, *c, *h, *w],
+        _ => anyhow::bail!("`--shape {shape_text}` must be four positive integers N,C,H,W, e.g. 4,21,256,256."),
+    };
+    let device = match args.device {
+        BenchDevice::Cpu => Device::Cpu,
+        BenchDevice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+        BenchDevice::Cuda => anyhow::bail!(
+            "no CUDA GPU is available to libtorch on this machine; run with `--device cpu`, or on a machine with an NVIDIA GPU and its driver."
+        ),
+    };
+    let mut loss = super::load_loss(&args.file, &overrides, args.params.as_deref())?;
+    loss.set_fast_path(!args.reference);
+    let report = run(&loss, shape, device, args.warmup, args.iterations.max(1))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("| loss | shape | device | path | loss ms | cross-entropy ms | ratio | peak extra MB |");
+        println!("|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {} | {:?} | {} | {} | {:.2} | {:.2} | {:.2}x | {:.0} |",
+            report.metric, report.shape, report.device, report.path, report.loss_ms, report.ce_ms, report.ratio, report.peak_extra_mb
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }

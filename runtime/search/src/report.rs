@@ -1,7 +1,8 @@
 //! What a finished search shows: the table of rounds, `OUT/report.md`, and its plots
 //! (`reward.svg`: rewards per round; `curves.svg`: μ's curves at each round).
 
-use crate::search::{Outcome, SearchConfig};
+use crate::config::SearchConfig;
+use crate::run::Outcome;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
 use compiler::curve::Curve;
 use plotters::prelude::*;

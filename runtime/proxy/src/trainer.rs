@@ -5,9 +5,10 @@
 //! from libtorch's generator seeded under a process-wide lock, so runs on parallel threads
 //! stay deterministic on CPU. Baselines: cross-entropy (libtorch) and Lovász-softmax.
 
-use crate::data::{self, Dataset, Sample, IGNORE};
+use crate::data::{self, Dataset, Sample};
+use compiler::ir::DEFAULT_IGNORE_LABEL;
 use crate::network::{ProxyNet, STRIDE};
-use crate::{Loss, LossError};
+use losscc_loss::{Loss, LossError, Overrides};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Mutex;
@@ -17,18 +18,25 @@ use tch::{Device, Kind, Reduction, Tensor};
 /// The six published metrics, compiled from the example library with their default
 /// parameters, in report order.
 pub const STANDARD_METRICS: [(&str, &str); 6] = [
-    ("miou", include_str!("../../examples/miou.metric")),
-    ("fwiou", include_str!("../../examples/fwiou.metric")),
-    ("macc", include_str!("../../examples/macc.metric")),
-    ("gacc", include_str!("../../examples/gacc.metric")),
-    ("biou", include_str!("../../examples/biou.metric")),
-    ("bf1", include_str!("../../examples/bf1.metric")),
+    ("miou", include_str!("../../../examples/miou.metric")),
+    ("fwiou", include_str!("../../../examples/fwiou.metric")),
+    ("macc", include_str!("../../../examples/macc.metric")),
+    ("gacc", include_str!("../../../examples/gacc.metric")),
+    ("biou", include_str!("../../../examples/biou.metric")),
+    ("bf1", include_str!("../../../examples/bf1.metric")),
 ];
+
+/// Soft Dice, the baseline loss `train --loss dice` and the results compare with: the
+/// example library's Dice metric with identity curves.
+pub fn dice() -> Loss {
+    Loss::from_source("dice.metric", include_str!("../../../examples/dice.metric"), &Overrides::new())
+        .expect("the example metrics compile")
+}
 
 /// The standard metric `name` as a compiled [`Loss`] (its exact evaluator is what we use).
 pub fn standard_metric(name: &str) -> Option<Loss> {
     let (_, source) = STANDARD_METRICS.iter().find(|(n, _)| *n == name)?;
-    Some(Loss::from_source(&format!("{name}.metric"), source, &[]).expect("the example metrics compile"))
+    Some(Loss::from_source(&format!("{name}.metric"), source, &Overrides::new()).expect("the example metrics compile"))
 }
 
 /// What the network is trained to minimize.
@@ -46,10 +54,10 @@ impl Objective<'_> {
         match self {
             Objective::Compiled(loss) => loss.forward(logits, labels),
             Objective::CrossEntropy => {
-                if labels.ne(IGNORE).any().int64_value(&[]) == 0 {
+                if labels.ne(DEFAULT_IGNORE_LABEL).any().int64_value(&[]) == 0 {
                     return Ok(logits.sum(Kind::Float) * 0.0);
                 }
-                Ok(logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, IGNORE, 0.0))
+                Ok(logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, DEFAULT_IGNORE_LABEL, 0.0))
             }
             Objective::Lovasz => Ok(lovasz_softmax(logits, labels)),
         }
@@ -62,7 +70,7 @@ pub fn lovasz_softmax(logits: &Tensor, labels: &Tensor) -> Tensor {
     let classes = logits.size()[1];
     let probabilities = logits.softmax(1, Kind::Float).permute([0, 2, 3, 1]).reshape([-1, classes]);
     let labels = labels.reshape([-1]);
-    let keep = labels.ne(IGNORE).nonzero().squeeze_dim(1);
+    let keep = labels.ne(DEFAULT_IGNORE_LABEL).nonzero().squeeze_dim(1);
     let zero = logits.sum(Kind::Float) * 0.0;
     if keep.size()[0] == 0 {
         return zero;

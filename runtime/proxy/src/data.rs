@@ -5,6 +5,7 @@
 //! loads completely or fails with one sentence that names the file and what to do. Images are
 //! stored CHW as normalized `f32`; labels as `i64` with 255 for ignored pixels.
 
+use compiler::ir::DEFAULT_IGNORE_LABEL;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -12,7 +13,6 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// The label value of ignored pixels.
-pub const IGNORE: i64 = 255;
 
 /// Class names of the built-in scenes, in label order.
 pub const SYNTHETIC_CLASSES: [&str; 5] = ["background", "blob", "box", "ring", "thin"];
@@ -25,7 +25,7 @@ pub struct Sample {
     pub width: usize,
     /// `3 × height × width`, channel-major, normalized to roughly zero mean and unit spread.
     pub image: Vec<f32>,
-    /// `height × width` class indices; [`IGNORE`] marks pixels that do not count.
+    /// `height × width` class indices; [`DEFAULT_IGNORE_LABEL`] marks pixels that do not count.
     pub label: Vec<i64>,
 }
 
@@ -237,7 +237,7 @@ fn synthetic_scene(spec: &SyntheticSpec, mut rng: ChaCha8Rng, name: String) -> S
                         && original[ny as usize * size + nx as usize] != 0
                 });
                 if near_object {
-                    label[y * size + x] = IGNORE;
+                    label[y * size + x] = DEFAULT_IGNORE_LABEL;
                 }
             }
         }
@@ -293,7 +293,7 @@ pub fn load_voc(dir: &Path, classes: Option<usize>) -> Result<Dataset, DataError
     let classes = match classes {
         Some(classes) => classes,
         None => {
-            let largest = all().flat_map(|s| s.label.iter().copied()).filter(|&v| v != IGNORE).max().unwrap_or(0);
+            let largest = all().flat_map(|s| s.label.iter().copied()).filter(|&v| v != DEFAULT_IGNORE_LABEL).max().unwrap_or(0);
             largest as usize + 1
         }
     };
@@ -301,7 +301,7 @@ pub fn load_voc(dir: &Path, classes: Option<usize>) -> Result<Dataset, DataError
         return Err(DataError::OneClass);
     }
     for sample in all() {
-        if let Some(position) = sample.label.iter().position(|&v| v != IGNORE && (v < 0 || v >= classes as i64)) {
+        if let Some(position) = sample.label.iter().position(|&v| v != DEFAULT_IGNORE_LABEL && (v < 0 || v >= classes as i64)) {
             return Err(DataError::LabelValue {
                 path: dir.join("SegmentationClass").join(format!("{}.png", sample.name)).display().to_string(),
                 value: sample.label[position],
@@ -410,7 +410,7 @@ fn read_index_png(path: &Path) -> Result<(Vec<i64>, usize, usize), DataError> {
 /// is smaller) and random horizontal flips, drawn from `rng`.
 pub fn training_batch(samples: &[Sample], batch: usize, crop: usize, rng: &mut ChaCha8Rng) -> (Tensor, Tensor) {
     let mut images = vec![0f32; batch * 3 * crop * crop];
-    let mut labels = vec![IGNORE; batch * crop * crop];
+    let mut labels = vec![DEFAULT_IGNORE_LABEL; batch * crop * crop];
     for b in 0..batch {
         let sample = &samples[rng.gen_range(0..samples.len())];
         let y0 = if sample.height > crop { rng.gen_range(0..=sample.height - crop) } else { 0 };

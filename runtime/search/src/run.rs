@@ -1,4 +1,5 @@
-//! PPO search over a loss's curve parameters on the proxy task (Auto Seg-Loss's PPO2).
+//! The search driver: rounds of candidates drawn from the policy, trained on the proxy task,
+//! journaled, and used to update the policy (Auto Seg-Loss's PPO2).
 //!
 //! Policy: independent truncated normals on [0,1], one per search variable of every curve
 //! that is not fixed, with μ = sigmoid(μ_x) and σ fixed. Each round draws `samples`
@@ -19,98 +20,23 @@
 //! * `best.params.json` is the candidate with the highest reward (earliest on ties), in the
 //!   own params format, with its provenance; `mu.params.json` is the policy's final μ.
 
-use crate::data::Dataset;
-use crate::progress;
-use crate::trainer::{self, Objective, TrainConfig};
-use crate::{Loss, LossError};
-use compiler::curve::Curve;
-use compiler::params::Params;
-use indicatif::{MultiProgress, ProgressBar};
+
+use crate::config::{config_difference, Baseline, SearchConfig};
+use crate::journal::{io_error, read_history, Candidate, Paths};
+use crate::policy::{logit, ppo_update, sigmoid, truncated_normal, Layout};
+use crate::progress::Progress;
+use losscc_loss::{Loss, LossError, Overrides};
+use losscc_proxy::data::Dataset;
+use losscc_proxy::trainer::{self, Objective, TrainConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
-use tch::nn::OptimizerConfig;
-use tch::{Device, Kind, Tensor};
-
-/// What the advantage is measured against.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Baseline {
-    /// The reward of μ itself (sample 0 of each round).
-    Mu,
-    /// The mean reward of the round.
-    Mean,
-}
-
-/// Everything that determines a search's result; saved as `OUT/config.json` and compared on
-/// `--resume`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SearchConfig {
-    /// The loss being searched, as given on the command line, its source and `--set`s.
-    pub file: String,
-    pub source: String,
-    pub overrides: Vec<(String, String)>,
-    /// The reward: an exact metric on the hold-out split (a built-in name or a metric file).
-    pub target: String,
-    pub rounds: usize,
-    pub samples: usize,
-    pub sigma: f64,
-    pub clip: f64,
-    pub adam_steps: usize,
-    pub adam_lr: f64,
-    pub baseline: Baseline,
-    pub seed: u64,
-    /// Proxy training of every candidate (its `seed` is the search's seed).
-    pub train: TrainConfig,
-    /// The data, described (built-in spec or folder).
-    pub data: String,
-    /// Starting curves, flat control points per curve.
-    pub start: Vec<Vec<f64>>,
-    /// CPU threads per candidate (results depend on it at the last bits).
-    pub threads_per_model: usize,
-    /// `cpu` or `cuda`: rewards from different devices are not mixed in one search.
-    pub device: String,
-    /// The target metric's source text (empty for a built-in metric).
-    pub target_source: String,
-}
-
-/// The published settings and a CPU-sized one.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum Preset {
-    /// M = 32 samples, 12 rounds, 1000 proxy iterations at 128×128, batch 32 (GPU hours).
-    Paper,
-    /// 6 samples, 4 rounds, 120 iterations at 64×64, batch 8: minutes on two CPU cores.
-    Quick,
-}
-
-impl Preset {
-    /// (rounds, samples, iters, batch, crop)
-    pub fn settings(self) -> (usize, usize, usize, usize, usize) {
-        match self {
-            Preset::Paper => (12, 32, 1000, 32, 128),
-            Preset::Quick => (4, 6, 120, 8, 64),
-        }
-    }
-}
-
-/// One finished candidate: one line of `history.jsonl`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Candidate {
-    pub round: usize,
-    pub sample: usize,
-    /// The search variables in [0,1].
-    pub u: Vec<f64>,
-    /// The candidate's curves, flat control points per curve (manifest order).
-    pub control_points: Vec<Vec<f64>>,
-    pub reward: f64,
-    pub seconds: f64,
-}
+use tch::Device;
 
 /// One round, for the table and the report.
 #[derive(Clone, Debug, Serialize)]
@@ -160,151 +86,6 @@ pub enum SearchError {
     Settings(String),
 }
 
-/// The search variables' layout over the loss's curves.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    start: Params,
-    /// For each searched curve: (curve index, pieces, offset into u).
-    searched: Vec<(usize, usize, usize)>,
-    pub dimensions: usize,
-}
-
-impl Layout {
-    pub fn new(start: Params) -> Layout {
-        let mut searched = Vec::new();
-        let mut offset = 0;
-        for (index, (curve, fixed)) in start.curves.iter().zip(&start.fixed).enumerate() {
-            if !fixed {
-                searched.push((index, curve.pieces(), offset));
-                offset += Curve::search_len(curve.pieces());
-            }
-        }
-        Layout { start, searched, dimensions: offset }
-    }
-
-    /// The starting point in search variables.
-    pub fn start_u(&self) -> Vec<f64> {
-        let mut u = Vec::with_capacity(self.dimensions);
-        for &(index, _, _) in &self.searched {
-            u.extend(self.start.curves[index].to_search());
-        }
-        u
-    }
-
-    /// The curves for search variables `u` (fixed curves keep their start values).
-    pub fn params(&self, u: &[f64]) -> Params {
-        let mut params = self.start.clone();
-        for &(index, pieces, offset) in &self.searched {
-            let length = Curve::search_len(pieces);
-            params.curves[index] = Curve::from_search(&u[offset..offset + length], pieces)
-                .expect("search variables in [0,1] make a curve");
-        }
-        params
-    }
-
-    pub fn flat(&self, u: &[f64]) -> Vec<Vec<f64>> {
-        self.params(u).curves.iter().map(Curve::flat).collect()
-    }
-}
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-fn logit(u: f64) -> f64 {
-    let u = u.clamp(1e-6, 1.0 - 1e-6);
-    (u / (1.0 - u)).ln()
-}
-
-/// A draw from the normal(μ, σ) truncated to (0, 1), by rejection.
-pub fn truncated_normal(mu: f64, sigma: f64, rng: &mut ChaCha8Rng) -> f64 {
-    loop {
-        let z: f64 = StandardNormal.sample(rng);
-        let x = mu + sigma * z;
-        if x > 0.0 && x < 1.0 {
-            return x;
-        }
-    }
-}
-
-/// log density of the truncated normal on [0,1], elementwise (`x` `[S,D]`, `mu` `[D]`).
-pub fn truncated_normal_log_prob(x: &Tensor, mu: &Tensor, sigma: f64) -> Tensor {
-    let cdf = |a: Tensor| (a / std::f64::consts::SQRT_2).erf().g_add_scalar(1.0).g_mul_scalar(0.5);
-    let z = (x - mu) / sigma;
-    let log_density = z.square().g_mul_scalar(-0.5) - (sigma.ln() + 0.5 * (2.0 * std::f64::consts::PI).ln());
-    let mass = cdf(mu.ones_like().g_sub(mu) / sigma) - cdf(mu.g_mul_scalar(-1.0) / sigma);
-    log_density - mass.log()
-}
-
-/// The PPO step: `adam_steps` Adam steps on μ_x maximizing the clipped surrogate objective.
-pub fn ppo_update(mu_x: &[f64], samples: &[Vec<f64>], advantages: &[f64], config: &SearchConfig) -> Vec<f64> {
-    let _guard = tch::no_grad_guard();
-    let store = tch::nn::VarStore::new(Device::Cpu);
-    let start = Tensor::from_slice(mu_x).to_kind(Kind::Double);
-    let variable = store.root().var_copy("mu_x", &start);
-    let dimensions = mu_x.len() as i64;
-    let flat: Vec<f64> = samples.iter().flatten().copied().collect();
-    let x = Tensor::from_slice(&flat).view([samples.len() as i64, dimensions]);
-    let advantage = Tensor::from_slice(advantages).view([samples.len() as i64, 1]);
-    let old = truncated_normal_log_prob(&x, &start.sigmoid(), config.sigma);
-    let mut adam = tch::nn::Adam::default().build(&store, config.adam_lr).expect("Adam over one variable");
-    drop(_guard);
-    for _ in 0..config.adam_steps {
-        let new = truncated_normal_log_prob(&x, &variable.sigmoid(), config.sigma);
-        let ratio = (new - &old).exp();
-        let unclipped = &ratio * &advantage;
-        let clipped = ratio.clamp(1.0 - config.clip, 1.0 + config.clip) * &advantage;
-        let objective = unclipped.minimum(&clipped).sum_dim_intlist(1, false, Kind::Double).mean(Kind::Double);
-        adam.backward_step(&objective.g_mul_scalar(-1.0));
-    }
-    Vec::<f64>::try_from(variable.detach()).expect("a float64 vector")
-}
-
-/// Where a search writes.
-pub struct Paths {
-    pub dir: PathBuf,
-}
-
-impl Paths {
-    pub fn config(&self) -> PathBuf {
-        self.dir.join("config.json")
-    }
-    pub fn history(&self) -> PathBuf {
-        self.dir.join("history.jsonl")
-    }
-    pub fn best(&self) -> PathBuf {
-        self.dir.join("best.params.json")
-    }
-    pub fn mu(&self) -> PathBuf {
-        self.dir.join("mu.params.json")
-    }
-    pub fn report(&self) -> PathBuf {
-        self.dir.join("report.md")
-    }
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SearchError + '_ {
-    move |error| SearchError::Io { path: path.display().to_string(), error }
-}
-
-/// Read the finished candidates of an earlier run. A torn last line (a kill mid-write) is
-/// cut off the file, so that new lines start clean.
-fn read_history(path: &Path) -> Result<Vec<(usize, Candidate)>, SearchError> {
-    let mut text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(error) => return Err(io_error(path)(error)),
-    };
-    if !text.is_empty() && !text.ends_with('\n') {
-        text.truncate(text.rfind('\n').map_or(0, |end| end + 1));
-        std::fs::write(path, &text).map_err(io_error(path))?;
-    }
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter_map(|(index, line)| serde_json::from_str::<Candidate>(line).ok().map(|c| (index + 1, c)))
-        .collect())
-}
 
 /// How candidates are trained: the devices and how many models each holds at once.
 pub struct Workers {
@@ -320,8 +101,8 @@ pub struct Search<'a> {
     pub target: &'a Loss,
     pub dataset: &'a Dataset,
     pub workers: Workers,
-    /// Draw progress bars (the caller decides; they go to stderr).
-    pub progress: bool,
+    /// Where progress goes (bars on a terminal, lines otherwise: the caller decides).
+    pub progress: &'a dyn Progress,
 }
 
 impl Search<'_> {
@@ -381,7 +162,7 @@ impl Search<'_> {
         let mut known: BTreeMap<(usize, usize), (usize, Candidate)> =
             previous.into_iter().map(|(line, c)| ((c.round, c.sample), (line, c))).collect();
 
-        let bars = Bars::new(self.progress, self.config.rounds, self.config.samples);
+        let bars = self.progress;
         let mut mu_x: Vec<f64> = self.layout.start_u().iter().map(|&u| logit(u)).collect();
         let mut rounds = Vec::new();
         let mut best: Option<Candidate> = None;
@@ -415,17 +196,17 @@ impl Search<'_> {
                 .filter(|(sample, _)| results[*sample].is_none())
                 .map(|(sample, u)| (sample, u.clone()))
                 .collect();
-            bars.start_round(round, draws.len() - pending.len());
+            bars.round_started(round, draws.len() - pending.len());
             trained += pending.len();
             let mut write_error = None;
-            self.train_candidates(round, pending, &bars, &mut |candidate: Candidate| {
+            self.train_candidates(round, pending, &mut |candidate: Candidate| {
                 let line = serde_json::to_string(&candidate).expect("a candidate serializes");
                 if let Err(error) = writeln!(history, "{line}").and_then(|_| history.flush()) {
                     write_error.get_or_insert(error);
                 }
                 let sample = candidate.sample;
                 results[sample] = Some(candidate);
-                bars.candidate_done();
+                bars.candidate_finished();
             })?;
             if let Some(error) = write_error {
                 return Err(io_error(&history_path)(error));
@@ -451,7 +232,7 @@ impl Search<'_> {
                 best_reward: rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max),
                 seconds: started.elapsed().as_secs_f64(),
             };
-            bars.println(&format!(
+            bars.round_finished(&format!(
                 "round {}/{}: μ reward {}, mean {:.4}, best {:.4} ({:.0} s)",
                 round + 1,
                 self.config.rounds,
@@ -465,7 +246,6 @@ impl Search<'_> {
             mu_x = ppo_update(&mu_x, &draws, &advantages, &self.config);
             all.extend(candidates);
         }
-        bars.finish();
         let final_mu: Vec<f64> = mu_x.iter().map(|&x| sigmoid(x)).collect();
         Ok(Outcome {
             rounds,
@@ -505,7 +285,6 @@ impl Search<'_> {
         &self,
         round: usize,
         pending: Vec<(usize, Vec<f64>)>,
-        bars: &Bars,
         done: &mut dyn FnMut(Candidate),
     ) -> Result<(), SearchError> {
         if pending.is_empty() {
@@ -524,9 +303,9 @@ impl Search<'_> {
             for (slot, &device) in slots.iter().enumerate() {
                 let sender = sender.clone();
                 let queue = &queue;
-                let bar = bars.worker(slot);
                 scope.spawn(move || {
-                    let mut loss = match Loss::from_file(&self.file, &self.config.overrides) {
+                    let overrides = Overrides::from(self.config.overrides.as_slice());
+                    let mut loss = match Loss::from_file(&self.file, &overrides) {
                         Ok(loss) => loss,
                         Err(error) => {
                             let _ = sender.send(Err(error.into()));
@@ -536,13 +315,12 @@ impl Search<'_> {
                     loop {
                         let job = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
                         let Some((sample, u)) = job else { break };
-                        let result = self.train_one(&mut loss, round, sample, u, device, &bar);
+                        let result = self.train_one(&mut loss, round, sample, u, device, slot);
                         let failed = result.is_err();
                         if sender.send(result).is_err() || failed {
                             break;
                         }
                     }
-                    bar.finish_and_clear();
                 });
             }
             drop(sender);
@@ -569,17 +347,16 @@ impl Search<'_> {
         sample: usize,
         u: Vec<f64>,
         device: Device,
-        bar: &ProgressBar,
+        slot: usize,
     ) -> Result<Candidate, SearchError> {
         let started = Instant::now();
-        loss.set_params(self.layout.params(&u));
+        loss.set_params(self.layout.params(&u))?;
         let objective = Objective::Compiled(loss);
         let config = TrainConfig { seed: self.training_seed(), ..self.config.train.clone() };
-        bar.reset();
-        bar.set_length(config.iters as u64);
-        bar.set_message(format!("candidate {}.{}", round + 1, sample + 1));
-        let outcome =
-            trainer::train(self.dataset, &objective, &config, device, &mut |step| bar.set_position(step as u64));
+        let progress = self.progress;
+        progress.candidate_started(slot, &format!("candidate {}.{}", round + 1, sample + 1), config.iters);
+        let outcome = trainer::train(self.dataset, &objective, &config, device, &mut |step| progress.candidate_step(slot, step));
+        progress.worker_idle(slot);
         let trained = outcome?;
         let value = trained.evaluate(&self.dataset.holdout, &[self.target])?[0];
         // An undefined metric (no boundary in the hold-out, say) earns nothing.
@@ -595,98 +372,3 @@ impl Search<'_> {
     }
 }
 
-/// Names the first setting that differs, in words.
-fn config_difference(saved: &SearchConfig, now: &SearchConfig) -> Option<String> {
-    let saved = serde_json::to_value(saved).expect("serializes");
-    let now = serde_json::to_value(now).expect("serializes");
-    let (serde_json::Value::Object(saved), serde_json::Value::Object(now)) = (saved, now) else { return None };
-    for (key, value) in &now {
-        if saved.get(key) != Some(value) {
-            let was = saved.get(key).map_or("nothing".to_string(), |v| short(v));
-            return Some(format!("`{key}` was {was}, now {}", short(value)));
-        }
-    }
-    None
-}
-
-fn short(value: &serde_json::Value) -> String {
-    let text = value.to_string();
-    if text.chars().count() > 60 {
-        format!("{}…", text.chars().take(60).collect::<String>())
-    } else {
-        text
-    }
-}
-
-/// The search's progress bars: rounds, candidates of the round, and one bar of training
-/// steps per worker. Hidden when stderr is not a terminal; round lines are printed anyway.
-struct Bars {
-    multi: Option<MultiProgress>,
-    rounds: ProgressBar,
-    candidates: ProgressBar,
-    workers: Mutex<Vec<ProgressBar>>,
-}
-
-impl Bars {
-    fn new(visible: bool, rounds: usize, samples: usize) -> Bars {
-        let multi = visible.then(MultiProgress::new);
-        let make = |length: usize, what: &str, prefix: &str| {
-            let bar = ProgressBar::new(length as u64).with_style(progress::style(what)).with_prefix(prefix.to_string());
-            match &multi {
-                Some(multi) => multi.add(bar),
-                None => {
-                    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-                    bar
-                }
-            }
-        };
-        Bars {
-            rounds: make(rounds, "rounds", "search"),
-            candidates: make(samples, "candidates", "this round"),
-            workers: Mutex::new(Vec::new()),
-            multi,
-        }
-    }
-
-    fn worker(&self, slot: usize) -> ProgressBar {
-        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        while workers.len() <= slot {
-            let bar = ProgressBar::new(0)
-                .with_style(progress::style("steps"))
-                .with_prefix(format!("model {}", workers.len() + 1));
-            let bar = match &self.multi {
-                Some(multi) => multi.add(bar),
-                None => {
-                    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-                    bar
-                }
-            };
-            workers.push(bar);
-        }
-        workers[slot].clone()
-    }
-
-    fn start_round(&self, round: usize, already: usize) {
-        self.rounds.set_position(round as u64);
-        self.candidates.set_position(already as u64);
-    }
-
-    fn candidate_done(&self) {
-        self.candidates.inc(1);
-    }
-
-    fn println(&self, line: &str) {
-        match &self.multi {
-            Some(multi) => {
-                let _ = multi.println(line);
-            }
-            None => eprintln!("{line}"),
-        }
-        self.rounds.inc(1);
-    }
-
-    fn finish(&self) {
-        self.candidates.finish_and_clear();
-        self.rounds.finish_and_clear();
-    }
-}

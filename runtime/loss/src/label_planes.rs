@@ -9,10 +9,10 @@
 //! (a fractional constant, a range beyond `i8`, an operation not listed here) returns `None`
 //! and keeps libtorch's float path. Values equal libtorch's float ones exactly (integers).
 
-use crate::fused::threads;
-use crate::tch_backend::IGNORE_LABEL;
-use compiler::ir::{Handle, Module, Node, Shape};
-use tch::{Kind, Tensor};
+use crate::kernels::pool;
+use compiler::analysis;
+use compiler::ir::{Handle, Node, Shape};
+use compiler::RelaxedModule;
 
 /// One node's value: a number, or `[N, width, H, W]` bytes.
 #[derive(Debug)]
@@ -21,46 +21,8 @@ pub enum Value {
     Plane { data: Vec<i8>, width: usize },
 }
 
-impl Value {
-    /// The plane as a float32 tensor `[N, width, H, W]` (a scalar as a 0-d tensor).
-    pub fn to_tensor(&self, images: usize, height: usize, width: usize) -> Tensor {
-        match self {
-            Value::Scalar(value) => Tensor::from(*value as f32),
-            Value::Plane { data, width: classes } => {
-                let out = Tensor::empty(
-                    [images as i64, *classes as i64, height as i64, width as i64],
-                    (Kind::Float, tch::Device::Cpu),
-                );
-                if !data.is_empty() {
-                    // SAFETY: `out` is a fresh contiguous float32 CPU tensor of `data.len()`
-                    // elements that nothing else refers to.
-                    let target = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, data.len()) };
-                    widen(data, target);
-                }
-                out
-            }
-        }
-    }
-}
-
-crate::fused::with_best_simd!(widen_chunk, (source: &[i8], target: &mut [f32]), {
-    for (t, &s) in target.iter_mut().zip(source) {
-        *t = s as f32;
-    }
-});
-
-/// `target[i] = source[i] as f32`, split over the cores.
-pub fn widen(source: &[i8], target: &mut [f32]) {
-    let chunk = source.len().div_ceil(threads()).max(1 << 16);
-    std::thread::scope(|scope| {
-        for (s, t) in source.chunks(chunk).zip(target.chunks_mut(chunk)) {
-            scope.spawn(move || widen_chunk(s, t));
-        }
-    });
-}
-
 /// Per-class sums of a `[N, width, H, W]` byte plane (over images and pixels).
-pub fn class_sums(data: &[i8], width: usize, pixels: usize) -> Vec<f64> {
+pub(crate) fn class_sums(data: &[i8], width: usize, pixels: usize) -> Vec<f64> {
     let mut sums = vec![0i64; width];
     for (index, row) in data.chunks(pixels.max(1)).enumerate() {
         sums[index % width] += row.iter().map(|&x| x as i64).sum::<i64>();
@@ -83,21 +45,9 @@ impl Dims {
     }
 }
 
-/// Whether `handle` is a label-only node at pixel level, i.e. one this module may evaluate,
-/// given which nodes depend on the predictions.
-pub fn pixel_label_node(module: &Module, handle: Handle, on_pred: &[bool]) -> bool {
-    !on_pred[handle.index()] && matches!(module.shape(handle), Shape::Pixels | Shape::ClassPixels(_))
-}
-
-/// Which nodes depend on the predictions (directly or through an operand).
-pub fn prediction_dependent(module: &Module) -> Vec<bool> {
-    let mut on_pred = vec![false; module.len()];
-    for handle in module.handles() {
-        let node = module.node(handle);
-        on_pred[handle.index()] = matches!(node, Node::Softmax | Node::NllSum | Node::Pred)
-            || node.operands().iter().any(|o| on_pred[o.index()]);
-    }
-    on_pred
+/// Whether `handle` is a label-only node at pixel level, i.e. one this module may evaluate.
+pub(crate) fn pixel_label_node(module: &RelaxedModule, handle: Handle) -> bool {
+    !module.prediction_dependent()[handle.index()] && matches!(module.shape(handle), Shape::Pixels | Shape::ClassPixels(_))
 }
 
 /// The width (classes) of a pixel-level shape.
@@ -111,18 +61,8 @@ fn shape_width(shape: Shape, classes: usize) -> Option<usize> {
 
 /// Value interval of every node `wanted` depends on, or `None` when some node is not an
 /// integer operation this evaluator has or may leave `i8`.
-fn intervals(module: &Module, wanted: &[Handle]) -> Option<Vec<Option<(i32, i32)>>> {
-    let mut need = vec![false; module.len()];
-    for handle in wanted {
-        need[handle.index()] = true;
-    }
-    for index in (0..module.len()).rev() {
-        if need[index] {
-            for operand in module.nodes[index].operands() {
-                need[operand.index()] = true;
-            }
-        }
-    }
+fn intervals(module: &RelaxedModule, wanted: &[Handle]) -> Option<Vec<Option<(i32, i32)>>> {
+    let need = analysis::needed(module, wanted, |_| false);
     let mut range: Vec<Option<(i32, i32)>> = vec![None; module.len()];
     for handle in module.handles() {
         if !need[handle.index()] {
@@ -149,7 +89,24 @@ fn intervals(module: &Module, wanted: &[Handle]) -> Option<Vec<Option<(i32, i32)
                 let products = [a.0 * b.0, a.0 * b.1, a.1 * b.0, a.1 * b.1];
                 (*products.iter().min().expect("four"), *products.iter().max().expect("four"))
             }
-            _ => return None,
+            // Anything else (predictions, curves, numbers, exact operators) is not a
+            // label-only integer plane: the float path computes the module.
+            Node::Pred
+            | Node::Softmax
+            | Node::CurveTag { .. }
+            | Node::Scope { .. }
+            | Node::And(..)
+            | Node::Or(..)
+            | Node::Xor(..)
+            | Node::Not(..)
+            | Node::Curve { .. }
+            | Node::Count(_)
+            | Node::NllSum
+            | Node::Div { .. }
+            | Node::Compare { .. }
+            | Node::Mean { .. }
+            | Node::Sum { .. }
+            | Node::Term { .. } => return None,
         };
         if interval.0 < -128 || interval.1 > 127 {
             return None;
@@ -162,7 +119,15 @@ fn intervals(module: &Module, wanted: &[Handle]) -> Option<Vec<Option<(i32, i32)
 /// Evaluate the label-only nodes `wanted` (and what they depend on) on bytes; `None` when the
 /// module needs something outside this evaluator (see the module notes). `labels` is the
 /// flat `[N, H, W]` label map, already checked.
-pub fn evaluate(module: &Module, labels: &[i64], dims: Dims, wanted: &[Handle]) -> Option<Vec<Option<Value>>> {
+pub(crate) fn evaluate(
+    module: &RelaxedModule,
+    labels: &[i64],
+    dims: Dims,
+    ignore_label: Option<i64>,
+    wanted: &[Handle],
+) -> Option<Vec<Option<Value>>> {
+    // A value no checked label has stands for "no ignore label".
+    let ignore = ignore_label.unwrap_or(i64::MIN);
     let range = intervals(module, wanted)?;
     let hw = dims.pixels();
     let mut values: Vec<Option<Value>> = (0..module.len()).map(|_| None).collect();
@@ -180,18 +145,20 @@ pub fn evaluate(module: &Module, labels: &[i64], dims: Dims, wanted: &[Handle]) 
                 for (image, map) in labels.chunks(hw).enumerate() {
                     let planes = &mut data[image * c * hw..(image + 1) * c * hw];
                     for (pixel, &label) in map.iter().enumerate() {
-                        if label != IGNORE_LABEL && (0..c as i64).contains(&label) {
+                        if label != ignore && (0..c as i64).contains(&label) {
                             planes[label as usize * hw + pixel] = 1;
                         }
                     }
                 }
                 Value::Plane { data, width: c }
             }
-            Node::Valid => Value::Plane { data: labels.iter().map(|&l| i8::from(l != IGNORE_LABEL)).collect(), width: 1 },
+            Node::Valid => Value::Plane { data: labels.iter().map(|&l| i8::from(l != ignore)).collect(), width: 1 },
             Node::Erode { input, radius } | Node::Dilate { input, radius } => {
                 let erode = matches!(module.node(handle), Node::Erode { .. });
                 let Value::Plane { data, width } = v(input) else { return None };
-                Value::Plane { data: pool(data, dims, *radius as usize, erode), width: *width }
+                let mut out = vec![0i8; data.len()];
+                pool::pool_bytes(data, &mut out, (dims.height, dims.width), *radius as usize, erode);
+                Value::Plane { data: out, width: *width }
             }
             Node::AnyClass(input) => {
                 let Value::Plane { data, width } = v(input) else { return None };
@@ -225,7 +192,23 @@ pub fn evaluate(module: &Module, labels: &[i64], dims: Dims, wanted: &[Handle]) 
             Node::Add(a, b) => binary(v(a), v(b), dims, |x, y| x + y)?,
             Node::Sub(a, b) => binary(v(a), v(b), dims, |x, y| x - y)?,
             Node::Mul(a, b) => binary(v(a), v(b), dims, |x, y| x * y)?,
-            _ => return None,
+            // Outside the interval analysis's set (it returned no range for these).
+            Node::Pred
+            | Node::Softmax
+            | Node::CurveTag { .. }
+            | Node::Scope { .. }
+            | Node::And(..)
+            | Node::Or(..)
+            | Node::Xor(..)
+            | Node::Not(..)
+            | Node::Curve { .. }
+            | Node::Count(_)
+            | Node::NllSum
+            | Node::Div { .. }
+            | Node::Compare { .. }
+            | Node::Mean { .. }
+            | Node::Sum { .. }
+            | Node::Term { .. } => return None,
         };
         if let (Value::Plane { width, .. }, Some(expected)) = (&value, out_width) {
             if *width != expected {
@@ -269,31 +252,84 @@ fn binary(a: &Value, b: &Value, dims: Dims, f: impl Fn(i8, i8) -> i8 + Copy) -> 
     })
 }
 
-/// Square-window minimum (erosion) or maximum (dilation) of every `[H, W]` plane, the window
-/// clipped at the border, as the float path computes it.
-fn pool(data: &[i8], dims: Dims, radius: usize, erode: bool) -> Vec<i8> {
-    let plane = dims.pixels();
-    let mut out = vec![0i8; data.len()];
-    if plane == 0 || data.is_empty() {
-        return out;
-    }
-    let chunk = crate::fused::plane_chunk(data.len(), plane);
-    std::thread::scope(|scope| {
-        for (inputs, outputs) in data.chunks(chunk).zip(out.chunks_mut(chunk)) {
-            scope.spawn(move || pool_planes(inputs, outputs, dims.height, dims.width, radius, erode));
-        }
-    });
-    out
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inputs;
+    use crate::reference;
+    use crate::{Loss, Overrides};
+    use tch::{Kind, Tensor};
 
-crate::fused::with_best_simd!(
-    pool_planes,
-    (inputs: &[i8], outputs: &mut [i8], h: usize, w: usize, radius: usize, erode: bool),
-    {
-        if erode {
-            crate::tch_backend::pool_planes_of(inputs, outputs, h, w, radius, Ord::min)
-        } else {
-            crate::tch_backend::pool_planes_of(inputs, outputs, h, w, radius, Ord::max)
+    /// A metric whose label-only part nests `^` deeply enough that the interval analysis
+    /// cannot prove it fits bytes: the byte evaluator must decline.
+    pub(crate) const DEEP_XOR: &str = "metric deep {
+    let a = (L ^ dilate(L, 1)) ^ (erode(L, 1) ^ dilate(L, 2));
+    let b = a ^ dilate(a, 2);
+    mean(count(P & b & V) / count((P | b) & V))
+}";
+
+    fn as_floats(value: &Value, images: usize, height: usize, width: usize) -> Tensor {
+        match value {
+            Value::Scalar(value) => Tensor::from(*value as f32),
+            Value::Plane { data, width: classes } => {
+                let floats: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+                Tensor::from_slice(&floats).reshape([images as i64, *classes as i64, height as i64, width as i64])
+            }
         }
     }
-);
+
+    /// The label-only pixel nodes of every example (and of `DEEP_XOR`), evaluated on bytes,
+    /// equal libtorch's float values exactly, with the default ignore label, another one
+    /// inside `0..C`, and none; where the byte evaluator declines, it is the deep case.
+    #[test]
+    fn label_planes_on_bytes_equal_libtorch() {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut files: Vec<_> = std::fs::read_dir(&examples)
+            .expect("examples")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "metric"))
+            .collect();
+        files.sort();
+        let mut modules: Vec<(String, Loss)> = files
+            .iter()
+            .map(|p| (p.display().to_string(), Loss::from_file(p, &Overrides::new()).expect("compiles")))
+            .collect();
+        modules.push(("deep".into(), Loss::from_source("deep.metric", DEEP_XOR, &Overrides::new()).expect("compiles")));
+        let (images, classes, height, width) = (2usize, 5usize, 19usize, 23usize);
+        tch::manual_seed(21);
+        let mut compared = 0;
+        for ignore in [Some(255), Some(2), None] {
+            let labels = Tensor::randint(classes as i64, [2, 19, 23], (Kind::Int64, tch::Device::Cpu));
+            let labels = match ignore {
+                Some(value) => {
+                    let drop = Tensor::rand([2, 19, 23], (Kind::Float, tch::Device::Cpu)).lt(0.1);
+                    labels.where_scalarother(&drop.logical_not(), value)
+                }
+                None => labels,
+            };
+            let logits = Tensor::randn([2, 5, 19, 23], (Kind::Float, tch::Device::Cpu));
+            let flat = Vec::<i64>::try_from(labels.reshape([-1])).expect("int64 labels");
+            let dims = Dims { images, classes, height, width };
+            for (name, loss) in &modules {
+                let module = &loss.compiled().relaxed;
+                let wanted: Vec<_> = module.handles().filter(|&h| pixel_label_node(module, h)).collect();
+                let Some(values) = evaluate(module, &flat, dims, ignore, &wanted) else {
+                    assert_eq!(name, "deep", "{name}: the byte evaluator declined");
+                    continue;
+                };
+                assert_ne!(name, "deep", "nested xors exceed the i8 interval and must be declined");
+                let checked = inputs::check(&logits, &labels, module.min_classes, ignore).expect("valid inputs");
+                let provided = (0..module.len()).map(|_| None).collect();
+                let reference = reference::run_nodes(module, &loss.params().curves, &checked.batch(), provided, &wanted);
+                for handle in &wanted {
+                    let ours = as_floats(values[handle.index()].as_ref().expect("evaluated"), images, height, width);
+                    let theirs = reference.values[handle.index()].as_ref().expect("computed");
+                    let difference = (&ours - theirs).abs().max().double_value(&[]);
+                    assert_eq!(difference, 0.0, "{name} (ignore {ignore:?}): node %{} differs", handle.index());
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared >= 30, "label-only nodes compared: {compared}");
+    }
+}

@@ -1,0 +1,338 @@
+//! The fused CPU kernel: a relaxed module's pixel-level work done in a few passes over the
+//! pixels instead of one libtorch operation per node.
+//!
+//! The reference path (op by op in libtorch) materializes every intermediate `[N,C,H,W]`
+//! tensor and records it for autograd. Here, the pixel-level nodes that feed the counts
+//! become a small program over a pixel's classes, run on tiles of 64 pixels whose values lie
+//! class-major (`[class][pixel]`) so each step is a long contiguous loop:
+//! 1. forward sweep: softmax, curves, products, ... accumulated straight into the counts
+//!    (float64); the softmax and each curve's slopes are kept for the backward sweep;
+//! 2. the few per-class numbers above the counts run in libtorch with autograd, giving
+//!    `∂loss/∂count`;
+//! 3. backward sweep: per pixel, reverse mode through the same program to `∂loss/∂logits`.
+//!
+//! **Stages.** Pooling of prediction-dependent sets (BF1's `boundary(P)` erodes `P`, then
+//! dilates the soft boundary) needs neighbours, so such a module runs in several sweeps
+//! (stages): a value a later stage reads goes to a *frame* (a full `[N, w, H, W]` plane),
+//! and between stages the CPU winner search pools a frame into another, keeping each
+//! output's winner (as `max_pool2d` picks it). The backward runs the stages in reverse: each
+//! stage's sweep adds the gradients of what it read into the frames' gradient planes, each
+//! pooling scatters its output's gradient to the winners, and the first stage's sweep ends in
+//! the softmax backward.
+//!
+//! The result enters autograd by linearization (tch has no custom autograd function):
+//! `loss = value.detach() + (Σ logits·G − (Σ logits·G).detach())` has exactly the value
+//! `value` (the added term is `x − x = 0`) and gradient `G`. Because of this the gradient is
+//! computed during the forward call when the logits require one and gradients are enabled;
+//! under `no_grad` (or for logits without `requires_grad`) the backward sweep is skipped.
+//!
+//! What it covers: softmax, labels, valid, constants, curves, `+ − ×`, negation, `any`,
+//! class slices, erosion and dilation, counts and the cross-entropy sum; label-only parts
+//! (label boundaries, bands, their counts) are computed once, on bytes when
+//! [`crate::label_planes`] proves they fit, and read as planes. Tests prove the fused and reference
+//! paths equal in values and gradients.
+//!
+//! Every hot loop is written to vectorize (contiguous rows, no branches, no aliasing between
+//! the rows read and written) and compiled twice by
+//! [`with_best_simd!`](crate::kernels::simd::with_best_simd): for the baseline target and
+//! for AVX2+FMA, chosen at run time.
+//!
+//! Files: [`plan`] (the program), [`sweep`] (the per-tile passes), [`lanes`] (per-pixel
+//! arithmetic); this file runs them. The entry point takes a [`FusedBatch`], which only
+//! exists for checked float32 CPU inputs, so the raw reads of tensor memory here are sound.
+
+
+mod lanes;
+pub(crate) mod plan;
+mod sweep;
+
+use crate::error::LossError;
+use crate::inputs::Batch;
+use crate::kernels::pool::{scatter_planes, window_winners};
+use crate::kernels::scratch::{give_back, take_buffer};
+use crate::kernels::{threads, zero};
+use crate::label_planes;
+use crate::reference::tensors::values;
+use crate::reference::{self, Surrogate};
+use compiler::curve::Curve;
+use compiler::ir::{Handle, Node, Shape};
+use compiler::RelaxedModule;
+use plan::{width, FusedPlan};
+use plan::Op;
+use sweep::{backward_run, forward_run, CurveStore, Frame, PlaneData, SharedPlanes, Sweep, Tile, TileBuffers, TILE};
+use tch::{Kind, Tensor};
+
+/// A checked batch whose logits are float32 on the CPU: what the fused kernel reads in place.
+pub(crate) struct FusedBatch<'a> {
+    batch: &'a Batch<'a>,
+}
+
+impl<'a> FusedBatch<'a> {
+    /// The batch, when the fused kernel can read it (float32 logits on the CPU).
+    pub(crate) fn new(batch: &'a Batch<'a>) -> Option<FusedBatch<'a>> {
+        let logits = batch.logits;
+        (logits.device() == tch::Device::Cpu && logits.kind() == Kind::Float).then_some(FusedBatch { batch })
+    }
+}
+
+/// Whether libtorch records gradients on this thread now (`tch::no_grad` turns it off).
+fn grad_mode_enabled() -> bool {
+    // libtorch answers with the previous mode when the mode is set: set it to what it was.
+    // SAFETY: a plain call into libtorch's thread-local grad mode; it is restored at once.
+    let previous = unsafe { torch_sys::at_grad_set_enabled(1) } != 0;
+    unsafe { torch_sys::at_grad_set_enabled(i32::from(previous)) };
+    previous
+}
+
+/// The tiles of `images` images of `pixels_per_image` pixels, split into `workers` runs of
+/// about equal length; tiles never cross an image boundary.
+fn tile_runs(images: usize, pixels_per_image: usize, workers: usize) -> Vec<Vec<Tile>> {
+    let tiles: Vec<Tile> = (0..images)
+        .flat_map(|image| {
+            (0..pixels_per_image).step_by(TILE).map(move |within| Tile {
+                image,
+                within,
+                n: TILE.min(pixels_per_image - within),
+            })
+        })
+        .collect();
+    let per_worker = tiles.len().div_ceil(workers.max(1)).max(1);
+    tiles.chunks(per_worker).map(|run| run.to_vec()).collect()
+}
+
+/// The surrogate through the fused kernel.
+pub(crate) fn surrogate(
+    module: &RelaxedModule,
+    curves: &[Curve],
+    plan: &FusedPlan,
+    inputs: &FusedBatch<'_>,
+) -> Result<Surrogate, LossError> {
+    let batch = inputs.batch;
+    let (logits, labels) = (batch.logits, batch.labels);
+    let size = logits.size();
+    let (n, c, h, w) = (size[0] as usize, size[1] as usize, size[2] as usize, size[3] as usize);
+    let pixels_per_image = h * w;
+    let elements = n * c * pixels_per_image;
+    // The logits are read in place: a contiguous float32 view that outlives the sweeps.
+    let logits_contiguous = logits.detach().contiguous();
+    // SAFETY: a `FusedBatch` holds float32 CPU logits; `logits_contiguous` is a contiguous
+    // view of them with `elements` values, alive and unmodified until the end of this function.
+    let logit_values: &[f32] = if elements == 0 {
+        &[]
+    } else {
+        unsafe { std::slice::from_raw_parts(logits_contiguous.data_ptr() as *const f32, elements) }
+    };
+    let label_values = values::<i64>(labels)?;
+    // A label value no checked label has stands for "no ignore label".
+    let ignore = batch.ignore_label.unwrap_or(i64::MIN);
+    let needs_backward = logits.requires_grad() && grad_mode_enabled();
+    // Label-only planes, computed once: on bytes where they are small integers, else by
+    // libtorch.
+    let dims = label_planes::Dims { images: n, classes: c, height: h, width: w };
+    // Counts of label-only sets (BF1's label boundary pixels per class) come from the same
+    // byte planes, so that libtorch does not rebuild the label part for them.
+    let label_counts: Vec<(Handle, Handle)> = module
+        .handles()
+        .filter_map(|h| match module.node(h) {
+            Node::Count(input) if label_planes::pixel_label_node(module, *input) => Some((h, *input)),
+            _ => None,
+        })
+        .collect();
+    let mut wanted_planes = plan.planes.clone();
+    wanted_planes.extend(label_counts.iter().map(|(_, input)| *input));
+    let evaluated = if wanted_planes.is_empty() {
+        None
+    } else {
+        label_planes::evaluate(module, &label_values, dims, batch.ignore_label, &wanted_planes)
+    };
+    let mut provided: Vec<Option<Tensor>> = (0..module.len()).map(|_| None).collect();
+    if let Some(computed) = &evaluated {
+        for (count, input) in &label_counts {
+            if let Some(label_planes::Value::Plane { data, width }) = &computed[input.index()] {
+                let sums = label_planes::class_sums(data, *width, pixels_per_image);
+                let tensor = Tensor::from_slice(&sums).to_kind(logits.kind());
+                let tensor = if matches!(module.shape(*count), Shape::Scalar) { tensor.sum(logits.kind()) } else { tensor };
+                provided[count.index()] = Some(tensor);
+            }
+        }
+    }
+    let plane_values: Vec<PlaneData> = if plan.planes.is_empty() {
+        Vec::new()
+    } else if let Some(mut computed) = evaluated {
+        plan.planes
+            .iter()
+            .map(|p| match computed[p.index()].take() {
+                Some(label_planes::Value::Plane { data, .. }) => PlaneData::Bytes(data),
+                Some(label_planes::Value::Scalar(value)) => PlaneData::Floats(vec![value as f32; n * h * w]),
+                None => unreachable!("every wanted plane is evaluated"),
+            })
+            .collect()
+    } else {
+        let provided = (0..module.len()).map(|_| None).collect();
+        let computed = reference::run_nodes(module, curves, batch, provided, &plan.planes);
+        plan.planes
+            .iter()
+            .map(|p| {
+                let plane = computed.values[p.index()].as_ref().expect("every wanted plane is computed");
+                Ok(PlaneData::Floats(values::<f32>(&plane.to_kind(Kind::Float))?))
+            })
+            .collect::<Result<_, LossError>>()?
+    };
+    let plane_widths: Vec<usize> = plan.planes.iter().map(|p| width(module.shape(*p), c)).collect();
+    // Frames carry values (and gradients) between stages; pools keep their winners.
+    let frame_len = |width: usize| n * width * pixels_per_image;
+    let mut frame_buffers: Vec<(Vec<f32>, Vec<f32>)> = plan
+        .frames
+        .iter()
+        .map(|&width| {
+            let mut grads = take_buffer(frame_len(width));
+            zero(&mut grads);
+            (take_buffer(frame_len(width)), grads)
+        })
+        .collect();
+    let softmax_frame = plan.steps.iter().find(|s| matches!(s.op, Op::Softmax)).and_then(|s| s.export);
+    let mut frames: Vec<Frame> = frame_buffers
+        .iter_mut()
+        .zip(&plan.frames)
+        .map(|((values, grads), &width)| Frame {
+            values: SharedPlanes { data: values.as_mut_ptr(), len: values.len() },
+            grads: SharedPlanes { data: grads.as_mut_ptr(), len: grads.len() },
+            width,
+        })
+        .collect();
+    let mut softmax = take_buffer(elements);
+    let softmax_planes = SharedPlanes { data: softmax.as_mut_ptr(), len: softmax.len() };
+    if let Some(frame) = softmax_frame {
+        frames[frame].values = softmax_planes;
+    }
+    let frames = frames;
+    let mut winners: Vec<Vec<u32>> = plan.pools.iter().map(|pool| vec![0u32; frame_len(plan.frames[pool.output])]).collect();
+    let sweep = Sweep {
+        plan,
+        logits: logit_values,
+        labels: &label_values,
+        planes: &plane_values,
+        plane_widths: &plane_widths,
+        classes: c,
+        pixels_per_image,
+        stage: 0,
+        frames: &frames,
+        ignore,
+    };
+    let runs = tile_runs(n, pixels_per_image, threads());
+    // Curve stores only matter when there is a backward sweep.
+    let stored_curves = if needs_backward { plan.stored_curves() } else { Vec::new() };
+    let store_len = |width: usize| n * width * pixels_per_image;
+    let mut store_buffers: Vec<(Vec<f32>, Option<Vec<f32>>)> = stored_curves
+        .iter()
+        .map(|&(width, values)| (take_buffer(store_len(width)), values.then(|| take_buffer(store_len(width)))))
+        .collect();
+    let planes_of = |buffer: &mut Vec<f32>| SharedPlanes { data: buffer.as_mut_ptr(), len: buffer.len() };
+    let store = CurveStore {
+        slopes: store_buffers.iter_mut().map(|(slopes, _)| planes_of(slopes)).collect(),
+        values: store_buffers.iter_mut().map(|(_, values)| values.as_mut().map(planes_of)).collect(),
+    };
+    let mut counts: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
+    for stage in 0..plan.stages {
+        // Poolings whose output this stage reads, from frames complete by now.
+        for (pool, winners) in plan.pools.iter().zip(winners.iter_mut()).filter(|(p, _)| p.stage == stage) {
+            let (input, output) = (frames[pool.input].values, frames[pool.output].values);
+            // SAFETY: between sweeps nothing else touches the frames; input and output are
+            // distinct buffers (an output frame is always a buffer of its own).
+            let (input, output) = unsafe { (&*input.row(0, input.len), output.row(0, output.len)) };
+            window_winners(input, winners, output, (h, w), pool.radius, pool.erode);
+        }
+        let sweep = Sweep { stage, ..sweep };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = runs
+                .iter()
+                .map(|run| {
+                    let (sweep, store) = (&sweep, &store);
+                    scope.spawn(move || {
+                        let mut buffers = TileBuffers::new(plan);
+                        forward_run(sweep, run, &mut buffers, softmax_planes, store);
+                        buffers.counts
+                    })
+                })
+                .collect();
+            for handle in handles {
+                let local = handle.join().expect("fused forward worker");
+                for (total, part) in counts.iter_mut().zip(local) {
+                    for (t, p) in total.iter_mut().zip(part) {
+                        *t += p;
+                    }
+                }
+            }
+        });
+    }
+    // Counts become leaves; the small graph above them runs with autograd.
+    let kind = logits.kind();
+    let count_leaves: Vec<Tensor> = plan
+        .counts
+        .iter()
+        .zip(&counts)
+        .map(|(handle, values)| {
+            let t = Tensor::from_slice(values).to_kind(kind);
+            let t = if matches!(module.shape(*handle), Shape::Scalar) { t.reshape([]) } else { t };
+            t.set_requires_grad(needs_backward)
+        })
+        .collect();
+    for (handle, leaf) in plan.counts.iter().zip(&count_leaves) {
+        provided[handle.index()] = Some(leaf.shallow_clone());
+    }
+    let mut wanted = vec![module.root];
+    wanted.extend(module.reports.iter().map(|r| r.value));
+    let result = reference::finish_surrogate(module, reference::run_nodes(module, curves, batch, provided, &wanted));
+    let release = move || {
+        for (values, grads) in frame_buffers {
+            give_back(values);
+            give_back(grads);
+        }
+        give_back(softmax);
+        for (slopes, values) in store_buffers {
+            give_back(slopes);
+            if let Some(values) = values {
+                give_back(values);
+            }
+        }
+    };
+    if !needs_backward || !result.loss.requires_grad() {
+        release();
+        return Ok(Surrogate { loss: result.loss.detach(), ..result });
+    }
+    let count_grads: Vec<Vec<f32>> = Tensor::run_backward(&[&result.loss], &count_leaves, false, false)
+        .iter()
+        .map(|g| values::<f32>(&g.to_kind(Kind::Float)))
+        .collect::<Result<_, LossError>>()?;
+    // Every element is written by exactly one tile (zeroed, then accumulated).
+    let gradient = Tensor::empty([n as i64, c as i64, h as i64, w as i64], (Kind::Float, tch::Device::Cpu));
+    let gradient_planes = SharedPlanes { data: gradient.data_ptr() as *mut f32, len: elements };
+    for stage in (0..plan.stages).rev() {
+        let sweep = Sweep { stage, ..sweep };
+        std::thread::scope(|scope| {
+            for run in &runs {
+                let (sweep, count_grads, store) = (&sweep, &count_grads, &store);
+                scope.spawn(move || {
+                    let mut buffers = TileBuffers::new(plan);
+                    backward_run(sweep, run, &mut buffers, softmax_planes, store, count_grads, gradient_planes);
+                });
+            }
+        });
+        // Every reader of these poolings' outputs is done: send their gradients back to the
+        // winners, in the input frames (read by an earlier stage, which runs next).
+        for (pool, winners) in plan.pools.iter().zip(&winners).filter(|(p, _)| p.stage == stage) {
+            let (from, to) = (frames[pool.output].grads, frames[pool.input].grads);
+            // SAFETY: two distinct frames' gradient buffers, not used by anything else now.
+            let (from, to) = unsafe { (from.row(0, from.len), to.row(0, to.len)) };
+            scatter_planes(from, winners, to, pixels_per_image);
+        }
+    }
+    drop(logits_contiguous);
+    release();
+    let gradient = gradient.to_kind(kind);
+    let linear = (logits * &gradient).sum(kind);
+    // Exactly the value, with the gradient of the linear term (`x − x` is 0 in floats).
+    let loss = result.loss.detach() + (&linear - linear.detach());
+    Ok(Surrogate { loss, ..result })
+}
+

@@ -1,0 +1,426 @@
+//! The fused kernel's program: the pixel-level part of a relaxed module lowered to steps
+//! over a pixel's classes, grouped into stages (sweeps) with poolings between them, and what
+//! the backward sweep needs of each step.
+//!
+//! Invariant: within a stage, a step's operands come before it, so rows split at a step's
+//! offset never alias; a step that a later stage reads exports its value to a frame.
+
+use super::lanes;
+use compiler::curve::math::Piece;
+use compiler::curve::Curve;
+use compiler::ir::{Handle, Node, Shape};
+use compiler::RelaxedModule;
+
+#[derive(Clone, Debug)]
+pub(super) enum Op {
+    Softmax,
+    Labels,
+    Valid,
+    Const(f32),
+    Plane(usize),
+    Curve { input: usize, pieces: Vec<Piece<f32, bool>> },
+    Add(usize, usize),
+    Sub(usize, usize),
+    Mul(usize, usize),
+    Neg(usize),
+    AnyClass(usize),
+    Slice { input: usize, start: usize },
+    Count { input: usize, count: usize },
+    NllSum { count: usize },
+    /// A value computed in an earlier stage or by a pooling between stages: read from a
+    /// frame (a full plane), its gradient added back into the frame's gradient plane.
+    Import(usize),
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Step {
+    pub op: Op,
+    pub width: usize,
+    pub offset: usize,
+    /// The sweep the step runs in (see [`FusedPlan`]'s stages).
+    pub stage: usize,
+    /// The frame this step's value is written to, when a later stage or a pooling reads it.
+    pub export: Option<usize>,
+}
+
+/// A pooling between stages: the window minimum (`erode`) or maximum of an input frame into
+/// an output frame, with each output's winner kept for the backward scatter.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PoolStage {
+    pub input: usize,
+    pub output: usize,
+    pub radius: usize,
+    pub erode: bool,
+    /// The stage whose sweep first reads the output.
+    pub stage: usize,
+}
+
+/// The pixel program of a module for a given number of classes (run tile by tile).
+pub(crate) struct FusedPlan {
+    pub(super) steps: Vec<Step>,
+    /// Label-only nodes evaluated by libtorch and read per pixel.
+    pub(super) planes: Vec<Handle>,
+    /// Accumulator nodes the program computes, in count-slot order.
+    pub(super) counts: Vec<Handle>,
+    pub(super) count_widths: Vec<usize>,
+    /// Scratch rows of a tile: the largest stage's.
+    pub(super) scratch: usize,
+    /// Scratch rows of each stage.
+    pub(super) stage_scratch: Vec<usize>,
+    pub(super) classes: usize,
+    /// Per step: whether it depends on the predictions (gradients flow only into those).
+    pub(super) pred: Vec<bool>,
+    /// Per step: whether the backward sweep needs its value (recomputed, or read back).
+    pub(super) back_value: Vec<bool>,
+    /// Per curve step: its slot among the stored curves (slopes, and values when
+    /// `back_value`), written by the forward sweep so the backward never re-evaluates curves.
+    pub(super) curve_slot: Vec<Option<usize>>,
+    /// Sweeps: one for a module whose pixel part is per pixel; one more after each pooling of
+    /// prediction-dependent sets (BF1's boundary of `P`, then its dilation).
+    pub(super) stages: usize,
+    /// Width (classes) of each frame.
+    pub(super) frames: Vec<usize>,
+    pub(super) pools: Vec<PoolStage>,
+}
+
+/// Bookkeeping while a plan is built.
+struct Lowering<'a> {
+    module: &'a RelaxedModule,
+    curves: &'a [Curve],
+    on_pred: &'a [bool],
+    /// Sweep of each prediction-dependent node (a pooling's is one more than its input's).
+    node_stage: Vec<usize>,
+    /// Step of `(node, stage)`.
+    step_of: std::collections::HashMap<(usize, usize), usize>,
+    /// Frame holding a node's value for later stages.
+    frame_of: Vec<Option<usize>>,
+}
+
+pub(super) fn width(shape: Shape, classes: usize) -> usize {
+    match shape {
+        Shape::Pixels | Shape::Scalar => 1,
+        Shape::ClassPixels(range) | Shape::Classes(range) => range.len(classes).unwrap_or(0),
+    }
+}
+
+impl FusedPlan {
+    /// Build the program, or `None` when the module needs an operation the kernel lacks.
+    pub(crate) fn new(module: &RelaxedModule, curves: &[Curve], classes: usize) -> Option<FusedPlan> {
+        let n = module.len();
+        // In which sweep each prediction-dependent node is computed.
+        let on_pred = module.prediction_dependent();
+        let mut node_stage = vec![0usize; n];
+        for handle in module.handles() {
+            let node = module.node(handle);
+            let i = handle.index();
+            let operands_stage = node.operands().iter().filter(|o| on_pred[o.index()]).map(|o| node_stage[o.index()]).max();
+            let pooled = matches!(node, Node::Erode { .. } | Node::Dilate { .. });
+            node_stage[i] = operands_stage.unwrap_or(0) + usize::from(pooled && on_pred[i]);
+        }
+        let mut plan = FusedPlan {
+            steps: Vec::new(),
+            planes: Vec::new(),
+            counts: Vec::new(),
+            count_widths: Vec::new(),
+            scratch: 0,
+            stage_scratch: Vec::new(),
+            classes,
+            pred: Vec::new(),
+            back_value: Vec::new(),
+            curve_slot: Vec::new(),
+            stages: 1,
+            frames: Vec::new(),
+            pools: Vec::new(),
+        };
+        let mut lowering = Lowering {
+            module,
+            curves,
+            on_pred,
+            node_stage,
+            step_of: std::collections::HashMap::new(),
+            frame_of: vec![None; n],
+        };
+        for handle in module.handles() {
+            let node = module.node(handle);
+            let accumulates_pred = node.is_accumulator() && lowering.on_pred[handle.index()];
+            if !accumulates_pred {
+                continue;
+            }
+            let stage = lowering.node_stage[handle.index()];
+            plan.lower(&mut lowering, handle, stage)?;
+        }
+        plan.stages = plan.steps.iter().map(|s| s.stage + 1).max().unwrap_or(1);
+        plan.plan_backward();
+        Some(plan)
+    }
+
+    /// Whether the program evaluates any curve. A module without curves (plain
+    /// cross-entropy, say) is cheaper through libtorch's own fused kernels.
+    pub(crate) fn has_curves(&self) -> bool {
+        self.steps.iter().any(|step| matches!(step.op, Op::Curve { .. }))
+    }
+
+    /// Add a step; steps of one stage share a tile's scratch rows, stages reuse them.
+    fn push(&mut self, op: Op, width: usize, stage: usize) -> usize {
+        if self.stage_scratch.len() <= stage {
+            self.stage_scratch.resize(stage + 1, 0);
+        }
+        self.steps.push(Step { op, width, offset: self.stage_scratch[stage], stage, export: None });
+        self.stage_scratch[stage] += width;
+        self.scratch = self.scratch.max(self.stage_scratch[stage]);
+        self.steps.len() - 1
+    }
+
+    /// The frame that holds `handle`'s value for later stages: a pooling's output, or the
+    /// export of the step that computes it in its own stage.
+    fn frame(&mut self, lowering: &mut Lowering<'_>, handle: Handle) -> Option<usize> {
+        if let Some(frame) = lowering.frame_of[handle.index()] {
+            return Some(frame);
+        }
+        let module = lowering.module;
+        let w = width(module.shape(handle), self.classes);
+        let pooling = match module.node(handle) {
+            Node::Erode { input, radius } => Some((*input, *radius, true)),
+            Node::Dilate { input, radius } => Some((*input, *radius, false)),
+            // Every other node's value is computed by a step of its own stage and exported.
+            Node::Pred
+            | Node::Softmax
+            | Node::Labels
+            | Node::Valid
+            | Node::Const(_)
+            | Node::CurveTag { .. }
+            | Node::Scope { .. }
+            | Node::And(..)
+            | Node::Or(..)
+            | Node::Xor(..)
+            | Node::Not(..)
+            | Node::Curve { .. }
+            | Node::AnyClass(_)
+            | Node::Slice { .. }
+            | Node::Count(_)
+            | Node::NllSum
+            | Node::Add(..)
+            | Node::Sub(..)
+            | Node::Mul(..)
+            | Node::Div { .. }
+            | Node::Neg(_)
+            | Node::Compare { .. }
+            | Node::Mean { .. }
+            | Node::Sum { .. }
+            | Node::Term { .. } => None,
+        };
+        let frame = match pooling {
+            Some((input, radius, erode)) => {
+                let input_frame = self.frame(lowering, input)?;
+                self.frames.push(w);
+                let output = self.frames.len() - 1;
+                self.pools.push(PoolStage {
+                    input: input_frame,
+                    output,
+                    radius: radius as usize,
+                    erode,
+                    stage: lowering.node_stage[handle.index()],
+                });
+                output
+            }
+            None => {
+                let step = self.lower(lowering, handle, lowering.node_stage[handle.index()])?;
+                self.frames.push(w);
+                let frame = self.frames.len() - 1;
+                self.steps[step].export = Some(frame);
+                frame
+            }
+        };
+        lowering.frame_of[handle.index()] = Some(frame);
+        Some(frame)
+    }
+
+    /// Add the step computing `handle` in sweep `stage` (and its operands) unless already there.
+    fn lower(&mut self, lowering: &mut Lowering<'_>, handle: Handle, stage: usize) -> Option<usize> {
+        if let Some(&step) = lowering.step_of.get(&(handle.index(), stage)) {
+            return Some(step);
+        }
+        let module = lowering.module;
+        let node = module.node(handle);
+        let w = width(module.shape(handle), self.classes);
+        let pooled = matches!(node, Node::Erode { .. } | Node::Dilate { .. });
+        let step = if !lowering.on_pred[handle.index()] {
+            match node {
+                Node::Labels => self.push(Op::Labels, w, stage),
+                Node::Valid => self.push(Op::Valid, 1, stage),
+                Node::Const(value) => self.push(Op::Const(value.get() as f32), 1, stage),
+                // Label-only pixel sets built from the labels: computed once, outside the
+                // sweeps, and read per pixel.
+                Node::Erode { .. }
+                | Node::Dilate { .. }
+                | Node::AnyClass(_)
+                | Node::Slice { .. }
+                | Node::Add(..)
+                | Node::Sub(..)
+                | Node::Mul(..)
+                | Node::Neg(_)
+                | Node::Curve { .. } => {
+                    let index = match self.planes.iter().position(|p| *p == handle) {
+                        Some(index) => index,
+                        None => {
+                            self.planes.push(handle);
+                            self.planes.len() - 1
+                        }
+                    };
+                    self.push(Op::Plane(index), w, stage)
+                }
+                // Numbers are never operands of pixel steps (the validator guarantees it),
+                // and a relaxed module has no exact node; decline rather than guess.
+                Node::Softmax
+                | Node::NllSum
+                | Node::Count(_)
+                | Node::Div { .. }
+                | Node::Compare { .. }
+                | Node::Mean { .. }
+                | Node::Sum { .. }
+                | Node::Term { .. }
+                | Node::Pred
+                | Node::CurveTag { .. }
+                | Node::Scope { .. }
+                | Node::And(..)
+                | Node::Or(..)
+                | Node::Xor(..)
+                | Node::Not(..) => return None,
+            }
+        } else if pooled || lowering.node_stage[handle.index()] < stage {
+            // From an earlier sweep (or a pooling between sweeps): read from its frame.
+            let frame = self.frame(lowering, handle)?;
+            self.push(Op::Import(frame), w, stage)
+        } else {
+            let mut operand = |this: &mut Self, h: &Handle| this.lower(lowering, *h, stage);
+            let op = match node {
+                Node::Softmax => Op::Softmax,
+                Node::Curve { input, curve } => Op::Curve {
+                    input: operand(self, input)?,
+                    pieces: lanes::pieces(&lowering.curves[curve.0 as usize]),
+                },
+                Node::Add(a, b) => Op::Add(operand(self, a)?, operand(self, b)?),
+                Node::Sub(a, b) => Op::Sub(operand(self, a)?, operand(self, b)?),
+                Node::Mul(a, b) => Op::Mul(operand(self, a)?, operand(self, b)?),
+                Node::Neg(a) => Op::Neg(operand(self, a)?),
+                Node::AnyClass(a) => Op::AnyClass(operand(self, a)?),
+                Node::Slice { input, start, .. } => Op::Slice { input: operand(self, input)?, start: *start },
+                Node::Count(input) => {
+                    let input = operand(self, input)?;
+                    self.counts.push(handle);
+                    self.count_widths.push(w);
+                    Op::Count { input, count: self.counts.len() - 1 }
+                }
+                Node::NllSum => {
+                    // The backward sweep's cross-entropy gradient reads the stored softmax.
+                    if !self.steps.iter().any(|s| matches!(s.op, Op::Softmax)) {
+                        self.push(Op::Softmax, self.classes, 0);
+                    }
+                    self.counts.push(handle);
+                    self.count_widths.push(1);
+                    Op::NllSum { count: self.counts.len() - 1 }
+                }
+                // Divisions and reductions do not occur at pixel level; exact nodes do not
+                // occur in relaxed modules. Such modules use the reference path.
+                Node::Erode { .. }
+                | Node::Dilate { .. }
+                | Node::Div { .. }
+                | Node::Compare { .. }
+                | Node::Mean { .. }
+                | Node::Sum { .. }
+                | Node::Term { .. }
+                | Node::Labels
+                | Node::Valid
+                | Node::Const(_)
+                | Node::Pred
+                | Node::CurveTag { .. }
+                | Node::Scope { .. }
+                | Node::And(..)
+                | Node::Or(..)
+                | Node::Xor(..)
+                | Node::Not(..) => return None,
+            };
+            let width = if matches!(node, Node::Count(_) | Node::NllSum) { 0 } else { w };
+            self.push(op, width, stage)
+        };
+        lowering.step_of.insert((handle.index(), stage), step);
+        Some(step)
+    }
+
+    /// Decide what the backward sweep reads: which steps' values it needs (operands of
+    /// products, `any`, the softmax) and where curves keep their slopes.
+    fn plan_backward(&mut self) {
+        let len = self.steps.len();
+        // One stage: curves keep their slopes (and values) for the backward sweep, which then
+        // never re-evaluates a curve. Several stages already move several planes per pixel
+        // between sweeps; there, re-evaluating curves costs less than storing and reading
+        // back two more planes per curve.
+        let store_curves = self.stages == 1;
+        self.pred = self
+            .steps
+            .iter()
+            .map(|step| !matches!(step.op, Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_)))
+            .collect();
+        let mut need = vec![false; len];
+        for (index, step) in self.steps.iter().enumerate() {
+            match step.op {
+                Op::Mul(a, b) => {
+                    need[b] |= self.pred[a];
+                    need[a] |= self.pred[b];
+                }
+                Op::AnyClass(a) => {
+                    need[a] = true;
+                    need[index] = true;
+                }
+                Op::Softmax => need[index] = true,
+                // Recomputed in the backward sweep when curves are not stored.
+                Op::Curve { .. } if !store_curves => need[index] = true,
+                _ => {}
+            }
+        }
+        // A needed value needs its operands' values, except where it is read back.
+        for index in (0..len).rev() {
+            let read_back = matches!(self.steps[index].op, Op::Softmax)
+                || (store_curves && matches!(self.steps[index].op, Op::Curve { .. }));
+            if need[index] && !read_back {
+                for operand in step_operands(&self.steps[index].op) {
+                    need[operand] = true;
+                }
+            }
+        }
+        self.back_value = need;
+        let mut slots = 0;
+        self.curve_slot = self
+            .steps
+            .iter()
+            .map(|step| {
+                (store_curves && matches!(step.op, Op::Curve { .. })).then(|| {
+                    slots += 1;
+                    slots - 1
+                })
+            })
+            .collect();
+    }
+
+    /// Stored curves: `(width, values too)` per slot.
+    pub(super) fn stored_curves(&self) -> Vec<(usize, bool)> {
+        (0..self.steps.len())
+            .filter(|&i| self.curve_slot[i].is_some())
+            .map(|i| (self.steps[i].width, self.back_value[i]))
+            .collect()
+    }
+
+}
+
+/// The steps an operation reads.
+pub(super) fn step_operands(op: &Op) -> Vec<usize> {
+    match *op {
+        Op::Curve { input, .. } | Op::Neg(input) | Op::AnyClass(input) | Op::Slice { input, .. } => vec![input],
+        Op::Count { input, .. } => vec![input],
+        Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => vec![a, b],
+        Op::Softmax | Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) | Op::NllSum { .. } | Op::Import(_) => {
+            Vec::new()
+        }
+    }
+}
+

@@ -1,0 +1,50 @@
+//! losscc's loss library: a metric compiled by [`compiler`] as a differentiable loss on
+//! libtorch tensors ([`Loss`]) and as an exact evaluator ([`Evaluator`]), for a user's own
+//! tch training loop. It depends on tch and the compiler only (no plotting, progress bars,
+//! image decoding or ONNX Runtime).
+//!
+//! Code map:
+//! * [`loss`] — [`Loss`] and [`Overrides`]; [`evaluator`] — [`Evaluator`]; [`error`] —
+//!   [`LossError`]; [`inputs`] — the one validation of logits and labels ([`InputError`]).
+//! * `reference` — the reference interpreters on libtorch tensors (any device, float32 or
+//!   float64, autograd): the surrogate op by op, and the exact counts.
+//! * `fused` — the fast path on CPU float32: the pixel part of a relaxed module fused into
+//!   a few vectorized sweeps, spliced into autograd by linearization.
+//! * `label_planes` — label-only parts on byte planes for the fused kernel.
+//! * `kernels` — CPU kernels those share: pooling and winners, SIMD dispatch, thread
+//!   splitting, scratch reuse.
+//!
+//! Import order (no circles): `loss`/`evaluator` → `fused` → `label_planes`, `reference` →
+//! `kernels`; `inputs` and `error` are leaves.
+//!
+//! Architecture invariant: this crate interprets the compiler's IR; it never parses metric
+//! source, never decides where curves go, and never changes a module. It reads
+//! [`compiler::ExactModule`], [`compiler::RelaxedModule`] and [`Params`] only.
+
+pub mod error;
+pub mod evaluator;
+mod fused;
+pub mod inputs;
+mod kernels;
+mod label_planes;
+pub mod loss;
+mod reference;
+
+pub use compiler::accumulate::{Evaluation, Value};
+pub use compiler::curve::Curve;
+pub use compiler::lower::ParamValue;
+pub use compiler::params::Params;
+pub use error::LossError;
+pub use evaluator::Evaluator;
+pub use inputs::InputError;
+pub use loss::{Loss, Overrides};
+pub use reference::Surrogate;
+
+/// Aids for tests of this crate's users (and its own integration tests).
+pub mod testing {
+    /// Fill reused scratch planes with NaN before each use, so that a value read but not
+    /// written by the current call shows up as NaN instead of a stale right answer.
+    pub fn set_scratch_poisoning(on: bool) {
+        crate::kernels::scratch::set_scratch_poisoning(on);
+    }
+}

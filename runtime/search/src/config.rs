@@ -1,0 +1,94 @@
+//! What determines a search: [`SearchConfig`] (saved as `OUT/config.json` and compared on
+//! `--resume`), the presets, and the advantage baseline.
+
+use compiler::program::SourceRecord;
+use losscc_proxy::trainer::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+/// What the advantage is measured against.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Baseline {
+    /// The reward of μ itself (sample 0 of each round).
+    Mu,
+    /// The mean reward of the round.
+    Mean,
+}
+
+/// Everything that determines a search's result; saved as `OUT/config.json` and compared on
+/// `--resume`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchConfig {
+    /// The loss being searched, as given on the command line, the source of it and of every
+    /// file it `use`s (so a changed file is noticed on `--resume`), and its `--set`s.
+    pub file: String,
+    pub sources: Vec<SourceRecord>,
+    pub overrides: Vec<(String, String)>,
+    /// The reward: an exact metric on the hold-out split (a built-in name or a metric file).
+    pub target: String,
+    pub rounds: usize,
+    pub samples: usize,
+    pub sigma: f64,
+    pub clip: f64,
+    pub adam_steps: usize,
+    pub adam_lr: f64,
+    pub baseline: Baseline,
+    pub seed: u64,
+    /// Proxy training of every candidate (its `seed` is the search's seed).
+    pub train: TrainConfig,
+    /// The data, described (built-in spec or folder).
+    pub data: String,
+    /// Starting curves, flat control points per curve.
+    pub start: Vec<Vec<f64>>,
+    /// CPU threads per candidate (results depend on it at the last bits).
+    pub threads_per_model: usize,
+    /// `cpu` or `cuda`: rewards from different devices are not mixed in one search.
+    pub device: String,
+    /// The target metric's files, as for the loss (empty for a built-in metric).
+    pub target_sources: Vec<SourceRecord>,
+}
+
+/// The published settings and a CPU-sized one.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// M = 32 samples, 12 rounds, 1000 proxy iterations at 128×128, batch 32 (GPU hours).
+    Paper,
+    /// 6 samples, 4 rounds, 120 iterations at 64×64, batch 8: minutes on two CPU cores.
+    Quick,
+}
+
+impl Preset {
+    /// (rounds, samples, iters, batch, crop)
+    pub fn settings(self) -> (usize, usize, usize, usize, usize) {
+        match self {
+            Preset::Paper => (12, 32, 1000, 32, 128),
+            Preset::Quick => (4, 6, 120, 8, 64),
+        }
+    }
+}
+
+
+/// Names the first setting that differs between a saved configuration and this run's, in
+/// words.
+pub fn config_difference(saved: &SearchConfig, now: &SearchConfig) -> Option<String> {
+    let saved = serde_json::to_value(saved).expect("serializes");
+    let now = serde_json::to_value(now).expect("serializes");
+    let (serde_json::Value::Object(saved), serde_json::Value::Object(now)) = (saved, now) else { return None };
+    for (key, value) in &now {
+        if saved.get(key) != Some(value) {
+            let was = saved.get(key).map_or("nothing".to_string(), |v| short(v));
+            return Some(format!("`{key}` was {was}, now {}", short(value)));
+        }
+    }
+    None
+}
+
+fn short(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() > 60 {
+        format!("{}…", text.chars().take(60).collect::<String>())
+    } else {
+        text
+    }
+}
+

@@ -1,0 +1,20 @@
+//! losscc's search: PPO over a loss's curve parameters, each candidate rewarded by training
+//! on the proxy task (Auto Seg-Loss's PPO2).
+//!
+//! * [`config`] — [`config::SearchConfig`], what determines a search's result; presets;
+//! * [`policy`] — truncated normals, the PPO update, the search-variable [`policy::Layout`];
+//! * [`journal`] — `history.jsonl`, the search's single source of truth;
+//! * [`run`] — [`run::Search`], the driver: rounds, workers, resume;
+//! * [`report`] — the rounds table, `report.md` and its SVG plots;
+//! * [`progress`] — the [`progress::Progress`] trait callers implement to show progress.
+//!
+//! Architecture invariant: a search is a pure function of its configuration and the rewards
+//! (draws from per-round ChaCha streams, a deterministic float64 policy update), which is
+//! what makes `--resume` exact.
+
+pub mod config;
+pub mod journal;
+pub mod policy;
+pub mod progress;
+pub mod report;
+pub mod run;

@@ -1,0 +1,76 @@
+//! `losscc compile FILE [-o OUT.onnx]`: the ONNX loss graph (or the exact-count graph) that
+//! other frameworks load. Without `-o` the graph goes beside the source, `FILE` with the
+//! extension `.onnx`.
+
+use super::load_loss;
+use crate::args::parse_sets;
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use compiler::onnx::{self, CurveSource, EmitOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Copy, Clone, ValueEnum)]
+pub enum OnnxEmit {
+    /// One line per ONNX node, with the IR node and rule it came from.
+    OnnxText,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    file: PathBuf,
+    /// Where to write the model [default: FILE with the extension `.onnx`, beside it; with
+    /// `--emit` alone, nowhere].
+    #[arg(short = 'o', long = "output")]
+    output: Option<PathBuf>,
+    /// Curve parameters (losscc format or the published `control_points` layout).
+    #[arg(long)]
+    params: Option<PathBuf>,
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// Emit the exact metric's per-class counts graph instead of the loss.
+    #[arg(long)]
+    exact: bool,
+    /// Take the curves from an extra graph input `curves` (all control points, flat, in
+    /// manifest order) instead of baking them in, so an external search can vary them.
+    #[arg(long, conflicts_with = "exact")]
+    curves_input: bool,
+    /// Print a readable listing of the graph.
+    #[arg(long, value_enum)]
+    emit: Option<OnnxEmit>,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let overrides = parse_sets(&args.set)?;
+    let loss = load_loss(&args.file, &overrides, args.params.as_deref())?;
+    let compiled = loss.compiled();
+    let options = EmitOptions {
+        curves: if args.curves_input { CurveSource::Input } else { CurveSource::Baked },
+        ignore_label: loss.ignore_label(),
+    };
+    let model = if args.exact {
+        onnx::emit_exact(compiled, &options)?
+    } else {
+        onnx::emit_loss(compiled, &loss.params().curves, &options)?
+    };
+    if args.emit.is_some() {
+        print!("{}", onnx::listing(&model));
+    }
+    let output = match (args.output, args.emit) {
+        (Some(output), _) => Some(output),
+        (None, None) => Some(args.file.with_extension("onnx")),
+        (None, Some(_)) => None,
+    };
+    if let Some(output) = output {
+        let bytes = onnx::to_bytes(&model);
+        std::fs::write(&output, &bytes).with_context(|| format!("cannot write `{}`", output.display()))?;
+        eprintln!(
+            "wrote {} ({} bytes, {} nodes, {} curves)",
+            output.display(),
+            bytes.len(),
+            model.graph.node.len(),
+            compiled.manifest().curves.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,147 @@
+//! The Rust API as a user's own tch training loop uses it: typed overrides, label and logit
+//! kinds, the ignore label, curves that do not fit, and an evaluator that resets, merges and
+//! hands its counts to an all-reduce.
+
+mod common;
+
+use common::{root, Rng};
+use losscc_loss::{Curve, InputError, Loss, LossError, Overrides};
+use tch::{Device, Kind, Tensor};
+
+fn batch(seed: u64, n: i64, c: i64, h: i64, w: i64) -> (Tensor, Tensor) {
+    let mut rng = Rng(seed);
+    let logits: Vec<f32> = (0..n * c * h * w).map(|_| (rng.next() as f32 - 0.5) * 6.0).collect();
+    let labels: Vec<i64> = (0..n * h * w).map(|i| if rng.next() < 0.1 { 255 } else { ((i / w) / 3 + (i % w) / 4) % c }).collect();
+    (Tensor::from_slice(&logits).view([n, c, h, w]), Tensor::from_slice(&labels).view([n, h, w]))
+}
+
+fn biou(tol: i64) -> Loss {
+    Loss::from_file(&root().join("examples/biou.metric"), &Overrides::new().set("tol", tol).set("drop_bg", false)).unwrap()
+}
+
+#[test]
+fn typed_overrides_equal_text_overrides_and_bad_types_are_one_sentence() {
+    let path = root().join("examples/tversky.metric");
+    let typed = Loss::from_file(&path, &Overrides::new().set("alpha", 0.25).set("beta", 0.75)).unwrap();
+    let text = Loss::from_file(&path, &Overrides::new().text("alpha", "0.25").text("beta", "0.75")).unwrap();
+    assert_eq!(typed.compiled().params, text.compiled().params);
+    let (logits, labels) = batch(1, 2, 3, 8, 8);
+    let (a, b) = (typed.forward(&logits, &labels).unwrap(), text.forward(&logits, &labels).unwrap());
+    assert_eq!(a.double_value(&[]), b.double_value(&[]));
+    let error = Loss::from_file(&root().join("examples/biou.metric"), &Overrides::new().set("tol", true)).unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("tol") && message.lines().count() == 1, "{message}");
+}
+
+#[test]
+fn labels_may_be_uint8_and_logits_half_precision() {
+    let loss = biou(1);
+    let (logits, labels) = batch(2, 2, 4, 10, 9);
+    let reference = loss.forward(&logits, &labels).unwrap().double_value(&[]);
+    let bytes = labels.to_kind(Kind::Uint8);
+    assert_eq!(loss.forward(&logits, &bytes).unwrap().double_value(&[]), reference);
+    for kind in [Kind::Half, Kind::BFloat16] {
+        let half = logits.to_kind(kind).set_requires_grad(true);
+        let value = loss.forward(&half, &labels).unwrap();
+        // Computed in float32 from the rounded logits: close to the float32 loss.
+        assert!((value.double_value(&[]) - reference).abs() < 1e-2, "{kind:?}");
+        value.backward();
+        assert_eq!(half.grad().kind(), kind, "the gradient flows back to the {kind:?} logits");
+        assert!(half.grad().to_kind(Kind::Float).abs().sum(Kind::Double).double_value(&[]) > 0.0);
+    }
+    let ints = logits.to_kind(Kind::Int64);
+    assert!(matches!(loss.forward(&ints, &labels), Err(LossError::Input(InputError::LogitsKind(Kind::Int64)))));
+    let float_labels = labels.to_kind(Kind::Float);
+    assert!(matches!(loss.forward(&logits, &float_labels), Err(LossError::Input(InputError::LabelsKind(Kind::Float)))));
+}
+
+#[test]
+fn the_ignore_label_is_settable() {
+    let mut loss = biou(1);
+    let (logits, labels) = batch(3, 1, 4, 12, 12);
+    let default = loss.forward(&logits, &labels).unwrap().double_value(&[]);
+    // The same pixels marked 7 instead of 255, with 7 as the ignore label: the same loss.
+    let relabelled = labels.where_scalarother(&labels.ne(255), 7);
+    loss.set_ignore_label(Some(7));
+    assert_eq!(loss.forward(&logits, &relabelled).unwrap().double_value(&[]), default);
+    // 255 is now an ordinary (invalid) value, with one sentence.
+    let error = loss.forward(&logits, &labels).unwrap_err().to_string();
+    assert!(error.contains("label value 255") && error.contains("ignore label 7"), "{error}");
+    // No ignore label at all: every label must be a class.
+    loss.set_ignore_label(None);
+    let error = loss.forward(&logits, &relabelled).unwrap_err().to_string();
+    assert!(error.contains("label value 7") && error.contains("there is none"), "{error}");
+    let valid = labels.where_scalarother(&labels.ne(255), 0);
+    assert!(loss.forward(&logits, &valid).unwrap().double_value(&[]).is_finite());
+}
+
+#[test]
+fn curves_that_do_not_fit_are_refused() {
+    let mut loss = biou(1);
+    let error = loss.set_curves(vec![Curve::identity(2)]).unwrap_err().to_string();
+    assert!(error.contains("biou") && error.contains("2 curves"), "{error}");
+    let error = loss.set_curves(vec![Curve::identity(2), Curve::identity(3)]).unwrap_err().to_string();
+    assert!(error.contains("or_P") && error.contains("3"), "{error}");
+    // The loss keeps working with its old curves.
+    let (logits, labels) = batch(4, 1, 3, 6, 6);
+    assert!(loss.forward(&logits, &labels).is_ok());
+}
+
+#[test]
+fn evaluators_reset_merge_and_all_reduce() {
+    let loss = biou(2);
+    let (a_logits, a_labels) = batch(5, 2, 4, 16, 16);
+    let (b_logits, b_labels) = batch(6, 3, 4, 16, 16);
+    let mut both = loss.evaluator();
+    both.add_batch(&a_logits, &a_labels).unwrap();
+    both.add_batch(&b_logits, &b_labels).unwrap();
+    let expected = both.finish().unwrap().value;
+    // Two "processes", merged or all-reduced, give the metric of the whole dataset.
+    let (mut first, mut second) = (loss.evaluator(), loss.evaluator());
+    first.add_batch(&a_logits, &a_labels).unwrap();
+    second.add_batch(&b_logits, &b_labels).unwrap();
+    let mut merged = first.clone();
+    merged.merge(&second).unwrap();
+    assert_eq!(merged.finish().unwrap().value, expected);
+    let summed: Vec<f64> = first.counts().iter().zip(second.counts()).map(|(x, y)| x + y).collect();
+    first.set_counts(&summed).unwrap();
+    assert_eq!(first.finish().unwrap().value, expected);
+    assert_eq!(first.batches(), 2);
+    // The evaluator outlives its loss and moves across threads.
+    let evaluator = std::thread::spawn(move || {
+        let mut evaluator = loss.evaluator();
+        drop(loss);
+        evaluator.add_batch(&a_logits, &a_labels).unwrap();
+        evaluator
+    })
+    .join()
+    .unwrap();
+    assert_eq!(evaluator.batches(), 1);
+    // A batch with another class count is refused in one sentence; reset starts over.
+    let mut evaluator = evaluator;
+    let (other_logits, other_labels) = batch(7, 1, 5, 16, 16);
+    let error = evaluator.add_batch(&other_logits, &other_labels).unwrap_err().to_string();
+    assert!(error.contains("5 classes") && error.contains("4"), "{error}");
+    assert_eq!(evaluator.batches(), 1, "a refused batch changes nothing");
+    evaluator.reset();
+    evaluator.add_batch(&other_logits, &other_labels).unwrap();
+    assert!(evaluator.finish().unwrap().value.is_finite());
+    assert!(matches!(loss_without_batches().finish(), Err(LossError::NoBatch)));
+}
+
+fn loss_without_batches() -> losscc_loss::Evaluator {
+    Loss::from_file(&root().join("examples/miou.metric"), &Overrides::new()).unwrap().evaluator()
+}
+
+#[test]
+fn forward_returns_exactly_the_fused_value() {
+    // The linearization adds `x − x`, which is exactly zero: the value is the kernel's.
+    let loss = biou(1);
+    let (logits, labels) = batch(8, 2, 4, 12, 12);
+    let with_grad = loss.forward(&logits.copy().set_requires_grad(true), &labels).unwrap();
+    let without = loss.forward(&logits, &labels).unwrap();
+    assert!(loss.uses_fused_kernel(&logits));
+    assert_eq!(with_grad.double_value(&[]), without.double_value(&[]));
+    assert_eq!(with_grad.kind(), Kind::Float);
+    assert_eq!(with_grad.device(), Device::Cpu);
+}
