@@ -242,3 +242,27 @@ fn eval_gradient_of_a_label_only_formula_is_zero_and_errors_print_once() {
     let text = stderr(&losscc(&bad));
     assert_eq!(text.matches("label value 9").count(), 1, "{text}");
 }
+
+/// A libtorch failure (here: memory for an absurd shape) ends in one sentence that says what
+/// to do instead, not in a request to report a bug.
+#[test]
+fn libtorch_out_of_memory_says_what_to_do() {
+    let output = losscc(&["bench", &example("miou.metric"), "--shape", "4096,64,4096,4096", "--iterations", "1"]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(text.contains("ran out of memory") && text.contains("smaller --shape"), "{text}");
+    assert!(!text.contains("please report") && !text.contains("panicked"), "{text}");
+}
+
+/// `losscc compile FILE` with no `-o` writes `FILE.onnx` beside the source and says where.
+#[test]
+fn compile_without_an_output_writes_beside_the_source() {
+    let dir = scratch("beside");
+    let source = dir.join("biou.metric");
+    std::fs::copy(root().join("examples/biou.metric"), &source).unwrap();
+    let output = losscc(&["compile", source.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let written = dir.join("biou.onnx");
+    assert!(std::fs::metadata(&written).unwrap().len() > 1000);
+    assert!(stderr(&output).contains(&format!("wrote {}", written.display())), "{}", stderr(&output));
+}

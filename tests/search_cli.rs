@@ -212,3 +212,28 @@ fn gpu_runs_train_on_cuda_or_stop_with_a_clear_sentence() {
         fails_with(&["search", &example("biou.metric"), "--gpu"], &["no CUDA device"]);
     }
 }
+
+/// The search's configuration records the source of every file the loss `use`s: a changed
+/// used file is noticed on `--resume`, and named.
+#[test]
+fn resume_notices_a_changed_used_file() {
+    let dir = scratch("provenance");
+    std::fs::create_dir_all(&dir).unwrap();
+    let used = dir.join("iou.metric");
+    std::fs::write(&used, "metric iou {\n    mean(count(P & L & V) / count((P | L) & V))\n}\n").unwrap();
+    let file = dir.join("both.metric");
+    std::fs::write(&file, "use \"iou.metric\";\n\nloss both {\n    (1 - iou()) + 0.1 * ce\n}\n").unwrap();
+    let out = dir.join("search").display().to_string();
+    let file = file.display().to_string();
+    let mut args = vec!["search", file.as_str(), "--target", "miou", "--out", out.as_str(), "--rounds", "1", "--samples", "2"];
+    args.extend_from_slice(&TINY);
+    let first = losscc(&args);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let config: Value = serde_json::from_str(&read(&dir.join("search/config.json"))).unwrap();
+    let names: Vec<&str> = config["sources"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[1].ends_with("iou.metric"), "{names:?}");
+    std::fs::write(&used, "metric iou {\n    mean(count(P & L) / count((P | L) & V))\n}\n").unwrap();
+    args.push("--resume");
+    fails_with(&args, &["different settings", "iou.metric` changed since the search started"]);
+}

@@ -45,7 +45,24 @@ pub fn dump(module: &Module, manifest: Option<&Manifest>) -> String {
             Node::Compare { op, .. } => format!(" {}", op.symbol()),
             Node::Mean { filter: Some(_), .. } | Node::Sum { filter: Some(_), .. } => " where".into(),
             Node::Term { name, .. } => format!(" {name}"),
-            _ => String::new(),
+            // Nodes whose operands say everything.
+            Node::Pred
+            | Node::Softmax
+            | Node::Labels
+            | Node::Valid
+            | Node::And(..)
+            | Node::Or(..)
+            | Node::Xor(..)
+            | Node::Not(..)
+            | Node::AnyClass(_)
+            | Node::Count(_)
+            | Node::NllSum
+            | Node::Add(..)
+            | Node::Sub(..)
+            | Node::Mul(..)
+            | Node::Neg(_)
+            | Node::Mean { filter: None, .. }
+            | Node::Sum { filter: None, .. } => String::new(),
         };
         let _ = writeln!(
             out,

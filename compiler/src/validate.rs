@@ -102,6 +102,34 @@ pub fn expected_shape(module: &Module, node: &Node) -> Result<Shape, String> {
     }
 }
 
+/// Whether a node may appear in an exact and in a relaxed module. Set operators on pixels
+/// exist only in exact modules (relaxation replaces them); on class masks, in both.
+fn modes(node: &Node, pixel: bool) -> (bool, bool) {
+    match node {
+        Node::Pred | Node::CurveTag { .. } | Node::Scope { .. } => (true, false),
+        Node::Softmax | Node::Curve { .. } => (false, true),
+        Node::And(..) | Node::Or(..) | Node::Xor(..) | Node::Not(..) => (true, !pixel),
+        Node::Labels
+        | Node::Valid
+        | Node::Const(_)
+        | Node::Erode { .. }
+        | Node::Dilate { .. }
+        | Node::AnyClass(_)
+        | Node::Slice { .. }
+        | Node::Count(_)
+        | Node::NllSum
+        | Node::Add(..)
+        | Node::Sub(..)
+        | Node::Mul(..)
+        | Node::Div { .. }
+        | Node::Neg(_)
+        | Node::Compare { .. }
+        | Node::Mean { .. }
+        | Node::Sum { .. }
+        | Node::Term { .. } => (true, true),
+    }
+}
+
 /// Every invariant violation found, as sentences (empty when valid).
 pub fn validate(module: &Module, manifest: Option<&Manifest>) -> Vec<String> {
     let mut errors = Vec::new();
@@ -128,21 +156,20 @@ pub fn validate(module: &Module, manifest: Option<&Manifest>) -> Vec<String> {
             continue;
         }
         let pixel = is_pixel(module.shape(handle));
-        match (module.mode, node) {
-            (Mode::Exact, Node::Softmax | Node::Curve { .. }) => {
+        let (in_exact, in_relaxed) = modes(node, pixel);
+        match module.mode {
+            Mode::Exact if !in_exact => {
                 errors.push(format!("{handle}: exact module holds surrogate node {}", node.mnemonic()))
             }
-            (Mode::Relaxed, Node::Pred | Node::CurveTag { .. } | Node::Scope { .. }) => {
+            Mode::Relaxed if !in_relaxed => {
                 errors.push(format!("{handle}: relaxed module holds exact node {}", node.mnemonic()))
             }
-            (Mode::Relaxed, Node::And(..) | Node::Or(..) | Node::Xor(..) | Node::Not(..)) if pixel => {
-                errors.push(format!("{handle}: relaxed module holds exact set operator {}", node.mnemonic()))
+            Mode::Exact | Mode::Relaxed => {}
+        }
+        if let (Mode::Relaxed, Node::Curve { curve, .. }) = (module.mode, node) {
+            if manifest.map_or(true, |manifest| curve.0 as usize >= manifest.curves.len()) {
+                errors.push(format!("{handle}: curve #{} is not in the manifest", curve.0));
             }
-            (Mode::Relaxed, Node::Curve { curve, .. }) => match manifest {
-                Some(manifest) if (curve.0 as usize) < manifest.curves.len() => {}
-                _ => errors.push(format!("{handle}: curve #{} is not in the manifest", curve.0)),
-            },
-            _ => {}
         }
         match expected_shape(module, node) {
             Ok(shape) if shape == module.shape(handle) => {}

@@ -105,3 +105,22 @@ fn use_is_transitive_and_loads_each_file_once() {
     assert_eq!(compiled.program.files().count(), 3, "top, mid and acc, each once");
     assert_eq!(compiled.manifest().curves.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["acc.and_P"]);
 }
+
+/// ONNX models record the source of the main file and of every file it `use`s, and the
+/// ignore label they were compiled for.
+#[test]
+fn onnx_metadata_records_every_used_source() {
+    let root = files::root_from(env!("CARGO_MANIFEST_DIR"));
+    let compiled = compile_file(&root.join("examples/miou_biou.metric"), &[]).unwrap();
+    let curves: Vec<_> = compiled.manifest().curves.iter().map(|c| compiler::curve::Curve::identity(c.pieces)).collect();
+    let options = compiler::onnx::EmitOptions { ignore_label: Some(7), ..Default::default() };
+    let model = compiler::onnx::emit_loss(&compiled, &curves, &options).unwrap();
+    let meta = |key: &str| model.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.clone()).unwrap();
+    let sources: Vec<serde_json::Value> = serde_json::from_str(&meta("losscc.sources")).unwrap();
+    let names: Vec<&str> = sources.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names[1].ends_with("miou.metric") && names[2].ends_with("biou.metric"), "{names:?}");
+    let used = std::fs::read_to_string(root.join("examples/biou.metric")).unwrap();
+    assert_eq!(sources[2]["text"].as_str().unwrap(), used);
+    assert_eq!(meta("losscc.ignore_label"), "7");
+}

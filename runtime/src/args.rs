@@ -19,6 +19,32 @@ pub fn parse_sets(sets: &[String]) -> Result<Overrides> {
     Ok(overrides)
 }
 
+/// The label of ignored pixels: a number, or `none` for no ignored pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IgnoreLabel(pub Option<i64>);
+
+impl std::str::FromStr for IgnoreLabel {
+    type Err = String;
+    fn from_str(text: &str) -> Result<IgnoreLabel, String> {
+        match text.trim() {
+            "none" => Ok(IgnoreLabel(None)),
+            number => number
+                .parse::<i64>()
+                .map(|value| IgnoreLabel(Some(value)))
+                .map_err(|_| format!("`{text}` is neither a label value (an integer) nor `none`")),
+        }
+    }
+}
+
+/// `--ignore-label`: which label value marks ignored pixels.
+#[derive(clap::Args, Clone, Copy)]
+pub struct LabelArgs {
+    /// The label value of ignored pixels (they belong to no class and are not valid), or
+    /// `none` when every pixel counts.
+    #[arg(long, value_name = "VALUE|none", default_value = "255")]
+    pub ignore_label: IgnoreLabel,
+}
+
 /// Where the proxy task's images come from, and how the proxy network trains.
 #[derive(clap::Args, Clone)]
 pub struct ProxyArgs {

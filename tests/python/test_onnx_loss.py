@@ -1,8 +1,9 @@
 """The ONNX losses as other frameworks see them.
 
-For every example metric, `losscc compile` output must pass `onnx.checker`'s full check, give
-the tch loss (`losscc eval`) in ONNX Runtime, and convert with onnx2torch into a PyTorch
-module whose autograd gradient equals the tch gradient. Run by `make test`:
+Every case of the back-end corpus (the example library and `tests/corpus/`, see its README)
+is compiled with random curves; the model must pass `onnx.checker`'s full check, give the tch
+loss (`losscc eval`) in ONNX Runtime, and convert with onnx2torch into a PyTorch module whose
+value and autograd gradient equal tch's. Run by `make test`:
 
     .venv/bin/python -m unittest discover -s tests/python -v
 """
@@ -23,17 +24,6 @@ from onnx2torch import convert
 
 ROOT = Path(__file__).resolve().parents[2]
 LOSSCC = Path(os.environ.get("LOSSCC", ROOT / "target" / "release" / "losscc"))
-EXAMPLES = sorted((ROOT / "examples").glob("*.metric"))
-
-
-def make_inputs(rng, shape):
-    """Random logits and blocky labels with a few ignored pixels."""
-    n, c, h, w = shape
-    logits = rng.normal(0.0, 2.0, size=shape).astype(np.float32)
-    ys, xs = np.mgrid[0:h, 0:w]
-    labels = np.stack([((ys // 3 + xs // 4 + i) % c) for i in range(n)]).astype(np.int64)
-    labels[rng.random(labels.shape) < 0.05] = 255
-    return logits, labels
 
 
 def losscc(*args):
@@ -43,89 +33,177 @@ def losscc(*args):
     return result.stdout
 
 
-class OnnxLossTest(unittest.TestCase):
+class Case:
+    """One corpus case: its file, overrides, ignore label and how its inputs are made."""
+
+    def __init__(self, path):
+        self.path = path
+        self.name = path.stem
+        self.shape = (2, 5, 19, 23)
+        self.seed = sum(path.stem.encode()) * 7919
+        self.scale = 3.0
+        self.ignore = 255
+        self.ignored = 0.1
+        self.sets = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#") or line.startswith("##"):
+                break
+            if line.startswith("# corpus:"):
+                for item in line[len("# corpus:"):].split():
+                    key, value = item.split("=")
+                    if key == "shape":
+                        self.shape = tuple(int(d) for d in value.split(","))
+                    elif key == "seed":
+                        self.seed = int(value)
+                    elif key == "scale":
+                        self.scale = float(value)
+                    elif key == "ignore":
+                        self.ignore = None if value == "none" else int(value)
+                    elif key == "ignored":
+                        self.ignored = float(value)
+            elif line.startswith("# set:"):
+                self.sets = line[len("# set:"):].split()
+
+    def flags(self):
+        flags = []
+        for item in self.sets:
+            flags += ["--set", item]
+        flags += ["--ignore-label", "none" if self.ignore is None else str(self.ignore)]
+        return flags
+
+    def inputs(self, shape):
+        """Logits uniform in [-scale, scale] and blocky labels, some ignored."""
+        rng = np.random.default_rng(self.seed)
+        n, c, h, w = shape
+        logits = rng.uniform(-self.scale, self.scale, size=shape).astype(np.float32)
+        ys, xs = np.mgrid[0:h, 0:w]
+        bh, bw = rng.integers(1, 5), rng.integers(2, 6)
+        labels = np.stack([(ys // bh + 2 * (xs // bw) + i) % c for i in range(n)]).astype(np.int64)
+        if self.ignore is not None:
+            labels[rng.random(labels.shape) < self.ignored] = self.ignore
+        return logits, labels
+
+
+def corpus():
+    files = sorted((ROOT / "examples").glob("*.metric")) + sorted((ROOT / "tests" / "corpus").glob("*.metric"))
+    return [Case(path) for path in files]
+
+
+def random_curves(pieces, rng):
+    """Monotone control points for curves of the given pieces (the search's mapping)."""
+    curves = []
+    for k in pieces:
+        previous = np.zeros(2)
+        flat = []
+        for _ in range(2 * k - 1):
+            point = previous + rng.uniform(0.05, 0.95, size=2) * (1.0 - previous)
+            flat += [float(point[0]), float(point[1])]
+            previous = point
+        curves.append(flat)
+    return curves
+
+
+def metadata(model):
+    return {p.key: p.value for p in model.metadata_props}
+
+
+class CorpusThroughOnnxTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = Path(tempfile.mkdtemp(prefix="losscc-py-"))
-        rng = np.random.default_rng(7)
-        cls.logits, cls.labels = make_inputs(rng, (2, 4, 12, 10))
-        np.save(cls.tmp / "logits.npy", cls.logits)
-        np.save(cls.tmp / "labels.npy", cls.labels)
 
-    def test_examples_exist(self):
-        self.assertGreaterEqual(len(EXAMPLES), 12)
+    def compile_case(self, case, rng):
+        """Compile with identity curves to learn the manifest, then with random curves."""
+        first = self.tmp / f"{case.name}.identity.onnx"
+        losscc("compile", case.path, "-o", first, *case.flags())
+        pieces = [c["pieces"] for c in json.loads(metadata(onnx.load(str(first)))["losscc.curves"])]
+        params = self.tmp / f"{case.name}.params.json"
+        params.write_text(json.dumps({"control_points": random_curves(pieces, rng)}))
+        model_path = self.tmp / f"{case.name}.onnx"
+        losscc("compile", case.path, "-o", model_path, "--params", params, *case.flags())
+        return model_path, params
 
-    def test_every_example(self):
-        for metric in EXAMPLES:
-            with self.subTest(metric=metric.name):
-                model_path = self.tmp / f"{metric.stem}.onnx"
-                losscc("compile", metric, "-o", model_path)
+    def tch_reference(self, case, params, logits, labels):
+        np.save(self.tmp / "logits.npy", logits)
+        np.save(self.tmp / "labels.npy", labels)
+        grad_path = self.tmp / "grad.npy"
+        out = json.loads(losscc("eval", case.path, "--logits", self.tmp / "logits.npy", "--labels",
+                                self.tmp / "labels.npy", "--params", params, "--grad", grad_path, *case.flags()))
+        return out["loss"], np.load(grad_path)
+
+    def test_every_case(self):
+        cases = corpus()
+        self.assertGreaterEqual(len(cases), 20)
+        rng = np.random.default_rng(11)
+        for case in cases:
+            with self.subTest(case=case.name):
+                model_path, params = self.compile_case(case, rng)
                 model = onnx.load(str(model_path))
                 onnx.checker.check_model(model, full_check=True)
                 self.assertEqual(model.opset_import[0].version, 17)
                 self.assertEqual(model.ir_version, 8)
-                metadata = {p.key: p.value for p in model.metadata_props}
-                self.assertIn("metric", metadata["losscc.source"])
-                self.assertIsInstance(json.loads(metadata["losscc.curves"]), list)
+                meta = metadata(model)
+                self.assertEqual(json.loads(meta["losscc.ignore_label"]), case.ignore)
+                sources = json.loads(meta["losscc.sources"])
+                self.assertEqual(sources[0]["text"], case.path.read_text())
 
-                grad_path = self.tmp / f"{metric.stem}.grad.npy"
-                reference = json.loads(
-                    losscc("eval", metric, "--logits", self.tmp / "logits.npy",
-                           "--labels", self.tmp / "labels.npy", "--grad", grad_path)
-                )
-                tch_loss = reference["loss"]
-                tch_grad = np.load(grad_path)
+                logits, labels = case.inputs(case.shape)
+                tch_loss, tch_grad = self.tch_reference(case, params, logits, labels)
+                tolerance = 1e-5 * max(abs(tch_loss), 1.0)
 
                 session = onnxruntime.InferenceSession(str(model_path))
-                (ort_loss,) = session.run(None, {"logits": self.logits, "labels": self.labels})
+                (ort_loss,) = session.run(None, {"logits": logits, "labels": labels})
                 self.assertEqual(ort_loss.shape, ())
-                self.assertLess(abs(float(ort_loss) - tch_loss), 1e-5 * max(abs(tch_loss), 1e-3))
+                self.assertLess(abs(float(ort_loss) - tch_loss), tolerance)
 
                 module = convert(model)
-                logits = torch.from_numpy(self.logits.copy()).requires_grad_(True)
-                torch_loss = module(logits, torch.from_numpy(self.labels))
-                torch_loss.backward()
-                self.assertLess(abs(torch_loss.item() - tch_loss), 1e-5 * max(abs(tch_loss), 1e-3))
-                grad = logits.grad.numpy()
+                x = torch.from_numpy(logits.copy()).requires_grad_(True)
+                torch_loss = module(x, torch.from_numpy(labels))
+                self.assertLess(abs(torch_loss.item() - tch_loss), tolerance)
+                if torch_loss.requires_grad:
+                    torch_loss.backward()
+                    grad = x.grad.numpy()
+                else:
+                    grad = np.zeros_like(logits)
                 self.assertTrue(np.isfinite(grad).all())
                 scale = max(np.abs(tch_grad).max(), 1e-6)
                 np.testing.assert_allclose(grad, tch_grad, rtol=0, atol=1e-4 * scale)
 
     def test_one_model_many_shapes(self):
-        model_path = self.tmp / "biou_shapes.onnx"
-        losscc("compile", ROOT / "examples" / "biou.metric", "-o", model_path, "--set", "tol=2")
+        case = Case(ROOT / "examples" / "biou.metric")
+        case.sets = ["tol=2"]
+        model_path, params = self.compile_case(case, np.random.default_rng(3))
         session = onnxruntime.InferenceSession(str(model_path))
-        rng = np.random.default_rng(3)
         for shape in [(1, 3, 8, 8), (3, 5, 17, 9), (2, 2, 31, 40)]:
-            logits, labels = make_inputs(rng, shape)
+            logits, labels = case.inputs(shape)
             (loss,) = session.run(None, {"logits": logits, "labels": labels})
-            self.assertTrue(0.0 <= float(loss) <= 1.0, (shape, loss))
+            expected, _ = self.tch_reference(case, params, logits, labels)
+            self.assertLess(abs(float(loss) - expected), 1e-5 * max(abs(expected), 1.0), shape)
 
     def test_exact_counts_graph(self):
         model_path = self.tmp / "miou_exact.onnx"
         losscc("compile", ROOT / "examples" / "miou.metric", "--exact", "-o", model_path)
         model = onnx.load(str(model_path))
         onnx.checker.check_model(model, full_check=True)
+        logits, labels = Case(ROOT / "examples" / "miou.metric").inputs((2, 4, 12, 10))
         session = onnxruntime.InferenceSession(str(model_path))
         outputs = dict(zip([o.name for o in session.get_outputs()],
-                           session.run(None, {"logits": self.logits, "labels": self.labels})))
-        accumulators = json.loads({p.key: p.value for p in model.metadata_props}["losscc.accumulators"])
+                           session.run(None, {"logits": logits, "labels": labels})))
+        accumulators = json.loads(metadata(model)["losscc.accumulators"])
         self.assertEqual(len(accumulators), 2)  # intersection and union counts
         inter, union = (outputs[a["output"]] for a in accumulators)
         # The same numbers computed directly in numpy.
-        pred = self.logits.argmax(1)
-        valid = self.labels != 255
-        expected_inter = [np.sum((pred == c) & (self.labels == c) & valid) for c in range(4)]
-        expected_union = [np.sum(((pred == c) | (self.labels == c)) & valid) for c in range(4)]
+        pred = logits.argmax(1)
+        valid = labels != 255
+        expected_inter = [np.sum((pred == c) & (labels == c) & valid) for c in range(4)]
+        expected_union = [np.sum(((pred == c) | (labels == c)) & valid) for c in range(4)]
         np.testing.assert_array_equal(inter, expected_inter)
         np.testing.assert_array_equal(union, expected_union)
+        np.save(self.tmp / "logits.npy", logits)
+        np.save(self.tmp / "labels.npy", labels)
         reference = json.loads(losscc("eval", ROOT / "examples" / "miou.metric",
                                       "--logits", self.tmp / "logits.npy", "--labels", self.tmp / "labels.npy"))
         self.assertAlmostEqual(float(np.mean(inter / union)), reference["metric"], places=6)
-
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 class TrainingExampleTest(unittest.TestCase):
@@ -144,10 +222,11 @@ class CurvesInputTest(unittest.TestCase):
     def test_curves_as_an_input_match_baked_curves(self):
         tmp = Path(tempfile.mkdtemp(prefix="losscc-curves-"))
         cases = json.loads((ROOT / "tests" / "data" / "asl-vectors" / "cases.json").read_text())["cases"]
-        rng = np.random.default_rng(5)
-        logits, labels = make_inputs(rng, (2, 4, 12, 10))
-        for case in [c for c in cases if c["case"] == 0]:
+        published = [c for c in cases if c["case"] == 0]
+        self.assertEqual(len(published), 6)
+        for case in published:
             metric = ROOT / "examples" / f"{case['metric']}.metric"
+            logits, labels = Case(metric).inputs((2, 4, 12, 10))
             params = tmp / f"{case['metric']}.json"
             params.write_text(json.dumps({"control_points": case["control_points"]}))
             baked, dynamic = tmp / f"{case['metric']}.onnx", tmp / f"{case['metric']}.dyn.onnx"
@@ -162,10 +241,18 @@ class CurvesInputTest(unittest.TestCase):
                 None, {"logits": logits, "labels": labels, "curves": flat})
             self.assertAlmostEqual(float(got), float(expected), delta=1e-5 * max(abs(float(expected)), 1e-3),
                                    msg=case["metric"])
-            # onnx2torch loads it too, with finite gradients.
+            # onnx2torch loads it too, with the baked model's gradient.
+            baked_module = convert(onnx.load(str(baked)))
+            x_baked = torch.from_numpy(logits.copy()).requires_grad_(True)
+            baked_module(x_baked, torch.from_numpy(labels)).backward()
             module = convert(model)
             x = torch.from_numpy(logits.copy()).requires_grad_(True)
             value = module(x, torch.from_numpy(labels), torch.from_numpy(flat))
             value.backward()
             self.assertAlmostEqual(value.item(), float(expected), delta=1e-5 * max(abs(float(expected)), 1e-3))
-            self.assertTrue(torch.isfinite(x.grad).all())
+            scale = max(x_baked.grad.abs().max().item(), 1e-6)
+            np.testing.assert_allclose(x.grad.numpy(), x_baked.grad.numpy(), rtol=0, atol=1e-4 * scale)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -55,7 +55,9 @@ pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelPro
             Node::Count(_) | Node::NllSum => {
                 let summed = match node {
                     Node::Count(input) => count(&mut emitter, &v(input), module.shape(*input)),
-                    _ => nll_sum(&mut emitter),
+                    // The other accumulator.
+                    Node::NllSum => nll_sum(&mut emitter),
+                    other => unreachable!("`{}` is not an accumulator", other.mnemonic()),
                 };
                 let name = format!("count_{}", handle.index());
                 let doc = emitter.origin.clone();

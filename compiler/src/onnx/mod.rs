@@ -143,10 +143,15 @@ fn model(
     if options.curves == CurveSource::Input && what != "exact counts" {
         inputs.push(value_info("curves", DataType::FLOAT, &["curve_coordinates"]));
     }
+    // Constants the curve math folded away, or coefficients a piece did not need, are left
+    // out: every initializer is some node's input.
+    let used: std::collections::HashSet<&str> =
+        emitter.nodes.iter().flat_map(|node| node.input.iter().map(String::as_str)).collect();
+    let initializers = emitter.initializers.iter().filter(|init| used.contains(init.name.as_str())).cloned().collect();
     let graph = GraphProto {
         name: format!("losscc_{}", compiled.exact.name),
         node: emitter.nodes,
-        initializer: emitter.initializers,
+        initializer: initializers,
         input: inputs,
         output: outputs,
         doc_string: format!("losscc {what} of `{}`", compiled.exact.name),

@@ -40,6 +40,38 @@ pub use inputs::InputError;
 pub use loss::{Loss, Overrides};
 pub use reference::Surrogate;
 
+/// Deterministic data for this crate's unit tests, from a local generator (libtorch's is
+/// global and shared by tests running in parallel, so a failure would not reproduce).
+#[cfg(test)]
+pub(crate) mod test_data {
+    /// `count` numbers uniform in [0, 1) from `seed` (xorshift64).
+    pub fn uniform(seed: u64, count: usize) -> Vec<f64> {
+        let mut state = seed | 1;
+        (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 11) as f64 / (1u64 << 53) as f64
+            })
+            .collect()
+    }
+
+    /// A float32 tensor of `shape`, uniform in `[low, high)`.
+    pub fn tensor(seed: u64, shape: &[i64], low: f64, high: f64) -> tch::Tensor {
+        let count = shape.iter().product::<i64>() as usize;
+        let values: Vec<f32> = uniform(seed, count).iter().map(|u| (low + (high - low) * u) as f32).collect();
+        tch::Tensor::from_slice(&values).reshape(shape)
+    }
+
+    /// An int64 tensor of `shape` with values in `0..classes`.
+    pub fn classes(seed: u64, shape: &[i64], classes: i64) -> tch::Tensor {
+        let count = shape.iter().product::<i64>() as usize;
+        let values: Vec<i64> = uniform(seed, count).iter().map(|u| (u * classes as f64) as i64).collect();
+        tch::Tensor::from_slice(&values).reshape(shape)
+    }
+}
+
 /// Aids for tests of this crate's users (and its own integration tests).
 pub mod testing {
     /// Fill reused scratch planes with NaN before each use, so that a value read but not

@@ -71,6 +71,21 @@ impl Preset {
 /// Names the first setting that differs between a saved configuration and this run's, in
 /// words.
 pub fn config_difference(saved: &SearchConfig, now: &SearchConfig) -> Option<String> {
+    // A changed source file is named, as a file: it is the likeliest difference.
+    for (was, is) in [(&saved.sources, &now.sources), (&saved.target_sources, &now.target_sources)] {
+        for file in is {
+            match was.iter().find(|old| old.name == file.name) {
+                Some(old) if old.text != file.text => {
+                    return Some(format!("the file `{}` changed since the search started", file.name))
+                }
+                None => return Some(format!("the file `{}` is used now but was not when the search started", file.name)),
+                Some(_) => {}
+            }
+        }
+        if let Some(gone) = was.iter().find(|old| !is.iter().any(|file| file.name == old.name)) {
+            return Some(format!("the file `{}` was used when the search started but is not now", gone.name));
+        }
+    }
     let saved = serde_json::to_value(saved).expect("serializes");
     let now = serde_json::to_value(now).expect("serializes");
     let (serde_json::Value::Object(saved), serde_json::Value::Object(now)) = (saved, now) else { return None };

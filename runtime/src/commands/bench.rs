@@ -5,6 +5,7 @@
 //! ratio are reported. Peak extra memory is the growth of the process's resident-set high
 //! water mark (CPU) while the loss runs.
 
+use compiler::ir::DEFAULT_IGNORE_LABEL;
 use losscc_loss::Loss;
 use serde::Serialize;
 use std::time::Instant;
@@ -35,7 +36,7 @@ pub fn bench_inputs(shape: [i64; 4], device: Device) -> (Tensor, Tensor) {
     let images = Tensor::arange(n, (Kind::Int64, device)).view([n, 1, 1]);
     let labels = (ys.divide_scalar_mode(17, "floor") * 3 + xs.divide_scalar_mode(23, "floor") + images).remainder(c);
     let band = (ys.remainder(17)).eq(0).logical_or(&xs.remainder(23).eq(0));
-    let labels = labels.where_self(&band.logical_not(), &labels.full_like(255));
+    let labels = labels.where_self(&band.logical_not(), &labels.full_like(DEFAULT_IGNORE_LABEL));
     (logits, labels.expand([n, h, w], false).contiguous())
 }
 
@@ -76,7 +77,7 @@ pub fn run(
         Ok(())
     };
     let step_ce = || {
-        let value = leaf.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, 255, 0.0);
+        let value = leaf.cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, DEFAULT_IGNORE_LABEL, 0.0);
         value.backward();
         let _ = leaf.grad().zero_();
     };

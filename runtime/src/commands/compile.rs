@@ -3,7 +3,7 @@
 //! extension `.onnx`.
 
 use super::load_loss;
-use crate::args::parse_sets;
+use crate::args::{parse_sets, LabelArgs};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use compiler::onnx::{self, CurveSource, EmitOptions};
@@ -28,6 +28,8 @@ pub struct Args {
     params: Option<PathBuf>,
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
+    #[command(flatten)]
+    label_values: LabelArgs,
     /// Emit the exact metric's per-class counts graph instead of the loss.
     #[arg(long)]
     exact: bool,
@@ -42,7 +44,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     let overrides = parse_sets(&args.set)?;
-    let loss = load_loss(&args.file, &overrides, args.params.as_deref())?;
+    let mut loss = load_loss(&args.file, &overrides, args.params.as_deref())?;
+    loss.set_ignore_label(args.label_values.ignore_label.0);
     let compiled = loss.compiled();
     let options = EmitOptions {
         curves: if args.curves_input { CurveSource::Input } else { CurveSource::Baked },

@@ -2,7 +2,7 @@
 //! of one batch, as one JSON object; `--grad G.npy` also writes `∂loss/∂logits`.
 
 use super::{json_number, load_loss};
-use crate::args::parse_sets;
+use crate::args::{parse_sets, LabelArgs};
 use crate::npy;
 use anyhow::Result;
 use compiler::accumulate::Value as Evaluated;
@@ -24,6 +24,8 @@ pub struct Args {
     params: Option<PathBuf>,
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
+    #[command(flatten)]
+    label_values: LabelArgs,
     /// Also write d loss / d logits (float32 .npy, same shape as the logits) here.
     #[arg(long)]
     grad: Option<PathBuf>,
@@ -37,7 +39,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
 fn evaluate(args: &Args) -> Result<Value> {
     let overrides = parse_sets(&args.set)?;
-    let loss = load_loss(&args.file, &overrides, args.params.as_deref())?;
+    let mut loss = load_loss(&args.file, &overrides, args.params.as_deref())?;
+    loss.set_ignore_label(args.label_values.ignore_label.0);
     let logits = npy::read_logits(&args.logits)?;
     let labels = npy::read_labels(&args.labels)?;
     let logits = if args.grad.is_some() { logits.set_requires_grad(true) } else { logits };

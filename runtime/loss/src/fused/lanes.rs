@@ -2,7 +2,7 @@
 //! rows vectorize: the curve math of [`compiler::curve::math`] instantiated for lanes, a
 //! polynomial `exp`, and float64 row sums.
 
-use compiler::curve::math::{self, CurveOps, Piece, Strategy};
+use compiler::curve::math::{self, CurveOps, Flag, Piece, Strategy};
 use compiler::curve::Curve;
 
 /// The curve math's operations on one `f32` lane: branch-free (compares, bit selects,
@@ -97,23 +97,85 @@ pub(super) fn pieces(curve: &Curve) -> Vec<Piece<f32, bool>> {
 }
 
 /// `g` and `g'` over a row of values. Each lane picks its piece and evaluates it once
-/// ([`Strategy::BlendPieces`]); the piece count is made a constant for the usual one and two
-/// pieces, so the per-lane work has no loop and the row loop vectorizes.
+/// ([`Strategy::BlendPieces`]). The piece count and the kinds of pieces (all straight, none
+/// straight, or mixed; with or without a zero-width piece) become constants before the loop,
+/// so the per-lane work has no branch and the row loop vectorizes; a straight curve skips
+/// the square root.
 #[inline(always)]
 pub(super) fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], pieces: &[Piece<f32, bool>]) {
-    match pieces {
-        [only] => curve_row_of(xs, ys, slopes, std::slice::from_ref(only)),
-        [first, second] => curve_row_of(xs, ys, slopes, &[first.clone(), second.clone()]),
-        _ => curve_row_of(xs, ys, slopes, pieces),
+    let kind = |flags: &mut dyn Iterator<Item = &Flag<bool>>| {
+        let known: Vec<bool> = flags.map(|flag| matches!(flag, Flag::Known(true))).collect();
+        if known.iter().all(|&k| k) {
+            ALL
+        } else if known.iter().any(|&k| k) {
+            MIXED
+        } else {
+            NONE
+        }
+    };
+    let linear = kind(&mut pieces.iter().map(|p| &p.linear));
+    let degenerate = kind(&mut pieces.iter().map(|p| &p.degenerate));
+    match (pieces, linear, degenerate) {
+        ([a], ALL, _) => row::<1, ALL, NONE>(xs, ys, slopes, &[a.clone()]),
+        ([a], _, _) => row::<1, NONE, NONE>(xs, ys, slopes, &[a.clone()]),
+        ([a, b], ALL, NONE) => row::<2, ALL, NONE>(xs, ys, slopes, &[a.clone(), b.clone()]),
+        ([a, b], ALL, _) => row::<2, ALL, MIXED>(xs, ys, slopes, &[a.clone(), b.clone()]),
+        ([a, b], NONE, NONE) => row::<2, NONE, NONE>(xs, ys, slopes, &[a.clone(), b.clone()]),
+        ([a, b], _, NONE) => row::<2, MIXED, NONE>(xs, ys, slopes, &[a.clone(), b.clone()]),
+        ([a, b], _, _) => row::<2, MIXED, MIXED>(xs, ys, slopes, &[a.clone(), b.clone()]),
+        (_, ALL, NONE) => row_of_any::<ALL, NONE>(xs, ys, slopes, pieces),
+        (_, ALL, _) => row_of_any::<ALL, MIXED>(xs, ys, slopes, pieces),
+        (_, _, NONE) => row_of_any::<MIXED, NONE>(xs, ys, slopes, pieces),
+        (_, _, _) => row_of_any::<MIXED, MIXED>(xs, ys, slopes, pieces),
+    }
+}
+
+/// Kinds of a flag over a curve's pieces: false for every piece, true for every piece, or
+/// mixed (then each piece's value is a lane mask).
+const NONE: u8 = 0;
+const ALL: u8 = 1;
+const MIXED: u8 = 2;
+
+/// The piece with its flags as the row's constants say.
+#[inline(always)]
+fn with_kinds<const LINEAR: u8, const DEGENERATE: u8>(piece: &Piece<f32, bool>) -> Piece<f32, bool> {
+    let kind = |flag: &Flag<bool>, of: u8| match of {
+        NONE => Flag::Known(false),
+        ALL => Flag::Known(true),
+        _ => Flag::Dynamic(matches!(flag, Flag::Known(true))),
+    };
+    Piece { linear: kind(&piece.linear, LINEAR), degenerate: kind(&piece.degenerate, DEGENERATE), ..piece.clone() }
+}
+
+#[inline(always)]
+fn row<const N: usize, const LINEAR: u8, const DEGENERATE: u8>(
+    xs: &[f32],
+    ys: &mut [f32],
+    slopes: &mut [f32],
+    pieces: &[Piece<f32, bool>; N],
+) {
+    let pieces: [Piece<f32, bool>; N] = std::array::from_fn(|i| with_kinds::<LINEAR, DEGENERATE>(&pieces[i]));
+    let len = xs.len();
+    let (ys, slopes) = (&mut ys[..len], &mut slopes[..len]);
+    for i in 0..len {
+        let (y, slope) = math::eval(&mut Lanes, &xs[i], &pieces, Strategy::BlendPieces, true);
+        ys[i] = y;
+        slopes[i] = slope.unwrap_or(0.0);
     }
 }
 
 #[inline(always)]
-fn curve_row_of(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], pieces: &[Piece<f32, bool>]) {
+fn row_of_any<const LINEAR: u8, const DEGENERATE: u8>(
+    xs: &[f32],
+    ys: &mut [f32],
+    slopes: &mut [f32],
+    pieces: &[Piece<f32, bool>],
+) {
+    let pieces: Vec<Piece<f32, bool>> = pieces.iter().map(with_kinds::<LINEAR, DEGENERATE>).collect();
     let len = xs.len();
     let (ys, slopes) = (&mut ys[..len], &mut slopes[..len]);
     for i in 0..len {
-        let (y, slope) = math::eval(&mut Lanes, &xs[i], pieces, Strategy::BlendPieces, true);
+        let (y, slope) = math::eval(&mut Lanes, &xs[i], &pieces, Strategy::BlendPieces, true);
         ys[i] = y;
         slopes[i] = slope.unwrap_or(0.0);
     }

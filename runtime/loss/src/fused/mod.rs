@@ -133,9 +133,12 @@ pub(crate) fn surrogate(
     // byte planes, so that libtorch does not rebuild the label part for them.
     let label_counts: Vec<(Handle, Handle)> = module
         .handles()
-        .filter_map(|h| match module.node(h) {
-            Node::Count(input) if label_planes::pixel_label_node(module, *input) => Some((h, *input)),
-            _ => None,
+        .filter_map(|h| {
+            if let Node::Count(input) = module.node(h) {
+                label_planes::pixel_label_node(module, *input).then_some((h, *input))
+            } else {
+                None
+            }
         })
         .collect();
     let mut wanted_planes = plan.planes.clone();

@@ -298,10 +298,10 @@ mod tests {
     /// the winner search's block of lanes (with a remainder) are both covered.
     #[test]
     fn pooling_kernel_matches_max_pool2d_including_ties() {
-        tch::manual_seed(3);
         for (x, radius) in [[2, 3, 9, 11], [2, 2, 13, 37]]
             .into_iter()
-            .map(|shape| Tensor::randint(3, shape, (Kind::Float, tch::Device::Cpu)))
+            .enumerate()
+            .map(|(seed, shape)| crate::test_data::classes(seed as u64 + 3, &shape, 3).to_kind(Kind::Float))
             .flat_map(|x| [1u32, 2, 5].map(|radius| (x.copy(), radius)))
         {
             for erode in [false, true] {
@@ -318,7 +318,7 @@ mod tests {
                 };
                 let reference_input = x.copy().set_requires_grad(true);
                 let reference = if erode { dilate(&reference_input.neg()).neg() } else { dilate(&reference_input) };
-                let weights = Tensor::rand(reference.size().as_slice(), (Kind::Float, tch::Device::Cpu));
+                let weights = crate::test_data::tensor(radius as u64, &reference.size(), 0.0, 1.0);
                 (&reference * &weights).sum(Kind::Float).backward();
                 let fast_input = x.copy().set_requires_grad(true);
                 let fast = pool_tensor(&fast_input, radius, erode);
