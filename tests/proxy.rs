@@ -285,6 +285,12 @@ fn ppo_config() -> SearchConfig {
         threads_per_model: 1,
         device: "cpu".into(),
         target_sources: Vec::new(),
+        dataset: losscc_search::config::DatasetSpec {
+            folder: None,
+            classes: None,
+            synthetic: SyntheticSpec::default(),
+        },
+        evaluator: losscc_search::config::EvaluatorSpec::Proxy,
     }
 }
 

@@ -47,7 +47,7 @@ fn a_search_killed_mid_round_resumes_to_the_uninterrupted_result() {
     let output = search(&whole, &[]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let stdout = text(&output.stdout);
-    assert!(stdout.contains("μ reward") && stdout.contains("best: round"), "{stdout}");
+    assert!(stdout.contains("μ reward") && stdout.contains("best: candidate"), "{stdout}");
     for file in
         ["config.json", "history.jsonl", "best.params.json", "mu.params.json", "report.md", "reward.svg", "curves.svg"]
     {
@@ -61,6 +61,9 @@ fn a_search_killed_mid_round_resumes_to_the_uninterrupted_result() {
         assert!((0.0..=1.0).contains(&reward));
         assert_eq!(line["control_points"].as_array().unwrap().len(), 2);
         assert!(line["seconds"].as_f64().unwrap() > 0.0);
+        // Where it ran.
+        assert_eq!(line["executor"], "local");
+        assert!(!line["host"].as_str().unwrap().is_empty() && line["device"] == "Cpu", "{line}");
     }
     let best: Value = serde_json::from_str(&read(&whole.join("best.params.json"))).unwrap();
     assert_eq!(best["format"], "losscc-params");
@@ -111,7 +114,7 @@ fn a_search_killed_mid_round_resumes_to_the_uninterrupted_result() {
     // Resuming with more rounds extends the search; the first rounds are reused.
     let extended = search(&killed, &["--resume", "--rounds", "3"]);
     assert!(extended.status.success(), "{}", text(&extended.stderr));
-    assert!(text(&extended.stdout).contains("3 candidates trained now, 6 reused"), "{}", text(&extended.stdout));
+    assert!(text(&extended.stdout).contains("3 candidates run now, 6 reused"), "{}", text(&extended.stdout));
 
     // The searched curves feed the other commands.
     let best_path = whole.join("best.params.json").display().to_string();

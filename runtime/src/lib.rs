@@ -3,8 +3,8 @@
 //!
 //! Code map:
 //! * [`args`] — argument types several commands share (`--set`, the proxy task's options);
-//! * [`commands`] — `check`, `fmt`, `eval`, `compile`, `bench`, `train`, `search`, one
-//!   file each;
+//! * [`commands`] — `check`, `fmt`, `eval`, `compile`, `bench`, `train`, `search`, `task`,
+//!   one file each;
 //! * [`npy`] — `.npy` input and output; [`onnx_runtime`] — running our ONNX graphs in ONNX
 //!   Runtime (`ort`, loaded dynamically); [`progress`] — progress bars.
 //!
@@ -45,6 +45,8 @@ enum Command {
     Search(commands::search::Args),
     /// Evaluate the surrogate loss and the exact metric on saved tensors; prints JSON.
     Eval(commands::eval::Args),
+    /// Run one attempt of a search's candidate (what `search`'s executors start).
+    Task(commands::task::Args),
 }
 
 /// Parse the command line and run the command; errors are printed here, once.
@@ -58,6 +60,7 @@ pub fn run() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Search(args) => commands::search::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Task(args) => commands::task::run(args),
     };
     match result {
         Ok(code) => code,

@@ -100,6 +100,14 @@ impl Progress for SearchBars {
         self.candidates.inc(1);
     }
 
+    fn array(&self, queued: usize, running: usize, done: usize, failed: usize) {
+        let line = format!("job array: {queued} queued, {running} running, {done} done, {failed} failed");
+        match &self.multi {
+            Some(_) => self.candidates.set_message(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
     fn round_finished(&self, summary: &str) {
         match &self.multi {
             Some(multi) => {

@@ -2,8 +2,32 @@
 //! `--resume`), the presets, and the advantage baseline.
 
 use compiler::program::SourceRecord;
+use losscc_proxy::data::SyntheticSpec;
 use losscc_proxy::trainer::TrainConfig;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Where the proxy task's images come from: a VOC-layout folder, or the built-in scenes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    pub folder: Option<PathBuf>,
+    /// The folder's class count (default: the largest label plus one).
+    pub classes: Option<usize>,
+    pub synthetic: SyntheticSpec,
+}
+
+/// How a candidate is rewarded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvaluatorSpec {
+    /// losscc trains its proxy network with the candidate loss and rewards the exact target
+    /// metric on the hold-out split.
+    Proxy,
+    /// The user's command trains with the candidate's ONNX loss and writes the reward:
+    /// `sh -c COMMAND` in the candidate's folder, with `LOSSCC_ONNX`, `LOSSCC_PARAMS`,
+    /// `LOSSCC_RESULT`, `LOSSCC_CANDIDATE` and `LOSSCC_SEED` set.
+    Trainer { command: String },
+}
 
 /// What the advantage is measured against.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,12 +64,17 @@ pub struct SearchConfig {
     pub data: String,
     /// Starting curves, flat control points per curve.
     pub start: Vec<Vec<f64>>,
-    /// CPU threads per candidate (results depend on it at the last bits).
+    /// CPU threads per candidate (results depend on it at the last bits, so it is part of
+    /// the configuration; the executor and the number of workers are not).
     pub threads_per_model: usize,
     /// `cpu` or `cuda`: rewards from different devices are not mixed in one search.
     pub device: String,
     /// The target metric's files, as for the loss (empty for a built-in metric).
     pub target_sources: Vec<SourceRecord>,
+    /// How to load the proxy task's data (with the proxy evaluator).
+    pub dataset: DatasetSpec,
+    /// How candidates are rewarded.
+    pub evaluator: EvaluatorSpec,
 }
 
 /// The published settings and a CPU-sized one.

@@ -4,7 +4,11 @@
 //! * [`config`] — [`config::SearchConfig`], what determines a search's result; presets;
 //! * [`policy`] — truncated normals, the PPO update, the search-variable [`policy::Layout`];
 //! * [`journal`] — `history.jsonl`, the search's single source of truth;
-//! * [`run`] — [`run::Search`], the driver: rounds, workers, resume;
+//! * [`run`] — [`run::Search`], the driver: rounds, attempts, retries, resume;
+//! * [`task`] — one attempt at one candidate as a unit of work (`task.json` in,
+//!   `outcome.json` out): the proxy evaluator or the user's trainer command;
+//! * [`executor`] — where attempts run: [`executor::local::Local`] child processes, or
+//!   [`executor::slurm::Slurm`] job arrays;
 //! * [`report`] — the rounds table, `report.md` and its SVG plots;
 //! * [`progress`] — the [`progress::Progress`] trait callers implement to show progress.
 //!
@@ -13,8 +17,10 @@
 //! what makes `--resume` exact.
 
 pub mod config;
+pub mod executor;
 pub mod journal;
 pub mod policy;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod task;

@@ -13,6 +13,8 @@ pub trait Progress: Sync {
     fn worker_idle(&self, slot: usize);
     /// A candidate's result was journaled.
     fn candidate_finished(&self);
+    /// A Slurm job array's tasks: waiting, running, finished and failed.
+    fn array(&self, queued: usize, running: usize, done: usize, failed: usize);
     /// A round is over; `summary` is its one-line report.
     fn round_finished(&self, summary: &str);
 }
@@ -26,6 +28,9 @@ impl Progress for Lines {
     fn candidate_step(&self, _slot: usize, _step: usize) {}
     fn worker_idle(&self, _slot: usize) {}
     fn candidate_finished(&self) {}
+    fn array(&self, queued: usize, running: usize, done: usize, failed: usize) {
+        eprintln!("job array: {queued} queued, {running} running, {done} done, {failed} failed");
+    }
     fn round_finished(&self, summary: &str) {
         eprintln!("{summary}");
     }

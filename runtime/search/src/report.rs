@@ -17,13 +17,14 @@ fn format_reward(value: Option<f64>) -> String {
 pub fn rounds_table(outcome: &Outcome) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
-    table.set_header(vec!["round", "μ reward", "mean reward", "best reward", "seconds"]);
+    table.set_header(vec!["round", "μ reward", "mean reward", "best reward", "failed", "seconds"]);
     for round in &outcome.rounds {
         table.add_row(vec![
             Cell::new(round.round + 1),
             Cell::new(format_reward(round.mu_reward)).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.4}", round.mean_reward)).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.4}", round.best_reward)).set_alignment(CellAlignment::Right),
+            Cell::new(round.failed).set_alignment(CellAlignment::Right),
             Cell::new(format!("{:.0}", round.seconds)).set_alignment(CellAlignment::Right),
         ]);
     }
@@ -66,22 +67,28 @@ pub fn write(
         config.train.width,
         config.target
     );
-    let _ = writeln!(text, "| round | μ reward | mean reward | best reward | seconds |\n|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        text,
+        "| round | μ reward | mean reward | best reward | failed | seconds |\n|---:|---:|---:|---:|---:|---:|"
+    );
     for round in &outcome.rounds {
         let _ = writeln!(
             text,
-            "| {} | {} | {:.4} | {:.4} | {:.0} |",
+            "| {} | {} | {:.4} | {:.4} | {} | {:.0} |",
             round.round + 1,
             format_reward(round.mu_reward),
             round.mean_reward,
             round.best_reward,
+            round.failed,
             round.seconds
         );
     }
     let best = &outcome.best;
     let _ = writeln!(
         text,
-        "\nBest candidate: round {}, sample {}, reward {:.4} → `best.params.json`. The policy's final μ → `mu.params.json`.\n",
+        "\nBest candidate: `{}-{}` (round {}, sample {}), reward {:.4} → `best.params.json`. The policy's final μ → `mu.params.json`.\n",
+        best.round,
+        best.sample,
         best.round + 1,
         best.sample + 1,
         best.reward
@@ -97,6 +104,40 @@ pub fn write(
         );
     }
     let _ = writeln!(text, "\n![reward per round](reward.svg)\n\n![curves of μ per round](curves.svg)\n");
+    let _ = writeln!(
+        text,
+        "## Candidates\n\nNumbered `<round>-<sample>` as in `history.jsonl`; folders under `candidates/`.\n\n\
+         | candidate | reward | seconds | attempts | host | device | executor |\n|---|---:|---:|---:|---|---|---|"
+    );
+    for candidate in &outcome.candidates {
+        let _ = writeln!(
+            text,
+            "| `{}-{}` | {:.4} | {:.1} | {} | {} | {} | {} |",
+            candidate.round,
+            candidate.sample,
+            candidate.reward,
+            candidate.seconds,
+            candidate.attempts,
+            candidate.host,
+            candidate.device,
+            candidate.executor
+        );
+    }
+    if !outcome.failed.is_empty() {
+        let _ = writeln!(text, "\n## Failed candidates\n\n| candidate | attempts | host | reason |\n|---|---:|---|---|");
+        for failed in &outcome.failed {
+            let _ = writeln!(
+                text,
+                "| `{}-{}` | {} | {} | {} |",
+                failed.round,
+                failed.sample,
+                failed.attempts,
+                failed.host,
+                failed.reason.replace('|', "\\|")
+            );
+        }
+        let _ = writeln!(text, "\nEach failed candidate's folder keeps its attempts' `task.log` (and a trainer's output files).");
+    }
     let _ = writeln!(
         text,
         "Use the result: `losscc train {file} --params best.params.json`, `losscc compile {file} --params best.params.json -o loss.onnx`.",

@@ -1,42 +1,38 @@
-//! The search driver: rounds of candidates drawn from the policy, trained on the proxy task,
-//! journaled, and used to update the policy (Auto Seg-Loss's PPO2).
+//! The search driver: rounds of candidates drawn from the policy, each run as attempts by an
+//! executor, journaled, and used to update the policy (Auto Seg-Loss's PPO2).
 //!
-//! Policy: independent truncated normals on [0,1], one per search variable of every curve
-//! that is not fixed, with μ = sigmoid(μ_x) and σ fixed. Each round draws `samples`
-//! candidates (the first is μ itself when the baseline is `mu`), trains a fresh proxy network
-//! with each candidate loss, and rewards it with the exact target metric on the hold-out split.
-//! Advantage = reward − reward(μ) (or − the round's mean); then `adam_steps` Adam steps on
-//! μ_x maximize the clipped objective with per-dimension ratios, summed over dimensions and
-//! averaged over samples.
+//! Each round draws `samples` candidates (the first is μ itself with the `mu` baseline); an
+//! executor runs one attempt per candidate that the journal does not already settle; a failed
+//! attempt (non-zero exit, missing or malformed result, NaN reward, killed, node lost) is
+//! retried up to `retries` times, then journaled as failed with its reason. The policy is
+//! updated from the candidates that finished (a round where none did stops the search, as
+//! does a trainer command that fails on every candidate of the first round, or one that does
+//! not exist).
 //!
 //! Guarantees:
-//! * Every finished candidate is appended to `OUT/history.jsonl` and flushed before the next
-//!   result is taken, so a kill loses at most the candidates still training.
-//! * A run is a pure function of its [`SearchConfig`] and the rewards: draws come from
-//!   per-round ChaCha streams, the μ update is deterministic float64 on the CPU, and all
-//!   candidates train from the same seed (common random numbers: rewards differ by the curves
-//!   alone, which sharpens the advantages and keeps rounds comparable). So `--resume` replays the history, trains only what is missing, and ends
-//!   with the result an uninterrupted run has. Resuming with more `--rounds` extends a search.
-//! * `best.params.json` is the candidate with the highest reward (earliest on ties), in the
-//!   own params format, with its provenance; `mu.params.json` is the policy's final μ.
+//! * every finished or failed candidate is appended to `OUT/history.jsonl` and flushed before
+//!   the next report is taken, so a kill loses at most the attempts still running;
+//! * a run is a pure function of its [`SearchConfig`] and the rewards: draws come from
+//!   per-round ChaCha streams, the μ update is deterministic float64 on the CPU, and every
+//!   candidate trains from the same seed (common random numbers), so `--resume` replays the
+//!   journal, reattaches to a Slurm array still running, takes results attempts left in their
+//!   folders, runs only what is missing, never runs a finished candidate again, and ends with
+//!   the result an uninterrupted run has. Resuming with more `--rounds` extends a search;
+//! * `best.params.json` is the candidate with the highest reward (earliest on ties).
 
-
-use crate::config::{config_difference, Baseline, SearchConfig};
-use crate::journal::{io_error, read_history, Candidate, Paths};
+use crate::config::{config_difference, Baseline, EvaluatorSpec, SearchConfig};
+use crate::executor::{Attempt, Control, Executor, Report};
+use crate::journal::{self, io_error, Candidate, Entry, Failed, Journal, Paths, Submitted};
 use crate::policy::{logit, ppo_update, sigmoid, truncated_normal, Layout};
 use crate::progress::Progress;
-use losscc_loss::{Loss, LossError, Overrides};
-use losscc_proxy::data::Dataset;
-use losscc_proxy::trainer::{self, Objective, TrainConfig};
+use crate::task::{self, TaskFile, TaskOutcome};
+use losscc_loss::LossError;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
-use tch::Device;
 
 /// One round, for the table and the report.
 #[derive(Clone, Debug, Serialize)]
@@ -49,6 +45,8 @@ pub struct RoundSummary {
     pub mu_reward: Option<f64>,
     pub mean_reward: f64,
     pub best_reward: f64,
+    /// Candidates of the round that failed every attempt.
+    pub failed: usize,
     pub seconds: f64,
 }
 
@@ -59,10 +57,14 @@ pub struct Outcome {
     pub best: Candidate,
     pub final_mu: Vec<f64>,
     pub final_curves: Vec<Vec<f64>>,
-    /// Every candidate, in round and sample order.
+    /// Every finished candidate, in round and sample order.
     pub candidates: Vec<Candidate>,
-    /// Candidates taken from an earlier run's history, and candidates trained now.
+    /// Every candidate that failed every attempt.
+    pub failed: Vec<Failed>,
+    /// Candidates taken from an earlier run's journal, results an earlier run's attempts left
+    /// in their folders (finished after its driver was killed), and candidates run now.
     pub reused: usize,
+    pub recovered: usize,
     pub trained: usize,
 }
 
@@ -78,47 +80,56 @@ pub enum SearchError {
     NothingToResume(String),
     #[error("the search in `{dir}` was started with different settings ({what}); resume it with the same command, or choose another --out")]
     ConfigMismatch { dir: String, what: String },
-    #[error("`{path}` line {line} does not match this search (candidate {round}.{sample} drew different values); the history belongs to another run: choose another --out")]
+    #[error("`{path}` line {line} does not match this search (candidate {round}-{sample} drew different values); the history belongs to another run: choose another --out")]
     HistoryMismatch { path: String, line: usize, round: usize, sample: usize },
     #[error("`{0}` has no curves to search (every curve is fixed or the loss has none)")]
     NothingToSearch(String),
     #[error("{0}")]
     Settings(String),
+    #[error("{reason}; the search stops{}", stderr_note(.stderr_tail))]
+    Stopped { reason: String, stderr_tail: String },
 }
 
-
-/// How candidates are trained: the devices and how many models each holds at once.
-pub struct Workers {
-    pub devices: Vec<Device>,
-    pub models_per_device: usize,
+fn stderr_note(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!(". The end of its stderr:\n{}", tail.trim_end())
+    }
 }
 
 /// The search and its inputs.
 pub struct Search<'a> {
     pub config: SearchConfig,
-    pub file: PathBuf,
     pub layout: Layout,
-    pub target: &'a Loss,
-    pub dataset: &'a Dataset,
-    pub workers: Workers,
+    /// Failed attempts of a candidate that are retried before it counts as failed.
+    pub retries: usize,
     /// Where progress goes (bars on a terminal, lines otherwise: the caller decides).
     pub progress: &'a dyn Progress,
 }
 
+/// What the driver knows about one candidate of the current round.
+#[derive(Default)]
+struct Pending {
+    /// Attempts that failed, and the last one's outcome.
+    failures: usize,
+    last_failure: Option<TaskOutcome>,
+    /// The highest attempt number whose folder exists.
+    attempts: usize,
+}
+
 impl Search<'_> {
-    /// Run (or resume) the search in `dir`.
-    pub fn run(&self, dir: &Path, resume: bool) -> Result<Outcome, SearchError> {
-        let paths = Paths { dir: dir.to_path_buf() };
+    fn check_settings(&self) -> Result<(), SearchError> {
+        let config = &self.config;
         if self.layout.dimensions == 0 {
-            return Err(SearchError::NothingToSearch(self.config.file.clone()));
+            return Err(SearchError::NothingToSearch(config.file.clone()));
         }
-        if self.config.samples < 2 {
+        if config.samples < 2 {
             return Err(SearchError::Settings("--samples must be at least 2 (μ and one draw)".into()));
         }
-        if self.config.rounds == 0 {
+        if config.rounds == 0 {
             return Err(SearchError::Settings("--rounds must be at least 1".into()));
         }
-        let config = &self.config;
         if !(config.sigma.is_finite() && config.sigma > 0.0 && config.sigma <= 10.0) {
             return Err(SearchError::Settings("--sigma must be a number in (0, 10]".into()));
         }
@@ -128,6 +139,12 @@ impl Search<'_> {
         if !(config.adam_lr.is_finite() && config.adam_lr >= 0.0) {
             return Err(SearchError::Settings("--ppo-lr must be a number ≥ 0".into()));
         }
+        Ok(())
+    }
+
+    /// Write `config.json` (checking it against the saved one on resume).
+    fn open(&self, paths: &Paths, resume: bool) -> Result<(), SearchError> {
+        let dir = &paths.dir;
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let config_path = paths.config();
         if resume {
@@ -143,82 +160,112 @@ impl Search<'_> {
             if let Some(what) = config_difference(&comparable, &self.config) {
                 return Err(SearchError::ConfigMismatch { dir: dir.display().to_string(), what });
             }
-            let text = serde_json::to_string_pretty(&self.config).expect("config serializes");
-            std::fs::write(&config_path, text + "\n").map_err(io_error(&config_path))?;
-        } else {
-            if config_path.exists() || paths.history().exists() {
-                return Err(SearchError::Exists(dir.display().to_string()));
-            }
-            let text = serde_json::to_string_pretty(&self.config).expect("config serializes");
-            std::fs::write(&config_path, text + "\n").map_err(io_error(&config_path))?;
+        } else if config_path.exists() || paths.history().exists() {
+            return Err(SearchError::Exists(dir.display().to_string()));
         }
-        let previous = read_history(&paths.history())?;
+        task::write_json(dir, "config.json", &self.config).map_err(io_error(&config_path))
+    }
+
+    /// Run (or resume) the search in `dir` with `executor`.
+    pub fn run(&self, dir: &Path, resume: bool, executor: &mut dyn Executor) -> Result<Outcome, SearchError> {
+        self.check_settings()?;
+        let dir = std::path::absolute(dir).map_err(io_error(dir))?;
+        let paths = Paths { dir: dir.clone() };
+        self.open(&paths, resume)?;
         let history_path = paths.history();
-        let mut history = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&history_path)
-            .map_err(io_error(&history_path))?;
-        let mut known: BTreeMap<(usize, usize), (usize, Candidate)> =
-            previous.into_iter().map(|(line, c)| ((c.round, c.sample), (line, c))).collect();
+        let previous = journal::read(&history_path)?;
+        let mut journal = Journal::open(&history_path)?;
+        let mut settled: BTreeMap<(usize, usize), (usize, Entry)> = BTreeMap::new();
+        let mut submissions: BTreeMap<usize, Vec<Submitted>> = BTreeMap::new();
+        for (line, entry) in previous {
+            match &entry {
+                Entry::Finished(c) => {
+                    settled.insert((c.round, c.sample), (line, entry.clone()));
+                }
+                Entry::Failed(f) => {
+                    settled.insert((f.round, f.sample), (line, entry.clone()));
+                }
+                Entry::Submitted(s) => submissions.entry(s.round).or_default().push(s.clone()),
+            }
+        }
 
         let bars = self.progress;
         let mut mu_x: Vec<f64> = self.layout.start_u().iter().map(|&u| logit(u)).collect();
         let mut rounds = Vec::new();
         let mut best: Option<Candidate> = None;
-        let mut all = Vec::new();
-        let (mut reused, mut trained) = (0, 0);
+        let (mut all, mut all_failed) = (Vec::new(), Vec::new());
+        let (mut reused, mut recovered, mut trained) = (0, 0, 0);
         for round in 0..self.config.rounds {
             let started = Instant::now();
             let mu: Vec<f64> = mu_x.iter().map(|&x| sigmoid(x)).collect();
             let draws = self.draw(round, &mu);
-            let mut results: Vec<Option<Candidate>> = vec![None; draws.len()];
+            let mut results: Vec<Option<Result<Candidate, Failed>>> = vec![None; draws.len()];
             for (sample, u) in draws.iter().enumerate() {
-                if let Some((line, candidate)) = known.remove(&(round, sample)) {
-                    let same = candidate.u.len() == u.len()
-                        && candidate.u.iter().zip(u).all(|(a, b)| (a - b).abs() <= 1e-12 * (1.0 + b.abs()));
-                    if !same {
-                        return Err(SearchError::HistoryMismatch {
-                            path: history_path.display().to_string(),
-                            line,
-                            round,
-                            sample,
-                        });
-                    }
-                    // Continue from the replay's own draw, bit for bit.
-                    results[sample] = Some(Candidate { u: u.clone(), ..candidate });
-                    reused += 1;
+                let Some((line, entry)) = settled.remove(&(round, sample)) else { continue };
+                let recorded = match &entry {
+                    Entry::Finished(c) => &c.u,
+                    Entry::Failed(f) => &f.u,
+                    Entry::Submitted(_) => unreachable!("only candidates are settled"),
+                };
+                let same = recorded.len() == u.len()
+                    && recorded.iter().zip(u).all(|(a, b)| (a - b).abs() <= 1e-12 * (1.0 + b.abs()));
+                if !same {
+                    return Err(SearchError::HistoryMismatch {
+                        path: history_path.display().to_string(),
+                        line,
+                        round,
+                        sample,
+                    });
                 }
+                // Continue from the replay's own draw, bit for bit.
+                results[sample] = Some(match entry {
+                    Entry::Finished(c) => Ok(Candidate { u: u.clone(), ..c }),
+                    Entry::Failed(f) => Err(Failed { u: u.clone(), ..f }),
+                    Entry::Submitted(_) => unreachable!("only candidates are settled"),
+                });
+                reused += 1;
             }
-            let pending: Vec<(usize, Vec<f64>)> = draws
-                .iter()
-                .enumerate()
-                .filter(|(sample, _)| results[*sample].is_none())
-                .map(|(sample, u)| (sample, u.clone()))
-                .collect();
-            bars.round_started(round, draws.len() - pending.len());
-            trained += pending.len();
-            let mut write_error = None;
-            self.train_candidates(round, pending, &mut |candidate: Candidate| {
-                let line = serde_json::to_string(&candidate).expect("a candidate serializes");
-                if let Err(error) = writeln!(history, "{line}").and_then(|_| history.flush()) {
-                    write_error.get_or_insert(error);
-                }
-                let sample = candidate.sample;
-                results[sample] = Some(candidate);
-                bars.candidate_finished();
-            })?;
-            if let Some(error) = write_error {
-                return Err(io_error(&history_path)(error));
+            bars.round_started(round, results.iter().filter(|r| r.is_some()).count());
+            let mut run_round = RoundRun {
+                search: self,
+                paths: &paths,
+                journal: &mut journal,
+                round,
+                draws: &draws,
+                results: &mut results,
+                pending: BTreeMap::new(),
+                executor_name: executor.name(),
+                stop: None,
+                trained: 0,
+                recovered: 0,
+            };
+            run_round.run(executor, submissions.get(&round).map(Vec::as_slice).unwrap_or(&[]))?;
+            trained += run_round.trained;
+            recovered += run_round.recovered;
+
+            let finished: Vec<Candidate> = results.iter().filter_map(|r| r.as_ref().and_then(|r| r.as_ref().ok()).cloned()).collect();
+            let failed: Vec<Failed> = results.iter().filter_map(|r| r.as_ref().and_then(|r| r.as_ref().err()).cloned()).collect();
+            if finished.is_empty() {
+                let reasons: Vec<String> = failed.iter().map(|f| format!("{}-{}: {}", f.round, f.sample, f.reason)).collect();
+                return Err(SearchError::Stopped {
+                    reason: format!("every candidate of round {} failed ({})", round + 1, reasons.join("; ")),
+                    stderr_tail: failed.last().map(|f| f.stderr_tail.clone()).unwrap_or_default(),
+                });
             }
-            let candidates: Vec<Candidate> =
-                results.into_iter().map(|c| c.expect("every candidate finished")).collect();
-            let rewards: Vec<f64> = candidates.iter().map(|c| c.reward).collect();
+            let rewards: Vec<f64> = finished.iter().map(|c| c.reward).collect();
             let mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
-            let mu_reward = (self.config.baseline == Baseline::Mu).then(|| rewards[0]);
+            let mu_reward = (self.config.baseline == Baseline::Mu)
+                .then(|| finished.iter().find(|c| c.sample == 0).map(|c| c.reward))
+                .flatten();
+            if self.config.baseline == Baseline::Mu && mu_reward.is_none() {
+                bars.round_finished(&format!(
+                    "round {}: μ itself failed; its advantages are measured against the mean reward instead",
+                    round + 1
+                ));
+            }
             let reference = mu_reward.unwrap_or(mean);
             let advantages: Vec<f64> = rewards.iter().map(|r| r - reference).collect();
-            for candidate in &candidates {
+            for candidate in &finished {
                 if best.as_ref().map_or(true, |b| candidate.reward > b.reward) {
                     best = Some(candidate.clone());
                 }
@@ -230,10 +277,12 @@ impl Search<'_> {
                 mu_reward,
                 mean_reward: mean,
                 best_reward: rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                failed: failed.len(),
                 seconds: started.elapsed().as_secs_f64(),
             };
+            let failures = if failed.is_empty() { String::new() } else { format!(", {} failed", failed.len()) };
             bars.round_finished(&format!(
-                "round {}/{}: μ reward {}, mean {:.4}, best {:.4} ({:.0} s)",
+                "round {}/{}: μ reward {}, mean {:.4}, best {:.4} ({:.0} s{failures})",
                 round + 1,
                 self.config.rounds,
                 mu_reward.map_or("-".into(), |r| format!("{r:.4}")),
@@ -242,18 +291,21 @@ impl Search<'_> {
                 summary.seconds
             ));
             rounds.push(summary);
-            let draws: Vec<Vec<f64>> = candidates.iter().map(|c| c.u.clone()).collect();
-            mu_x = ppo_update(&mu_x, &draws, &advantages, &self.config);
-            all.extend(candidates);
+            let samples: Vec<Vec<f64>> = finished.iter().map(|c| c.u.clone()).collect();
+            mu_x = ppo_update(&mu_x, &samples, &advantages, &self.config);
+            all.extend(finished);
+            all_failed.extend(failed);
         }
         let final_mu: Vec<f64> = mu_x.iter().map(|&x| sigmoid(x)).collect();
         Ok(Outcome {
             rounds,
-            best: best.expect("at least one round"),
+            best: best.expect("every round has a finished candidate"),
             final_curves: self.layout.flat(&final_mu),
             final_mu,
             candidates: all,
+            failed: all_failed,
             reused,
+            recovered,
             trained,
         })
     }
@@ -272,103 +324,223 @@ impl Search<'_> {
             })
             .collect()
     }
+}
 
-    /// The training seed of every candidate: the search's seed. All candidates start from the
-    /// same weights and see the same batches, so rewards differ by the curves alone and stay
-    /// comparable across rounds (common random numbers).
-    pub fn training_seed(&self) -> u64 {
-        self.config.seed
-    }
+/// One round in progress: what is settled, what is pending, and the journal.
+struct RoundRun<'s, 'j> {
+    search: &'s Search<'s>,
+    paths: &'s Paths,
+    journal: &'j mut Journal,
+    round: usize,
+    draws: &'s [Vec<f64>],
+    results: &'s mut Vec<Option<Result<Candidate, Failed>>>,
+    pending: BTreeMap<usize, Pending>,
+    executor_name: &'static str,
+    /// A reason to stop the whole search (a fatal failure), with its stderr.
+    stop: Option<(String, String)>,
+    trained: usize,
+    recovered: usize,
+}
 
-    /// Train the pending candidates on the workers; `done` sees each as it finishes.
-    fn train_candidates(
-        &self,
-        round: usize,
-        pending: Vec<(usize, Vec<f64>)>,
-        done: &mut dyn FnMut(Candidate),
-    ) -> Result<(), SearchError> {
-        if pending.is_empty() {
+impl RoundRun<'_, '_> {
+    fn run(&mut self, executor: &mut dyn Executor, submissions: &[Submitted]) -> Result<(), SearchError> {
+        let unsettled: Vec<usize> = (0..self.draws.len()).filter(|&s| self.results[s].is_none()).collect();
+        if unsettled.is_empty() {
             return Ok(());
         }
-        let queue = Mutex::new(VecDeque::from(pending));
-        let slots: Vec<Device> = self
-            .workers
-            .devices
-            .iter()
-            .flat_map(|&device| std::iter::repeat(device).take(self.workers.models_per_device.max(1)))
-            .collect();
-        let (sender, receiver) = std::sync::mpsc::channel::<Result<Candidate, SearchError>>();
-        let mut first_error = None;
-        std::thread::scope(|scope| {
-            for (slot, &device) in slots.iter().enumerate() {
-                let sender = sender.clone();
-                let queue = &queue;
-                scope.spawn(move || {
-                    let overrides = Overrides::from(self.config.overrides.as_slice());
-                    let mut loss = match Loss::from_file(&self.file, &overrides) {
-                        Ok(loss) => loss,
-                        Err(error) => {
-                            let _ = sender.send(Err(error.into()));
-                            return;
-                        }
-                    };
-                    loop {
-                        let job = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-                        let Some((sample, u)) = job else { break };
-                        let result = self.train_one(&mut loss, round, sample, u, device, slot);
-                        let failed = result.is_err();
-                        if sender.send(result).is_err() || failed {
-                            break;
-                        }
-                    }
-                });
+        // Attempts an earlier driver started: results left in attempt folders are taken, and
+        // failed ones count toward the retries; then a Slurm array still running is followed.
+        for sample in unsettled {
+            if self.results[sample].is_some() {
+                continue;
             }
-            drop(sender);
-            for result in receiver {
-                match result {
-                    Ok(candidate) => done(candidate),
-                    Err(error) => {
-                        queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
-                        first_error.get_or_insert(error);
+            let mut state = Pending::default();
+            let folder = self.paths.candidate(self.round, sample);
+            for attempt in attempt_folders(&folder) {
+                state.attempts = state.attempts.max(attempt.0);
+                match task::read_outcome(&attempt.1) {
+                    Some(outcome) if outcome.reward.is_some() && self.results[sample].is_none() => {
+                        let candidate = self.finished(sample, attempt.0, &outcome);
+                        self.journal.append(&Entry::Finished(candidate.clone()))?;
+                        self.results[sample] = Some(Ok(candidate));
+                        self.recovered += 1;
+                        self.search.progress.candidate_finished();
                     }
+                    Some(outcome) if outcome.reward.is_none() => {
+                        state.failures += 1;
+                        state.last_failure = Some(outcome);
+                    }
+                    Some(_) | None => {}
                 }
             }
-        });
-        match first_error {
-            Some(error) => Err(error),
+            if self.results[sample].is_none() {
+                self.pending.insert(sample, state);
+            }
+        }
+        for submitted in submissions {
+            let mut report = |r: Report| self.on_report(r);
+            executor.reattach(submitted, &mut report)?;
+            self.check_stop()?;
+        }
+        let mut first_pass = true;
+        loop {
+            self.give_up_on_exhausted()?;
+            let attempts = self.next_attempts()?;
+            if attempts.is_empty() {
+                break;
+            }
+            let round = self.round;
+            let mut report = |r: Report| self.on_report(r);
+            executor.run(round, attempts, &mut report)?;
+            self.check_stop()?;
+            // A trainer command that fails on every candidate of the first round is broken:
+            // stop with its stderr rather than spend the budget on retries.
+            let trainer = matches!(self.search.config.evaluator, EvaluatorSpec::Trainer { .. });
+            let none_finished = self.results.iter().all(|r| !matches!(r, Some(Ok(_))));
+            if first_pass && trainer && self.round == 0 && none_finished {
+                let last = self.pending.values().filter_map(|p| p.last_failure.clone()).last();
+                let (reason, stderr_tail) = last.map_or((String::new(), String::new()), |o| (o.reason.unwrap_or_default(), o.stderr_tail));
+                return Err(SearchError::Stopped {
+                    reason: format!("the trainer command failed on every candidate of the first round (the last: {reason})"),
+                    stderr_tail,
+                });
+            }
+            first_pass = false;
+        }
+        Ok(())
+    }
+
+    fn check_stop(&mut self) -> Result<(), SearchError> {
+        match self.stop.take() {
+            Some((reason, stderr_tail)) => Err(SearchError::Stopped { reason, stderr_tail }),
             None => Ok(()),
         }
     }
 
-    fn train_one(
-        &self,
-        loss: &mut Loss,
-        round: usize,
-        sample: usize,
-        u: Vec<f64>,
-        device: Device,
-        slot: usize,
-    ) -> Result<Candidate, SearchError> {
-        let started = Instant::now();
-        loss.set_params(self.layout.params(&u))?;
-        let objective = Objective::Compiled(loss);
-        let config = TrainConfig { seed: self.training_seed(), ..self.config.train.clone() };
-        let progress = self.progress;
-        progress.candidate_started(slot, &format!("candidate {}.{}", round + 1, sample + 1), config.iters);
-        let outcome = trainer::train(self.dataset, &objective, &config, device, &mut |step| progress.candidate_step(slot, step));
-        progress.worker_idle(slot);
-        let trained = outcome?;
-        let value = trained.evaluate(&self.dataset.holdout, &[self.target])?[0];
-        // An undefined metric (no boundary in the hold-out, say) earns nothing.
-        let reward = if value.is_finite() { value } else { 0.0 };
-        Ok(Candidate {
-            round,
+    /// Journal as failed every pending candidate that used up its retries.
+    fn give_up_on_exhausted(&mut self) -> Result<(), SearchError> {
+        let exhausted: Vec<usize> =
+            self.pending.iter().filter(|(_, p)| p.failures > self.search.retries).map(|(&s, _)| s).collect();
+        for sample in exhausted {
+            let state = self.pending.remove(&sample).expect("pending");
+            let last = state.last_failure.unwrap_or_else(|| TaskOutcome::failure("no attempt ran".into(), String::new()));
+            let failed = Failed {
+                round: self.round,
+                sample,
+                u: self.draws[sample].clone(),
+                control_points: self.search.layout.flat(&self.draws[sample]),
+                failed: true,
+                reason: last.reason.unwrap_or_default(),
+                stderr_tail: last.stderr_tail,
+                attempts: state.failures,
+                host: last.host,
+                executor: self.executor_name.into(),
+            };
+            self.journal.append(&Entry::Failed(failed.clone()))?;
+            self.results[sample] = Some(Err(failed));
+            self.search.progress.candidate_finished();
+        }
+        Ok(())
+    }
+
+    /// A fresh attempt folder (with its `task.json`) for every pending candidate.
+    fn next_attempts(&mut self) -> Result<Vec<Attempt>, SearchError> {
+        let mut attempts = Vec::new();
+        for (&sample, state) in self.pending.iter_mut() {
+            state.attempts += 1;
+            let dir = self.paths.candidate(self.round, sample).join(format!("attempt-{}", state.attempts));
+            std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+            let task = TaskFile {
+                search: self.paths.dir.clone(),
+                round: self.round,
+                sample,
+                attempt: state.attempts,
+                control_points: self.search.layout.flat(&self.draws[sample]),
+            };
+            task::write_json(&dir, task::TASK_FILE, &task).map_err(io_error(&dir))?;
+            attempts.push(Attempt { round: self.round, sample, attempt: state.attempts, dir });
+        }
+        Ok(attempts)
+    }
+
+    fn finished(&self, sample: usize, attempt: usize, outcome: &TaskOutcome) -> Candidate {
+        Candidate {
+            round: self.round,
             sample,
-            control_points: self.layout.flat(&u),
-            u,
-            reward,
-            seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
-        })
+            u: self.draws[sample].clone(),
+            control_points: self.search.layout.flat(&self.draws[sample]),
+            reward: outcome.reward.expect("a finished attempt"),
+            seconds: ((outcome.finished - outcome.started) * 1000.0).round() / 1000.0,
+            host: outcome.host.clone(),
+            device: outcome.device.clone(),
+            executor: self.executor_name.into(),
+            attempts: attempt,
+            started: outcome.started,
+            finished: outcome.finished,
+        }
+    }
+
+    /// Handle what the executor reports: journal results, count failures, relay progress.
+    fn on_report(&mut self, report: Report) -> Control {
+        let progress = self.search.progress;
+        match report {
+            Report::Started { slot, attempt } => {
+                progress.candidate_started(slot, &format!("candidate {}", attempt.label()), self.search.config.train.iters);
+            }
+            Report::Step { slot, step, .. } => progress.candidate_step(slot, step),
+            Report::Counts { queued, running, done, failed } => progress.array(queued, running, done, failed),
+            Report::Submitted(submitted) => {
+                if let Err(error) = self.journal.append(&Entry::Submitted(submitted)) {
+                    self.stop = Some((error.to_string(), String::new()));
+                    return Control::Stop;
+                }
+            }
+            Report::Finished { slot, attempt, outcome } => {
+                if let Some(slot) = slot {
+                    progress.worker_idle(slot);
+                }
+                if attempt.round != self.round || self.results[attempt.sample].is_some() {
+                    return Control::Continue;
+                }
+                if outcome.reward.is_some() {
+                    let candidate = self.finished(attempt.sample, attempt.attempt, &outcome);
+                    if let Err(error) = self.journal.append(&Entry::Finished(candidate.clone())) {
+                        self.stop = Some((error.to_string(), String::new()));
+                        return Control::Stop;
+                    }
+                    self.results[attempt.sample] = Some(Ok(candidate));
+                    self.pending.remove(&attempt.sample);
+                    self.trained += 1;
+                    progress.candidate_finished();
+                } else {
+                    if outcome.fatal {
+                        self.stop = Some((outcome.reason.clone().unwrap_or_default(), outcome.stderr_tail.clone()));
+                        return Control::Stop;
+                    }
+                    let state = self.pending.entry(attempt.sample).or_default();
+                    state.failures += 1;
+                    state.attempts = state.attempts.max(attempt.attempt);
+                    state.last_failure = Some(outcome);
+                }
+            }
+        }
+        Control::Continue
     }
 }
 
+/// The attempt folders of a candidate, `(attempt number, folder)`, in order.
+fn attempt_folders(folder: &Path) -> Vec<(usize, std::path::PathBuf)> {
+    let mut found: Vec<(usize, std::path::PathBuf)> = std::fs::read_dir(folder)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix("attempt-").and_then(|k| k.parse().ok()).map(|k| (k, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}

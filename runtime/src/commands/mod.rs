@@ -7,6 +7,7 @@ pub mod compile;
 pub mod eval;
 pub mod fmt;
 pub mod search;
+pub mod task;
 pub mod train;
 
 use anyhow::Result;

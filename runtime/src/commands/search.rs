@@ -1,5 +1,7 @@
-//! `losscc search FILE`: search the loss's curves with PPO on the proxy task; writes
-//! `OUT/best.params.json`, `OUT/mu.params.json` and a report.
+//! `losscc search FILE`: search the loss's curves with PPO; writes `OUT/best.params.json`,
+//! `OUT/mu.params.json` and a report. Candidates run as attempts on an executor (local child
+//! processes, or Slurm job arrays) and are rewarded by the built-in proxy task or by the
+//! user's `--trainer` command.
 
 use super::load_loss;
 use crate::args::{parse_sets, ProxyArgs};
@@ -9,11 +11,14 @@ use clap::ValueEnum;
 use compiler::ir::RootKind;
 use losscc_loss::{Loss, Overrides};
 use losscc_proxy::trainer;
-use losscc_search::config::{Baseline, Preset, SearchConfig};
+use losscc_search::config::{Baseline, DatasetSpec, EvaluatorSpec, Preset, SearchConfig};
+use losscc_search::executor::local::Local;
+use losscc_search::executor::slurm::Slurm;
+use losscc_search::executor::Executor;
 use losscc_search::journal::Paths;
 use losscc_search::policy::Layout;
 use losscc_search::report;
-use losscc_search::run::{Search, Workers};
+use losscc_search::run::Search;
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -31,6 +36,14 @@ pub enum PresetArg {
 pub enum BaselineArg {
     Mu,
     Mean,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorArg {
+    /// Child processes on this machine, up to --workers at once.
+    Local,
+    /// One Slurm job array per round; --out must be on a filesystem the nodes share.
+    Slurm,
 }
 
 #[derive(clap::Args)]
@@ -78,9 +91,31 @@ pub struct Args {
     params: Option<PathBuf>,
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
-    /// Candidates trained at once per device [default: CPU cores on CPU, 4 per GPU].
+    /// Where candidates run.
+    #[arg(long, value_enum, default_value = "local")]
+    executor: ExecutorArg,
+    /// Candidates at once with the local executor [default: one per CPU core; with --gpu,
+    /// GPUs × --models-per-device].
     #[arg(long)]
-    models_per_device: Option<usize>,
+    workers: Option<usize>,
+    /// Candidates at once per GPU with --gpu.
+    #[arg(long, default_value_t = 4)]
+    models_per_device: usize,
+    /// CPU threads each candidate trains with [default: CPU cores / workers locally, 1 under
+    /// Slurm]; part of the configuration, since results depend on it in the last bits.
+    #[arg(long)]
+    threads_per_model: Option<usize>,
+    /// An argument for `sbatch` (repeatable): `--slurm-arg=--partition=gpu`, `--slurm-arg=--gres=gpu:1`.
+    #[arg(long = "slurm-arg", value_name = "ARG", allow_hyphen_values = true)]
+    slurm_args: Vec<String>,
+    /// Times a failed attempt is retried before its candidate counts as failed.
+    #[arg(long, default_value_t = 1)]
+    retries: usize,
+    /// Reward candidates with this command instead of the built-in proxy: it runs with
+    /// `sh -c` in each candidate's folder with LOSSCC_ONNX, LOSSCC_PARAMS, LOSSCC_RESULT,
+    /// LOSSCC_CANDIDATE and LOSSCC_SEED set, and writes `{"reward": number}` to LOSSCC_RESULT.
+    #[arg(long, value_name = "COMMAND")]
+    trainer: Option<String>,
     #[command(flatten)]
     proxy: ProxyArgs,
 }
@@ -99,61 +134,88 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let (rounds, samples, iters) =
         (args.rounds.unwrap_or(preset_rounds), args.samples.unwrap_or(preset_samples), args.iters.unwrap_or(preset_iters));
-    let file = &args.file;
+    let file = &std::path::absolute(&args.file).with_context(|| format!("cannot find `{}`", args.file.display()))?;
     let device = trainer::choose_device(proxy.gpu).map_err(anyhow::Error::msg)?;
     let overrides = parse_sets(&args.set)?;
     let loss = load_loss(file, &overrides, args.params.as_deref())?;
-    let (target_name, target_loss) = match &args.target {
-        Some(name) => match trainer::standard_metric(name) {
-            Some(metric) => (name.to_string(), metric),
-            None if Path::new(name).exists() => (name.to_string(), load_loss(Path::new(name), &Overrides::new(), None)?),
+    let evaluator = match &args.trainer {
+        Some(command) if command.trim().is_empty() => anyhow::bail!("--trainer needs a command, e.g. --trainer 'python3 train.py'"),
+        Some(command) => EvaluatorSpec::Trainer { command: command.clone() },
+        None => EvaluatorSpec::Proxy,
+    };
+    let (target_name, target_loss) = match (&args.target, &evaluator) {
+        (_, EvaluatorSpec::Trainer { .. }) => ("the trainer command's reward".to_string(), None),
+        (Some(name), EvaluatorSpec::Proxy) => match trainer::standard_metric(name) {
+            Some(metric) => (name.to_string(), Some(metric)),
+            None if Path::new(name).exists() => {
+                let path = std::path::absolute(name)?.display().to_string();
+                (path.clone(), Some(load_loss(Path::new(&path), &Overrides::new(), None)?))
+            }
             None => anyhow::bail!(
                 "--target `{name}` is neither a built-in metric (miou, fwiou, macc, gacc, biou, bf1) nor a metric file"
             ),
         },
-        None => {
+        (None, EvaluatorSpec::Proxy) => {
             if loss.compiled().exact.root_kind != RootKind::Metric {
                 anyhow::bail!(
                     "`{}` is a loss, so the reward is not implied; pass --target with the metric to maximize (e.g. --target biou)",
-                    file.display()
+                    args.file.display()
                 );
             }
-            (file.display().to_string(), load_loss(file, &overrides, None)?)
+            (file.display().to_string(), Some(load_loss(file, &overrides, None)?))
         }
     };
-    if target_loss.compiled().exact.root_kind != RootKind::Metric {
-        anyhow::bail!("--target `{target_name}` is a loss; the reward must be a metric (higher is better)");
+    if let Some(target) = &target_loss {
+        if target.compiled().exact.root_kind != RootKind::Metric {
+            anyhow::bail!("--target `{target_name}` is a loss; the reward must be a metric (higher is better)");
+        }
     }
     let config_train = proxy.train_config(iters, 0);
     if let Some(problem) = config_train.problem() {
         anyhow::bail!("{problem}");
     }
-    let dataset = proxy.dataset()?;
-    for (what, needed) in [
-        (file.display().to_string(), loss.compiled().relaxed.min_classes),
-        (target_name.clone(), target_loss.compiled().exact.min_classes),
-    ] {
-        if needed > dataset.classes {
-            anyhow::bail!("`{what}` needs at least {needed} classes but the data has {}", dataset.classes);
-        }
-    }
-    let (devices, models_per_device, threads) = match device {
-        tch::Device::Cpu => {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let models = args.models_per_device.unwrap_or(cores).clamp(1, samples.max(1));
-            (vec![tch::Device::Cpu], models, (cores / models).max(1))
-        }
-        _ => {
-            let count = tch::Cuda::device_count().max(1) as usize;
-            ((0..count).map(tch::Device::Cuda).collect(), args.models_per_device.unwrap_or(4).max(1), 1)
-        }
+    let dataset_spec = DatasetSpec {
+        folder: proxy.data.as_deref().map(std::path::absolute).transpose()?,
+        classes: proxy.classes,
+        synthetic: proxy.synthetic(),
     };
-    tch::set_num_threads(threads as i32);
+    let data = match &evaluator {
+        EvaluatorSpec::Proxy => {
+            let dataset = proxy.dataset()?;
+            let mut needs = vec![(file.display().to_string(), loss.compiled().relaxed.min_classes)];
+            needs.extend(target_loss.iter().map(|t| (target_name.clone(), t.compiled().exact.min_classes)));
+            for (what, needed) in needs {
+                if needed > dataset.classes {
+                    anyhow::bail!("`{what}` needs at least {needed} classes but the data has {}", dataset.classes);
+                }
+            }
+            dataset.description
+        }
+        EvaluatorSpec::Trainer { command } => format!("the trainer command's own (`{command}`)"),
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gpus: Vec<usize> = match device {
+        tch::Device::Cpu => Vec::new(),
+        _ => (0..tch::Cuda::device_count().max(1) as usize).collect(),
+    };
+    let workers = args
+        .workers
+        .unwrap_or(if gpus.is_empty() { cores } else { gpus.len() * args.models_per_device.max(1) })
+        .clamp(1, samples.max(1));
+    if args.workers == Some(0) {
+        anyhow::bail!("--workers must be at least 1");
+    }
+    let threads = match (args.threads_per_model, args.executor, gpus.is_empty()) {
+        (Some(0), _, _) => anyhow::bail!("--threads-per-model must be at least 1"),
+        (Some(threads), _, _) => threads,
+        (None, ExecutorArg::Local, true) => (cores / workers).max(1),
+        (None, _, _) => 1,
+    };
     let config = SearchConfig {
         file: file.display().to_string(),
         sources: loss.compiled().program.sources(),
         overrides: overrides.pairs().to_vec(),
-        target: target_name,
+        target: target_name.clone(),
         rounds,
         samples,
         sigma: args.sigma,
@@ -166,51 +228,67 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
         seed: args.seed,
         train: config_train,
-        data: dataset.description.clone(),
+        data,
         start: loss.params().curves.iter().map(|c| c.flat()).collect(),
         threads_per_model: threads,
         device: if device == tch::Device::Cpu { "cpu".into() } else { "cuda".into() },
-        target_sources: match &args.target {
-            Some(name) if trainer::standard_metric(name).is_none() => target_loss.compiled().program.sources(),
+        target_sources: match &target_loss {
+            Some(target) if trainer::standard_metric(&target_name).is_none() => target.compiled().program.sources(),
             _ => Vec::new(),
         },
+        dataset: dataset_spec,
+        evaluator,
     };
     let layout = Layout::new(loss.params().clone());
+    let program = std::env::current_exe().context("cannot find the losscc binary's own path")?;
+    let out = std::path::absolute(&args.out)?;
+    let mut executor: Box<dyn Executor> = match args.executor {
+        ExecutorArg::Local => Box::new(Local { program, workers, gpus: gpus.clone() }),
+        ExecutorArg::Slurm => Box::new(Slurm::new(program, out.clone(), args.slurm_args.clone(), threads)?),
+    };
+    let at_once = match args.executor {
+        ExecutorArg::Local => format!("{workers} at once on {}", if gpus.is_empty() { "the CPU".to_string() } else { format!("{} GPU(s)", gpus.len()) }),
+        ExecutorArg::Slurm => "one Slurm job array per round".to_string(),
+    };
     eprintln!(
-        "searching {} search variables of `{}` for `{}`: {} rounds × {} candidates, {} iterations each, {} model(s) at once on {:?}; data: {}",
+        "searching {} search variables of `{}` for `{}`: {} rounds × {} candidates, {} iterations each, {at_once}, {} thread(s) each; data: {}",
         layout.dimensions,
         file.display(),
         config.target,
         config.rounds,
         config.samples,
         config.train.iters,
-        devices.len() * models_per_device,
-        device,
-        dataset.description
+        config.threads_per_model,
+        config.data
     );
     let bars = SearchBars::new(std::io::stderr().is_terminal(), rounds, samples);
-    let search = Search {
-        config: config.clone(),
-        file: file.to_path_buf(),
-        layout,
-        target: &target_loss,
-        dataset: &dataset,
-        workers: Workers { devices, models_per_device },
-        progress: &bars,
-    };
-    let outcome = search.run(&args.out, args.resume)?;
+    let search = Search { config: config.clone(), layout, retries: args.retries, progress: &bars };
+    let outcome = search.run(&out, args.resume, executor.as_mut());
     bars.finish();
-    write_outputs(&args.out, &loss, &search, &config, &outcome, &dataset.description)?;
+    let outcome = outcome?;
+    write_outputs(&out, &loss, &search, &config, &outcome)?;
     println!("{}", report::rounds_table(&outcome));
+    if !outcome.failed.is_empty() {
+        println!("{} candidate(s) failed every attempt:", outcome.failed.len());
+        for failed in &outcome.failed {
+            println!("  {}-{}: {}", failed.round, failed.sample, failed.reason);
+        }
+    }
+    let recovered = match outcome.recovered {
+        0 => String::new(),
+        n => format!(", {n} recovered from their folders"),
+    };
     println!(
-        "best: round {} sample {}, reward {:.4} ({} candidates trained now, {} reused from history)",
+        "best: candidate {}-{} (round {}, sample {}), reward {:.4} ({} candidates run now, {} reused from history{recovered})",
+        outcome.best.round,
+        outcome.best.sample,
         outcome.best.round + 1,
         outcome.best.sample + 1,
         outcome.best.reward,
         outcome.trained,
         outcome.reused
     );
-    let paths = Paths { dir: args.out.clone() };
+    let paths = Paths { dir: out.clone() };
     println!("wrote {}, {} and {}", paths.best().display(), paths.mu().display(), paths.report().display());
     Ok(ExitCode::SUCCESS)
 }
@@ -222,7 +300,6 @@ fn write_outputs(
     search: &Search<'_>,
     config: &SearchConfig,
     outcome: &losscc_search::run::Outcome,
-    data: &str,
 ) -> Result<()> {
     let manifest = loss.compiled().manifest();
     let metric_name = &loss.compiled().exact.name;
@@ -245,6 +322,6 @@ fn write_outputs(
             .with_context(|| format!("cannot write `{}`", path.display()))?;
     }
     let names: Vec<String> = manifest.curves.iter().map(|c| c.name.clone()).collect();
-    report::write(out, config, outcome, &names, data).map_err(anyhow::Error::msg)?;
+    report::write(out, config, outcome, &names, &config.data).map_err(anyhow::Error::msg)?;
     Ok(())
 }
