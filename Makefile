@@ -45,11 +45,12 @@ demo: build
 	@echo "== train a small network with the mIoU surrogate, in a user's own tch loop =="
 	target/release/examples/train_tch examples/miou.metric
 	@echo
-	@echo "== compile the mIoU + BIoU loss to ONNX, and train a PyTorch model with it through onnx2torch =="
+	@echo "== compile the mIoU loss to ONNX with its gradient, and train PyTorch and JAX models with it =="
 	@mkdir -p out
 	$(LOSSCC) compile examples/miou_biou.metric -o out/miou_biou.onnx
-	$(LOSSCC) compile examples/miou.metric -o out/miou.onnx
-	$(VENV)/bin/python -W ignore examples/python/train_with_onnx_loss.py out/miou.onnx --steps 200
+	$(LOSSCC) compile examples/miou.metric --grad -o out/miou.grad.onnx
+	$(VENV)/bin/python examples/python/train_with_onnx_loss.py out/miou.grad.onnx --steps 200
+	$(VENV)/bin/python examples/python/train_jax.py out/miou.grad.onnx --steps 150
 	@echo
 	@echo "== search the BIoU loss's curves with PPO on the built-in scenes (quick preset, CPU) =="
 	rm -rf out/search-biou

@@ -11,12 +11,14 @@ use tch::{Device, Kind, Tensor};
 fn batch(seed: u64, n: i64, c: i64, h: i64, w: i64) -> (Tensor, Tensor) {
     let mut rng = Rng(seed);
     let logits: Vec<f32> = (0..n * c * h * w).map(|_| (rng.next() as f32 - 0.5) * 6.0).collect();
-    let labels: Vec<i64> = (0..n * h * w).map(|i| if rng.next() < 0.1 { 255 } else { ((i / w) / 3 + (i % w) / 4) % c }).collect();
+    let labels: Vec<i64> =
+        (0..n * h * w).map(|i| if rng.next() < 0.1 { 255 } else { ((i / w) / 3 + (i % w) / 4) % c }).collect();
     (Tensor::from_slice(&logits).view([n, c, h, w]), Tensor::from_slice(&labels).view([n, h, w]))
 }
 
 fn biou(tol: i64) -> Loss {
-    Loss::from_file(&root().join("examples/biou.metric"), &Overrides::new().set("tol", tol).set("drop_bg", false)).unwrap()
+    Loss::from_file(&root().join("examples/biou.metric"), &Overrides::new().set("tol", tol).set("drop_bg", false))
+        .unwrap()
 }
 
 #[test]

@@ -6,6 +6,8 @@
 //!   to 1e-5 (fused) or 1e-4 (float32 op by op) of the gradient's largest entry;
 //! * the ONNX loss graph in ONNX Runtime gives its loss to 1e-5, on the case's shape and on
 //!   a second shape through the same model (symbolic N, H, W);
+//! * the gradient graph (`compile --grad`) in ONNX Runtime gives its loss to 1e-5 and its
+//!   `dloss_dlogits` to 1e-5 of the gradient's largest entry, on both shapes;
 //! * the exact-count graph in ONNX Runtime gives exactly the exact evaluator's counts, and
 //!   the metric finished from them equals the evaluator's.
 
@@ -13,6 +15,7 @@ mod common;
 
 use common::corpus::{cases, Case};
 use compiler::accumulate::{self, Accumulator};
+use compiler::curve::Curve;
 use compiler::onnx::{self, EmitOptions};
 use losscc_cli::onnx_runtime::OnnxModel;
 use losscc_loss::{Loss, LossError};
@@ -73,7 +76,11 @@ fn every_case_agrees_across_back_ends() {
 
         let (single, single_grad) = forward_backward(&mut loss, false, &logits, &labels).unwrap();
         assert!(close(single), "{name}: float32 reference {single} vs float64 {truth}");
-        assert!(gradient_gap(&single_grad) <= 1e-4, "{name}: float32 reference gradient off by {:e}", gradient_gap(&single_grad));
+        assert!(
+            gradient_gap(&single_grad) <= 1e-4,
+            "{name}: float32 reference gradient off by {:e}",
+            gradient_gap(&single_grad)
+        );
 
         loss.set_fast_path(true);
         let fused = loss.uses_fused_kernel(&logits);
@@ -99,9 +106,37 @@ fn every_case_agrees_across_back_ends() {
         // The same model on another shape (symbolic N, H, W; C as the metric needs).
         let other = shape_for(&loss, [1, shape[1], 9, 11]);
         let (other_logits, other_labels) = case.inputs(other);
-        let expected = forward_backward(&mut loss, false, &other_logits.to_kind(Kind::Double), &other_labels).unwrap().0;
+        let expected =
+            forward_backward(&mut loss, false, &other_logits.to_kind(Kind::Double), &other_labels).unwrap().0;
         let got = run_onnx(&mut session, &other_logits, &other_labels)[0].1[0] as f64;
-        assert!((got - expected).abs() <= 1e-5 * expected.abs().max(1.0), "{name} {other:?}: ONNX {got} vs tch {expected}");
+        assert!(
+            (got - expected).abs() <= 1e-5 * expected.abs().max(1.0),
+            "{name} {other:?}: ONNX {got} vs tch {expected}"
+        );
+
+        // The gradient graph: the compiler's own reverse-mode pass, on both shapes.
+        let gradient_model = onnx::emit_gradient(loss.compiled(), &loss.params().curves, &options).unwrap();
+        let mut gradient_session = OnnxModel::from_bytes(&onnx::to_bytes(&gradient_model)).unwrap();
+        for (logits, labels) in [(logits.shallow_clone(), labels.shallow_clone()), (other_logits, other_labels)] {
+            let (expected, expected_grad) =
+                forward_backward(&mut loss, false, &logits.to_kind(Kind::Double), &labels).unwrap();
+            let outputs = run_onnx(&mut gradient_session, &logits, &labels);
+            assert_eq!(
+                (outputs[0].0.as_str(), outputs[1].0.as_str()),
+                ("loss", "dloss_dlogits"),
+                "{name}: output names"
+            );
+            let value = outputs[0].1[0] as f64;
+            assert!(
+                (value - expected).abs() <= 1e-5 * expected.abs().max(1.0),
+                "{name}: gradient graph's loss {value} vs {expected}"
+            );
+            let grad = Tensor::from_slice(&outputs[1].1).reshape(logits.size()).to_kind(Kind::Double);
+            let scale = expected_grad.abs().max().double_value(&[]).max(1e-9);
+            let gap = (&grad - &expected_grad).abs().max().double_value(&[]) / scale;
+            assert!(gap <= 1e-5, "{name} {:?}: gradient graph off by {gap:e} of the largest entry", logits.size());
+        }
+        loss.set_fast_path(true);
 
         // Exact counts: the evaluator's and the exact graph's, number for number.
         let mut evaluator = loss.evaluator();
@@ -159,5 +194,163 @@ fn reference_vectors_through_onnx() {
         let got = run_onnx(&mut session, &logits, &labels)[0].1[0] as f64;
         let expected = case["expected_loss"].as_f64().unwrap();
         assert!(((got - expected) / expected).abs() < 1e-5, "case {} {metric}: {got} vs {expected}", case["case"]);
+
+        // The gradient graph at the published curves: the published loss, and tch's gradient.
+        let gradient_model = onnx::emit_gradient(loss.compiled(), &params.curves, &EmitOptions::default()).unwrap();
+        let mut gradient_session = OnnxModel::from_bytes(&onnx::to_bytes(&gradient_model)).unwrap();
+        let outputs = run_onnx(&mut gradient_session, &logits, &labels);
+        let value = outputs[0].1[0] as f64;
+        assert!(
+            ((value - expected) / expected).abs() < 1e-5,
+            "case {} {metric}: gradient graph {value} vs {expected}",
+            case["case"]
+        );
+        let mut loss = loss;
+        loss.set_params(params.clone()).unwrap();
+        let (_, truth) = forward_backward(&mut loss, false, &logits.to_kind(Kind::Double), &labels).unwrap();
+        let grad = Tensor::from_slice(&outputs[1].1).reshape(logits.size()).to_kind(Kind::Double);
+        let gap = (&grad - &truth).abs().max().double_value(&[]) / truth.abs().max().double_value(&[]);
+        // Case 2's logits reach 15.8 (a nearly saturated softmax), where float32 itself
+        // cannot give 1e-5: there the bound is four times tch's own float32 deviation.
+        let (_, single) = forward_backward(&mut loss, false, &logits, &labels).unwrap();
+        let float32_gap = (&single - &truth).abs().max().double_value(&[]) / truth.abs().max().double_value(&[]);
+        let bound = f64::max(1e-5, 4.0 * float32_gap);
+        assert!(
+            gap <= bound,
+            "case {} {metric}: gradient graph off by {gap:e} of the largest entry (bound {bound:e})",
+            case["case"]
+        );
     }
+}
+
+/// The gradient graph of `loss` (its current curves) on `logits` and `labels`, against tch's
+/// float64 gradient: the loss to 1e-5 and every entry to 1e-5 of the largest one. Returns the
+/// graph's gradient.
+fn gradient_graph_agrees(what: &str, loss: &mut Loss, logits: &Tensor, labels: &Tensor) -> Tensor {
+    let options = EmitOptions { ignore_label: loss.ignore_label(), ..EmitOptions::default() };
+    let model = onnx::emit_gradient(loss.compiled(), &loss.params().curves, &options).unwrap();
+    let mut session = OnnxModel::from_bytes(&onnx::to_bytes(&model)).unwrap();
+    let (expected, truth) = forward_backward(loss, false, &logits.to_kind(Kind::Double), labels).unwrap();
+    let outputs = run_onnx(&mut session, logits, labels);
+    let value = outputs[0].1[0] as f64;
+    assert!(
+        value.is_finite() && (value - expected).abs() <= 1e-5 * expected.abs().max(1.0),
+        "{what}: loss {value} vs tch {expected}"
+    );
+    let grad = Tensor::from_slice(&outputs[1].1).reshape(logits.size()).to_kind(Kind::Double);
+    assert!(bool::try_from(grad.isfinite().all()).unwrap(), "{what}: a gradient entry is not finite");
+    let scale = truth.abs().max().double_value(&[]);
+    let gap = (&grad - &truth).abs().max().double_value(&[]);
+    assert!(gap <= 1e-5 * scale.max(1e-9), "{what}: gradient off by {gap:e} (largest entry {scale:e})");
+    grad
+}
+
+/// Every example with curves, at the inputs where a gradient is easiest to get wrong.
+#[test]
+fn gradient_graph_at_the_edges() {
+    for path in common::examples() {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let mut loss = Loss::from_file(&path, &losscc_loss::Overrides::new().set("tol", 1))
+            .or_else(|_| Loss::from_file(&path, &losscc_loss::Overrides::new()))
+            .unwrap();
+        let classes = 4i64.max(loss.compiled().relaxed.min_classes as i64);
+        let [n, h, w] = [2i64, 12, 14];
+        let mut rng = common::Rng(7 + name.len() as u64);
+        let uniform = |rng: &mut common::Rng, scale: f64| ((rng.next() * 2.0 - 1.0) * scale) as f32;
+        let blocky = |i: i64, c: i64| ((i / w) % h / 3 + 2 * ((i % w) / 4) + i / (h * w)) % c;
+        let shape = [n, classes, h, w];
+        let count = n * classes * h * w;
+
+        // Curve piece joints: every curve bent (slopes differ either side of its joints) with
+        // its first joint at 1/C, and half the pixels tied (softmax exactly 1/C there).
+        let curves: Vec<Curve> =
+            loss.compiled().manifest().curves.iter().map(|spec| jointed(spec.pieces, 1.0 / classes as f64)).collect();
+        loss.set_curves(curves).unwrap();
+        let tied: Vec<f32> =
+            (0..count).map(|i| if (i % (h * w)) % 2 == 0 { 0.0 } else { uniform(&mut rng, 3.0) }).collect();
+        let labels =
+            Tensor::from_slice(&(0..n * h * w).map(|i| blocky(i, classes)).collect::<Vec<_>>()).reshape([n, h, w]);
+        gradient_graph_agrees(
+            &format!("{name} at joints"),
+            &mut loss,
+            &Tensor::from_slice(&tied).reshape(shape),
+            &labels,
+        );
+
+        // Ignored pixels: a third of them; their gradient is exactly zero unless the metric
+        // erodes or dilates the predictions (then an ignored pixel's prediction moves its
+        // neighbours' boundaries).
+        let random: Vec<f32> = (0..count).map(|_| uniform(&mut rng, 3.0)).collect();
+        let logits = Tensor::from_slice(&random).reshape(shape);
+        let ignored: Vec<i64> =
+            (0..n * h * w).map(|i| if rng.next() < 0.33 { 255 } else { blocky(i, classes) }).collect();
+        let ignored = Tensor::from_slice(&ignored).reshape([n, h, w]);
+        let grad = gradient_graph_agrees(&format!("{name} with ignored pixels"), &mut loss, &logits, &ignored);
+        let on_ignored =
+            grad.abs().sum_dim_intlist([1i64].as_slice(), false, Kind::Double).masked_select(&ignored.eq(255));
+        if !morphology_on_predictions(&loss) {
+            assert_eq!(on_ignored.abs().max().double_value(&[]), 0.0, "{name}: ignored pixels get a gradient");
+        }
+
+        // Classes absent from the labels (only 0 and 1 occur among C).
+        let absent = Tensor::from_slice(&(0..n * h * w).map(|i| blocky(i, 2)).collect::<Vec<_>>()).reshape([n, h, w]);
+        gradient_graph_agrees(&format!("{name} with absent classes"), &mut loss, &logits, &absent);
+
+        // A saturated softmax on half the pixels (float32 probabilities exactly 0 and 1).
+        let saturated: Vec<f32> = (0..count)
+            .map(|i| {
+                if (i % (h * w)) < h * w / 2 {
+                    60.0 * uniform(&mut rng, 1.0).signum()
+                } else {
+                    uniform(&mut rng, 3.0)
+                }
+            })
+            .collect();
+        gradient_graph_agrees(
+            &format!("{name} saturated"),
+            &mut loss,
+            &Tensor::from_slice(&saturated).reshape(shape),
+            &labels,
+        );
+
+        // An undefined metric (every pixel ignored): the loss is tch's and the gradient zero.
+        let all_ignored = Tensor::full([n, h, w], 255i64, (Kind::Int64, tch::Device::Cpu));
+        let grad = gradient_graph_agrees(&format!("{name} all ignored"), &mut loss, &logits, &all_ignored);
+        assert_eq!(grad.abs().max().double_value(&[]), 0.0, "{name}: an undefined metric gives a gradient");
+    }
+}
+
+fn morphology_on_predictions(loss: &Loss) -> bool {
+    let module = loss.compiled().relaxed.module();
+    let on_predictions = compiler::analysis::prediction_dependent(module);
+    module.handles().any(|h| {
+        on_predictions[h.index()]
+            && matches!(module.node(h), compiler::ir::Node::Erode { .. } | compiler::ir::Node::Dilate { .. })
+    })
+}
+
+/// A monotone curve of `pieces` pieces whose joints sit at `first`, then evenly above it, with
+/// the slope changing at every joint.
+fn jointed(pieces: usize, first: f64) -> Curve {
+    let joints: Vec<f64> =
+        (1..pieces).map(|j| first + (1.0 - first) * (j - 1) as f64 / (pieces - 1).max(1) as f64 * 0.8).collect();
+    let mut xs = vec![0.0];
+    xs.extend(&joints);
+    xs.push(1.0);
+    let mut points = Vec::new();
+    for (piece, pair) in xs.windows(2).enumerate() {
+        // The middle point low in even pieces and high in odd ones bends each piece.
+        let (a, b) = (pair[0], pair[1]);
+        let (ya, yb) = (curve_height(a), curve_height(b));
+        let middle = if piece % 2 == 0 { ya + 0.2 * (yb - ya) } else { ya + 0.8 * (yb - ya) };
+        points.push([(a + b) / 2.0, middle]);
+        if b < 1.0 {
+            points.push([b, yb]);
+        }
+    }
+    Curve::from_points(points).unwrap()
+}
+
+fn curve_height(x: f64) -> f64 {
+    x * x * (3.0 - 2.0 * x)
 }

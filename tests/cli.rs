@@ -265,4 +265,36 @@ fn compile_without_an_output_writes_beside_the_source() {
     let written = dir.join("biou.onnx");
     assert!(std::fs::metadata(&written).unwrap().len() > 1000);
     assert!(stderr(&output).contains(&format!("wrote {}", written.display())), "{}", stderr(&output));
+    // The gradient and exact graphs get their own names beside it, leaving the loss graph.
+    let loss_graph = std::fs::read(&written).unwrap();
+    for (flag, name) in [("--grad", "biou.grad.onnx"), ("--exact", "biou.exact.onnx")] {
+        let output = losscc(&["compile", source.to_str().unwrap(), flag]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(stderr(&output).contains(&format!("wrote {}", dir.join(name).display())), "{}", stderr(&output));
+    }
+    assert_eq!(std::fs::read(&written).unwrap(), loss_graph, "the loss graph was overwritten");
+    assert_ne!(std::fs::read(dir.join("biou.grad.onnx")).unwrap(), loss_graph);
+}
+
+/// `compile --grad` lists the reverse-mode stage, writes both outputs, and refuses a formula
+/// that does not depend on the predictions with one sentence.
+#[test]
+fn gradient_graph_of_the_compiler() {
+    let listing = losscc(&["check", &example("biou.metric"), "--emit", "grad"]);
+    let text = String::from_utf8(listing.stdout).unwrap();
+    assert!(text.starts_with("gradient of biou"), "{text}");
+    assert!(text.contains("softmax_backward") && text.contains("output ∂loss/∂logits"), "{text}");
+    let onnx_text = losscc(&["compile", &example("miou.metric"), "--grad", "--emit", "onnx-text"]);
+    let text = String::from_utf8(onnx_text.stdout).unwrap();
+    assert!(text.contains("output loss") && text.contains("output dloss_dlogits"), "{text}");
+
+    let dir = scratch("gradlabels");
+    let file = dir.join("share.metric");
+    std::fs::write(&file, "metric share {\n    mean(count(L & V) / count(V))\n}\n").unwrap();
+    let output = losscc(&["compile", file.to_str().unwrap(), "--grad"]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(text.contains("does not depend on the predictions `P`"), "{text}");
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+    assert!(!dir.join("share.grad.onnx").exists());
 }

@@ -4,13 +4,13 @@
 
 mod common;
 
-use rand::SeedableRng;
 use compiler::ir::DEFAULT_IGNORE_LABEL as IGNORE;
 use losscc_loss::{Loss, Overrides};
 use losscc_proxy::data::{self, SyntheticSpec};
 use losscc_proxy::trainer::{self, TrainConfig};
 use losscc_search::config::{Baseline, SearchConfig};
 use losscc_search::policy::{self as search, Layout};
+use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 

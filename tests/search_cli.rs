@@ -228,7 +228,8 @@ fn resume_notices_a_changed_used_file() {
     std::fs::write(&file, "use \"iou.metric\";\n\nloss both {\n    (1 - iou()) + 0.1 * ce\n}\n").unwrap();
     let out = dir.join("search").display().to_string();
     let file = file.display().to_string();
-    let mut args = vec!["search", file.as_str(), "--target", "miou", "--out", out.as_str(), "--rounds", "1", "--samples", "2"];
+    let mut args =
+        vec!["search", file.as_str(), "--target", "miou", "--out", out.as_str(), "--rounds", "1", "--samples", "2"];
     args.extend_from_slice(&TINY);
     let first = losscc(&args);
     assert!(first.status.success(), "{}", text(&first.stderr));

@@ -54,7 +54,10 @@ fn a_trainer_command_gets_the_contract() {
         let folder = out.join(format!("candidates/{round}-{sample}/attempt-1"));
         let env = std::fs::read_to_string(folder.join("env.txt")).unwrap();
         let var = |name: &str| {
-            env.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).unwrap_or_else(|| panic!("{name} in {env}")).to_string()
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} in {env}"))
+                .to_string()
         };
         assert_eq!(var("LOSSCC_CANDIDATE"), format!("{round}-{sample}"));
         assert_eq!(var("LOSSCC_SEED"), "7");
@@ -63,11 +66,16 @@ fn a_trainer_command_gets_the_contract() {
         assert_eq!(PathBuf::from(var("LOSSCC_RESULT")), folder.join("result.json"));
         assert!(std::fs::metadata(folder.join("loss.onnx")).unwrap().len() > 1000);
         // The parameters are the candidate's curves, in losscc's own format.
-        let params: Value = serde_json::from_str(&std::fs::read_to_string(folder.join("params.json")).unwrap()).unwrap();
+        let params: Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("params.json")).unwrap()).unwrap();
         assert_eq!(params["format"], "losscc-params");
-        let curves: Vec<Value> = params["curves"].as_array().unwrap().iter().map(|c| c["control_points"].clone()).collect();
+        let curves: Vec<Value> =
+            params["curves"].as_array().unwrap().iter().map(|c| c["control_points"].clone()).collect();
         assert_eq!(Value::Array(curves), line["control_points"]);
-        assert_eq!(std::fs::read_to_string(folder.join("trainer.stdout")).unwrap().trim(), format!("training {round}-{sample}"));
+        assert_eq!(
+            std::fs::read_to_string(folder.join("trainer.stdout")).unwrap().trim(),
+            format!("training {round}-{sample}")
+        );
         assert_eq!(std::fs::read_to_string(folder.join("trainer.stderr")).unwrap().trim(), "warn");
         assert_eq!(std::fs::read_to_string(folder.join("trainer.status")).unwrap().trim(), "0");
     }
@@ -102,7 +110,10 @@ fn failed_attempts_are_retried_and_failed_candidates_journaled() {
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("## Failed candidates") && report.contains("`0-2`"), "{report}");
     let stdout = text(&output.stdout);
-    assert!(stdout.contains("1 candidate(s) failed every attempt") && stdout.contains("0-2: the trainer command"), "{stdout}");
+    assert!(
+        stdout.contains("1 candidate(s) failed every attempt") && stdout.contains("0-2: the trainer command"),
+        "{stdout}"
+    );
     assert!(out.join("mu.params.json").exists());
 }
 

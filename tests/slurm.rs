@@ -38,10 +38,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn search_args(out: &Path, executor: &str, iters: usize) -> Vec<String> {
-    let mut args: Vec<String> = ["search", &example("biou.metric"), "--set", "tol=2", "--out", &out.display().to_string()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> =
+        ["search", &example("biou.metric"), "--set", "tol=2", "--out", &out.display().to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     args.extend(["--executor", executor, "--rounds", "2", "--samples", "3"].iter().map(|s| s.to_string()));
     args.extend(TINY.iter().map(|s| s.to_string()));
     args.extend(["--iters".to_string(), iters.to_string()]);
@@ -115,7 +116,10 @@ fn slurm_journals_the_local_rewards_and_reattaches_after_a_kill() {
     child.kill().unwrap();
     child.wait().unwrap();
     let queued = Command::new("squeue").args(["-h", "-j", &job]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&queued.stdout).trim().is_empty(), "the array {job} ended before the kill mattered");
+    assert!(
+        !String::from_utf8_lossy(&queued.stdout).trim().is_empty(),
+        "the array {job} ended before the kill mattered"
+    );
     let resumed = run(&[args.clone(), vec!["--resume".into()]].concat());
     assert!(resumed.status.success(), "{}", text(&resumed.stderr));
     let arrays: Vec<Value> = journal(&killed).into_iter().filter(|l| l["event"] == "slurm_array").collect();
@@ -139,7 +143,20 @@ fn slurm_retries_a_failed_task_in_a_new_array() {
     let trainer = r#"if [ "$LOSSCC_CANDIDATE" = 0-1 ] && [ ! -e ../flaky ]; then touch ../flaky; exit 4; fi; echo '{"reward": 0.25}' > "$LOSSCC_RESULT""#;
     let miou = example("miou.metric");
     let out_text = out.display().to_string();
-    let args = ["search", &miou, "--out", &out_text, "--executor", "slurm", "--trainer", trainer, "--rounds", "1", "--samples", "3"];
+    let args = [
+        "search",
+        &miou,
+        "--out",
+        &out_text,
+        "--executor",
+        "slurm",
+        "--trainer",
+        trainer,
+        "--rounds",
+        "1",
+        "--samples",
+        "3",
+    ];
     let output = losscc(&args);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let lines = journal(&out);
@@ -149,5 +166,9 @@ fn slurm_retries_a_failed_task_in_a_new_array() {
     let retried = lines.iter().find(|l| l["sample"] == 1 && l["reward"].is_number()).unwrap();
     assert_eq!(retried["attempts"], 2);
     assert!(out.join("candidates/0-1/attempt-1/trainer.status").exists());
-    assert!(std::fs::read_dir(out.join("rounds/0")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".out")));
+    assert!(std::fs::read_dir(out.join("rounds/0")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".out")));
 }

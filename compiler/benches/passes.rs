@@ -37,11 +37,17 @@ fn passes(c: &mut Criterion) {
         let curves: Vec<Curve> = compiled.manifest().curves.iter().map(|c| Curve::identity(c.pieces)).collect();
         group.bench_function(format!("{name}/loss"), |b| {
             b.iter(|| {
-                compiler::onnx::to_bytes(&compiler::onnx::emit_loss(black_box(&compiled), &curves, &Default::default()).expect("emits"))
+                compiler::onnx::to_bytes(
+                    &compiler::onnx::emit_loss(black_box(&compiled), &curves, &Default::default()).expect("emits"),
+                )
             })
         });
         group.bench_function(format!("{name}/exact"), |b| {
-            b.iter(|| compiler::onnx::to_bytes(&compiler::onnx::emit_exact(black_box(&compiled), &Default::default()).expect("emits")))
+            b.iter(|| {
+                compiler::onnx::to_bytes(
+                    &compiler::onnx::emit_exact(black_box(&compiled), &Default::default()).expect("emits"),
+                )
+            })
         });
     }
     group.finish();

@@ -8,7 +8,9 @@
 //! 3. [`lower::lower`] — parameters bound, exact IR built with CSE;
 //! 4. [`relax::relax`] — curves inserted by the published rule, manifest made;
 //! 5. [`validate::validate`] — IR invariants, run when an [`ExactModule`] or a
-//!    [`RelaxedModule`] is made, so back ends only ever see valid modules of the right mode.
+//!    [`RelaxedModule`] is made, so back ends only ever see valid modules of the right mode;
+//! 6. [`grad::differentiate`] — reverse mode over the relaxed module: the gradient program
+//!    that the ONNX gradient graph is emitted from.
 //!
 //! Architecture invariant: this crate knows nothing of tensors. Back ends (tch in
 //! `runtime/`, ONNX in [`onnx`]) interpret the closed [`ir::Node`] enum.
@@ -17,6 +19,7 @@ pub mod accumulate;
 pub mod analysis;
 pub mod check;
 pub mod curve;
+pub mod grad;
 pub mod ir;
 pub mod lower;
 pub mod modules;

@@ -7,7 +7,7 @@ use crate::ir::{ClassRange, Module, Node, Shape};
 use crate::relax::Manifest;
 use std::fmt::Write;
 
-fn shape_text(shape: Shape) -> String {
+pub(crate) fn shape_text(shape: Shape) -> String {
     let range = |r: ClassRange| format!("C[{r}]");
     match shape {
         Shape::Pixels => "pixels".into(),

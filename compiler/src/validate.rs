@@ -13,7 +13,7 @@
 //!   other node with a number shape has a pixel-tensor operand;
 //! * every `curve` refers to an entry of the manifest.
 
-use crate::ir::{ClassRange, Module, Mode, Node, Shape};
+use crate::ir::{ClassRange, Mode, Module, Node, Shape};
 use crate::relax::Manifest;
 
 fn is_pixel(shape: Shape) -> bool {
@@ -71,7 +71,11 @@ pub fn expected_shape(module: &Module, node: &Node) -> Result<Shape, String> {
                 (true, false) if constant(b) && sb == Shape::Scalar => (sa, sa),
                 (false, true) if constant(a) && sa == Shape::Scalar => (sb, sb),
                 (true, false) | (false, true) => {
-                    return Err(format!("`{}` mixes a pixel tensor with the number {:?}", node.mnemonic(), if is_pixel(sa) { sb } else { sa }))
+                    return Err(format!(
+                        "`{}` mixes a pixel tensor with the number {:?}",
+                        node.mnemonic(),
+                        if is_pixel(sa) { sb } else { sa }
+                    ))
                 }
                 _ => (sa, sb),
             };
@@ -216,8 +220,14 @@ mod tests {
         let root = builder.add(Node::Add(mean, mean), Shape::Scalar, span(), "test");
         let module = builder.finish("bad".into(), Mode::Exact, RootKind::Metric, root, vec![], 1, 2);
         let errors = validate(&module, None);
-        assert!(errors.iter().any(|e| e.starts_with(&format!("{mixed}:")) && e.contains("mixes a pixel tensor")), "{errors:?}");
-        assert!(errors.iter().any(|e| e.starts_with(&format!("{mean}:")) && e.contains("per-class numbers")), "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.starts_with(&format!("{mixed}:")) && e.contains("mixes a pixel tensor")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.starts_with(&format!("{mean}:")) && e.contains("per-class numbers")),
+            "{errors:?}"
+        );
     }
 
     /// A node whose recorded shape disagrees with its operands, and class ranges that do not
@@ -237,6 +247,9 @@ mod tests {
         let module = builder.finish("bad".into(), Mode::Exact, RootKind::Metric, count, vec![], 2, 2);
         let errors = validate(&module, None);
         assert!(errors.iter().any(|e| e.starts_with(&format!("{and}:")) && e.contains("combines")), "{errors:?}");
-        assert!(errors.iter().any(|e| e.starts_with(&format!("{count} ")) && e.contains("operands make")), "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.starts_with(&format!("{count} ")) && e.contains("operands make")),
+            "{errors:?}"
+        );
     }
 }

@@ -112,7 +112,8 @@ fn use_is_transitive_and_loads_each_file_once() {
 fn onnx_metadata_records_every_used_source() {
     let root = files::root_from(env!("CARGO_MANIFEST_DIR"));
     let compiled = compile_file(&root.join("examples/miou_biou.metric"), &[]).unwrap();
-    let curves: Vec<_> = compiled.manifest().curves.iter().map(|c| compiler::curve::Curve::identity(c.pieces)).collect();
+    let curves: Vec<_> =
+        compiled.manifest().curves.iter().map(|c| compiler::curve::Curve::identity(c.pieces)).collect();
     let options = compiler::onnx::EmitOptions { ignore_label: Some(7), ..Default::default() };
     let model = compiler::onnx::emit_loss(&compiled, &curves, &options).unwrap();
     let meta = |key: &str| model.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.clone()).unwrap();

@@ -1,7 +1,14 @@
-"""Train a PyTorch model with a losscc loss, loaded from ONNX through onnx2torch.
+"""Train a PyTorch model with a losscc ONNX loss, either way PyTorch can load one.
 
-    losscc compile examples/miou.metric -o miou.onnx
-    .venv/bin/python examples/python/train_with_onnx_loss.py miou.onnx [--steps 300]
+    losscc compile examples/miou.metric --grad -o miou.grad.onnx   # loss and gradient graph
+    .venv/bin/python examples/python/train_with_onnx_loss.py miou.grad.onnx [--steps 300]
+
+    losscc compile examples/miou.metric -o miou.onnx               # forward graph only
+    .venv/bin/python examples/python/train_with_onnx_loss.py miou.onnx
+
+A gradient graph (output `dloss_dlogits`) runs in ONNX Runtime through `losscc_torch.OnnxLoss`
+(a `torch.autograd.Function`, no onnx2torch); a forward-only graph is converted with
+onnx2torch and differentiated by PyTorch's autograd.
 
 The data are synthetic: noisy images of coloured discs and bars whose class is their
 colour. Every 50 steps the script prints the surrogate loss and the held-out mIoU (computed
@@ -10,6 +17,8 @@ here with a confusion matrix, independently of losscc). The last line is a JSON 
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -45,6 +54,16 @@ def miou(logits, labels):
         return float(np.nanmean(inter / union))
 
 
+def load_loss(path):
+    """The loss as a module, and which route it takes."""
+    model = onnx.load(path)
+    if "dloss_dlogits" in [o.name for o in model.graph.output]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from losscc_torch import OnnxLoss
+        return OnnxLoss(path), "its gradient graph in ONNX Runtime (losscc_torch.OnnxLoss)"
+    return convert(model), "onnx2torch and PyTorch autograd"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a loss compiled with `losscc compile`")
@@ -55,7 +74,8 @@ def main():
     generator = torch.Generator().manual_seed(1)
     train_x, train_y = synthetic(64, generator)
     test_x, test_y = synthetic(32, generator)
-    loss_fn = convert(onnx.load(args.model))  # a torch.nn.Module: loss = loss_fn(logits, labels)
+    loss_fn, route = load_loss(args.model)  # a torch.nn.Module: loss = loss_fn(logits, labels)
+    print(f"loss {args.model} through {route}")
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
@@ -77,7 +97,7 @@ def main():
                 score = miou(net(test_x), test_y)
             history.append(score)
             print(f"step {step:4d}  loss {loss.item():.4f}  held-out mIoU {score:.4f}")
-    print(json.dumps({"start_miou": start, "final_miou": history[-1], "steps": args.steps}))
+    print(json.dumps({"start_miou": start, "final_miou": history[-1], "steps": args.steps, "route": route}))
 
 
 if __name__ == "__main__":

@@ -256,8 +256,13 @@ impl<'s> Windowed<'s> {
         for line in source.split_inclusive('\n') {
             let body = line.strip_suffix('\n').unwrap_or(line);
             let end = source_start + body.len();
-            let mut map =
-                LineMap { shown_start: shown.len(), source_start, window_start: source_start, marker: 0, window_end: end };
+            let mut map = LineMap {
+                shown_start: shown.len(),
+                source_start,
+                window_start: source_start,
+                marker: 0,
+                window_end: end,
+            };
             if body.chars().count() > MAX_SHOWN_LINE {
                 // The labels on this line, primary first; the window covers them if it can.
                 let mut marks: Vec<(usize, usize)> = diagnostic
@@ -298,7 +303,13 @@ impl<'s> Windowed<'s> {
             source_start += line.len();
         }
         if lines.is_empty() || source.ends_with('\n') {
-            lines.push(LineMap { shown_start: shown.len(), source_start, window_start: source_start, marker: 0, window_end: source_start });
+            lines.push(LineMap {
+                shown_start: shown.len(),
+                source_start,
+                window_start: source_start,
+                marker: 0,
+                window_end: source_start,
+            });
         }
         Windowed { name, source, shown, lines }
     }
@@ -365,7 +376,11 @@ impl<'a> Files<'a> for Windowed<'_> {
     }
 
     fn line_range(&'a self, (): (), line_index: usize) -> Result<Range<usize>, csfiles::Error> {
-        let start = self.lines.get(line_index).ok_or(csfiles::Error::LineTooLarge { given: line_index, max: self.lines.len() })?.shown_start;
+        let start = self
+            .lines
+            .get(line_index)
+            .ok_or(csfiles::Error::LineTooLarge { given: line_index, max: self.lines.len() })?
+            .shown_start;
         let end = self.lines.get(line_index + 1).map_or(self.shown.len(), |next| next.shown_start);
         Ok(start..end)
     }

@@ -25,7 +25,16 @@ impl Case {
         let name = path.file_stem().unwrap().to_string_lossy().into_owned();
         let text = std::fs::read_to_string(&path).unwrap();
         let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        let mut case = Case { name, path, shape: [2, 5, 19, 23], seed, scale: 3.0, ignore: Some(255), ignored: 0.1, sets: Vec::new() };
+        let mut case = Case {
+            name,
+            path,
+            shape: [2, 5, 19, 23],
+            seed,
+            scale: 3.0,
+            ignore: Some(255),
+            ignored: 0.1,
+            sets: Vec::new(),
+        };
         for line in text.lines().take_while(|l| l.starts_with('#') && !l.starts_with("##")) {
             if let Some(rest) = line.strip_prefix("# corpus:") {
                 for item in rest.split_whitespace() {

@@ -2,8 +2,8 @@
 
 Every case of the back-end corpus (the example library and `tests/corpus/`, see its README)
 is compiled with random curves; the model must pass `onnx.checker`'s full check, give the tch
-loss (`losscc eval`) in ONNX Runtime, and convert with onnx2torch into a PyTorch module whose
-value and autograd gradient equal tch's. Run by `make test`:
+loss (`losscc eval`) in ONNX Runtime, and convert with onnx2torch, without a warning, into a
+PyTorch module whose value and autograd gradient equal tch's. Run by `make test`:
 
     .venv/bin/python -m unittest discover -s tests/python -v
 """
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -156,15 +157,20 @@ class CorpusThroughOnnxTest(unittest.TestCase):
                 self.assertEqual(ort_loss.shape, ())
                 self.assertLess(abs(float(ort_loss) - tch_loss), tolerance)
 
-                module = convert(model)
-                x = torch.from_numpy(logits.copy()).requires_grad_(True)
-                torch_loss = module(x, torch.from_numpy(labels))
+                # onnx2torch converts and runs our graphs without a single warning (no
+                # constructs PyTorch deprecates, such as its list-indexed `Slice`).
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    module = convert(model)
+                    x = torch.from_numpy(logits.copy()).requires_grad_(True)
+                    torch_loss = module(x, torch.from_numpy(labels))
+                    if torch_loss.requires_grad:
+                        torch_loss.backward()
+                        grad = x.grad.numpy()
+                    else:
+                        grad = np.zeros_like(logits)
+                self.assertEqual([str(w.message) for w in caught], [])
                 self.assertLess(abs(torch_loss.item() - tch_loss), tolerance)
-                if torch_loss.requires_grad:
-                    torch_loss.backward()
-                    grad = x.grad.numpy()
-                else:
-                    grad = np.zeros_like(logits)
                 self.assertTrue(np.isfinite(grad).all())
                 scale = max(np.abs(tch_grad).max(), 1e-6)
                 np.testing.assert_allclose(grad, tch_grad, rtol=0, atol=1e-4 * scale)

@@ -114,7 +114,12 @@ impl<V: Clone, M: Clone> Piece<V, M> {
     /// The piece from start, middle and end control points that are values of the back end
     /// (curves read at run time): the same folding as [`Curve::segments`](super::Curve::segments),
     /// with the straight and zero-width cases decided per value.
-    pub fn from_points<O: CurveOps<Value = V, Mask = M>>(ops: &mut O, start: [&V; 2], middle: [&V; 2], end: [&V; 2]) -> Piece<V, M> {
+    pub fn from_points<O: CurveOps<Value = V, Mask = M>>(
+        ops: &mut O,
+        start: [&V; 2],
+        middle: [&V; 2],
+        end: [&V; 2],
+    ) -> Piece<V, M> {
         let (zero, one, two) = (ops.constant(0.0), ops.constant(1.0), ops.constant(2.0));
         let width = ops.sub(end[0], start[0]);
         let has_width = ops.lt(&zero, &width);
@@ -470,7 +475,10 @@ mod tests {
                     let (down, _) = eval(&mut Numbers, &(x - h), &pieces, Strategy::EachPiece, false);
                     let numeric = (up - down) / (2.0 * h);
                     let slope = s1.unwrap();
-                    assert!((numeric - slope).abs() <= 1e-4 * (1.0 + slope.abs()), "{curve:?} x={x}: {numeric} vs {slope}");
+                    assert!(
+                        (numeric - slope).abs() <= 1e-4 * (1.0 + slope.abs()),
+                        "{curve:?} x={x}: {numeric} vs {slope}"
+                    );
                 }
             }
         }
@@ -485,7 +493,12 @@ mod tests {
                 .segments()
                 .iter()
                 .map(|s| {
-                    Piece::from_points(&mut Numbers, [&s.start[0], &s.start[1]], [&s.middle[0], &s.middle[1]], [&s.end[0], &s.end[1]])
+                    Piece::from_points(
+                        &mut Numbers,
+                        [&s.start[0], &s.start[1]],
+                        [&s.middle[0], &s.middle[1]],
+                        [&s.end[0], &s.end[1]],
+                    )
                 })
                 .collect();
             for i in 0..=200 {

@@ -49,7 +49,10 @@ pub(crate) fn value_info(name: &str, elem: DataType, dims: &[&str]) -> ValueInfo
     let tensor = type_proto::Tensor { elem_type: elem as i32, shape: MessageField::some(shape), ..Default::default() };
     ValueInfoProto {
         name: name.into(),
-        type_: MessageField::some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }),
+        type_: MessageField::some(TypeProto {
+            value: Some(type_proto::Value::TensorType(tensor)),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -181,16 +184,31 @@ impl Emitter {
         value
     }
 
-    /// `[1, C, 1, 1]` class indices, built from the logits' shape (C is symbolic).
+    /// `[1, C, 1, 1]` class indices as floats, `0, 1, …, C − 1`, computed from the logits
+    /// themselves (a cumulative sum of ones over the class axis) rather than from their shape,
+    /// so that every runtime, tract included, knows the class axis has the logits' C.
     pub fn class_range(&mut self) -> String {
         self.shared("range", |this| {
-            let shape = this.op("Shape", &["logits"], vec![]);
-            let one = this.ints(&[1], true);
-            let classes = this.op("Gather", &[&shape, &one], vec![attr_int("axis", 0)]);
-            let (zero, step) = (this.ints(&[0], true), this.ints(&[1], true));
-            let range = this.op("Range", &[&zero, &classes, &step], vec![]);
-            let target = this.ints(&[1, -1, 1, 1], false);
-            this.op("Reshape", &[&range, &target], vec![])
+            // Opset 17: ReduceMax takes its axes as an attribute (ReduceSum as an input).
+            let reduced =
+                this.op("ReduceMax", &["logits"], vec![attr_ints("axes", &[0, 2, 3]), attr_int("keepdims", 1)]);
+            let zero = this.float(0.0);
+            let zeros = this.op("Mul", &[&reduced, &zero], vec![]);
+            let one = this.float(1.0);
+            let ones = this.op("Add", &[&zeros, &one], vec![]);
+            let axis = this.ints(&[1], true);
+            // Both attributes spelled out: onnx2torch 1.5.15 reads a missing `reverse` as 1.
+            let forward = vec![attr_int("exclusive", 0), attr_int("reverse", 0)];
+            let counted = this.op("CumSum", &[&ones, &axis], forward);
+            this.op("Sub", &[&counted, &one], vec![])
+        })
+    }
+
+    /// The labels as floats `[N, 1, H, W]`, to compare with [`Emitter::class_range`].
+    fn labels_float(&mut self) -> String {
+        self.shared("labels1f", |this| {
+            let labels = this.labels_unsqueezed();
+            this.cast_float(&labels)
         })
     }
 
@@ -215,7 +233,7 @@ impl Emitter {
     /// One-hot labels, float `[N, C, H, W]`; ignored pixels belong to no class.
     pub fn one_hot_labels(&mut self) -> String {
         self.shared("onehot", |this| {
-            let (labels, range) = (this.labels_unsqueezed(), this.class_range());
+            let (labels, range) = (this.labels_float(), this.class_range());
             let equal = this.op("Equal", &[&labels, &range], vec![]);
             let equal = match this.valid_mask() {
                 Some(valid) => this.op("And", &[&equal, &valid], vec![]),
@@ -242,22 +260,35 @@ impl Emitter {
     /// Square-window maximum (minimum for erosion) of radius `radius`: the border counts as
     /// outside for dilation and inside for erosion (MaxPool pads with −∞).
     pub fn pool(&mut self, x: &str, radius: u32, erode: bool) -> String {
-        let k = 2 * radius as i64 + 1;
-        let r = radius as i64;
+        let input = if erode { self.op("Neg", &[x], vec![]) } else { x.to_string() };
+        let pooled = self.max_pool(&input, (radius as i64, radius as i64));
+        if erode {
+            self.op("Neg", &[&pooled], vec![])
+        } else {
+            pooled
+        }
+    }
+
+    /// The maximum over a window of `2·radii + 1` (rows, columns) of every `[H, W]` plane of
+    /// `[N, C, H, W]`, −∞ outside. The planes are pooled as `[N·C, 1, H, W]`, so the pooling's
+    /// channel count is the constant 1 (tract pools only a known number of channels; C is
+    /// symbolic here).
+    pub fn max_pool(&mut self, x: &str, (rows, columns): (i64, i64)) -> String {
         let attributes = vec![
-            attr_ints("kernel_shape", &[k, k]),
-            attr_ints("pads", &[r, r, r, r]),
+            attr_ints("kernel_shape", &[2 * rows + 1, 2 * columns + 1]),
+            attr_ints("pads", &[rows, columns, rows, columns]),
             attr_ints("strides", &[1, 1]),
             attr_ints("dilations", &[1, 1]),
             attr_int("ceil_mode", 0),
         ];
-        if erode {
-            let negated = self.op("Neg", &[x], vec![]);
-            let pooled = self.op("MaxPool", &[&negated], attributes);
-            self.op("Neg", &[&pooled], vec![])
-        } else {
-            self.op("MaxPool", &[x], attributes)
-        }
+        let shape = self.op("Shape", &[x], vec![]);
+        let spatial = self.ints(&[2, 3], false);
+        let hw = self.op("Gather", &[&shape, &spatial], vec![attr_int("axis", 0)]);
+        let planes = self.ints(&[-1, 1], false);
+        let flat_shape = self.op("Concat", &[&planes, &hw], vec![attr_int("axis", 0)]);
+        let flat = self.op("Reshape", &[x, &flat_shape], vec![]);
+        let pooled = self.op("MaxPool", &[&flat], attributes);
+        self.op("Reshape", &[&pooled, &shape], vec![])
     }
 }
 

@@ -26,6 +26,7 @@ pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelPro
         let out = match node {
             Node::Pred => {
                 let argmax = emitter.op("ArgMax", &["logits"], vec![attr_int("axis", 1), attr_int("keepdims", 1)]);
+                let argmax = emitter.cast_float(&argmax);
                 let range = emitter.class_range();
                 let equal = emitter.op("Equal", &[&argmax, &range], vec![]);
                 Some(emitter.cast_float(&equal))

@@ -9,8 +9,12 @@ use crate::Compiled;
 use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::ModelProto;
 
-/// What the loss graph computed.
+/// What the loss graph computed: every IR node's value, and the flags that say whether a
+/// filtered mean selected any class (the gradient graph reads both).
 pub(crate) struct Forward {
+    pub values: Vec<Option<String>>,
+    /// A boolean scalar per node: whether its value is defined (absent when it always is).
+    pub defined: Vec<Option<String>>,
     /// The loss: `1 − root` for a metric, the root for a loss; 0 when undefined.
     pub loss: String,
 }
@@ -128,8 +132,8 @@ pub(crate) fn forward(
         }
         RootKind::Loss => root.clone(),
     };
-    let defined = defined[module.root.index()].clone();
-    let loss = match &defined {
+    let root_defined = defined[module.root.index()].clone();
+    let loss = match &root_defined {
         None => loss,
         Some(ok) => {
             let zero = emitter.float(0.0);
@@ -137,11 +141,11 @@ pub(crate) fn forward(
             emitter.op("Where", &[ok, &loss, &nothing], vec![])
         }
     };
-    Ok(Forward { loss })
+    Ok(Forward { values, defined, loss })
 }
 
 /// The curve pieces read from the `curves` input at `offset` (flat control points).
-fn input_pieces(emitter: &mut Emitter, offset: usize, pieces: usize) -> Vec<Piece<String, String>> {
+pub(crate) fn input_pieces(emitter: &mut Emitter, offset: usize, pieces: usize) -> Vec<Piece<String, String>> {
     let coordinate = |emitter: &mut Emitter, index: usize| {
         let at = emitter.ints(&[(offset + index) as i64], true);
         emitter.op("Gather", &["curves", &at], vec![attr_int("axis", 0)])

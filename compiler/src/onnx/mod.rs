@@ -26,9 +26,11 @@
 
 mod emitter;
 mod exact;
+mod grad;
 mod loss;
 
 pub use exact::emit_exact;
+pub use grad::emit_gradient;
 pub use loss::emit_loss;
 
 use crate::curve::Curve;
@@ -36,9 +38,7 @@ use crate::ir::{CmpOp, Shape, DEFAULT_IGNORE_LABEL};
 use crate::Compiled;
 use emitter::{attr_int, value_info, Emitter};
 use onnx_protobuf::tensor_proto::DataType;
-use onnx_protobuf::{
-    GraphProto, Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, ValueInfoProto,
-};
+use onnx_protobuf::{GraphProto, Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, ValueInfoProto};
 use protobuf::MessageField;
 use std::fmt::Write;
 
@@ -50,6 +50,8 @@ pub const IR_VERSION: i64 = 8;
 pub enum OnnxError {
     #[error("the loss needs {expected} curves but {got} were given")]
     Curves { expected: usize, got: usize },
+    #[error(transparent)]
+    Gradient(#[from] crate::grad::GradError),
 }
 
 /// Where the loss graph gets its curves from.
@@ -77,15 +79,25 @@ impl Default for EmitOptions {
     }
 }
 
+/// Classes `start..end` of a per-class value, as a `Gather` of those indices (a `Slice` would
+/// make onnx2torch index with a list, which PyTorch deprecates). Indices up to C come from the
+/// value's own shape, so C stays symbolic.
 fn slice(emitter: &mut Emitter, x: &str, shape: Shape, start: usize, end: Option<usize>) -> String {
     let axis = match shape {
         Shape::ClassPixels(_) => 1,
-        _ => 0,
+        Shape::Pixels | Shape::Classes(_) | Shape::Scalar => 0,
     };
-    let starts = emitter.ints(&[start as i64], false);
-    let ends = emitter.ints(&[end.map(|e| e as i64).unwrap_or(i64::MAX)], false);
-    let axes = emitter.ints(&[axis], false);
-    emitter.op("Slice", &[x, &starts, &ends, &axes], vec![])
+    let indices = match end {
+        Some(end) => emitter.ints(&(start as i64..end as i64).collect::<Vec<_>>(), false),
+        None => {
+            let dims = emitter.op("Shape", &[x], vec![]);
+            let at = emitter.ints(&[axis], true);
+            let classes = emitter.op("Gather", &[&dims, &at], vec![attr_int("axis", 0)]);
+            let (first, step) = (emitter.ints(&[start as i64], true), emitter.ints(&[1], true));
+            emitter.op("Range", &[&first, &classes, &step], vec![])
+        }
+    };
+    emitter.op("Gather", &[x, &indices], vec![attr_int("axis", axis)])
 }
 
 fn count(emitter: &mut Emitter, x: &str, shape: Shape) -> String {

@@ -189,7 +189,12 @@ impl<'a> Parser<'a> {
     }
 
     #[inline(never)]
-    pub(super) fn slice_without_colon(&self, open: &Lexeme<'a>, found: &Lexeme<'a>, start: Option<&Expr>) -> Diagnostic {
+    pub(super) fn slice_without_colon(
+        &self,
+        open: &Lexeme<'a>,
+        found: &Lexeme<'a>,
+        start: Option<&Expr>,
+    ) -> Diagnostic {
         if self.is_sync_point(found) {
             return self.unclosed(open.span, "[", "]", "the slice", found);
         }

@@ -685,7 +685,6 @@ impl<'a> Parser<'a> {
     }
 }
 
-
 /// Where to continue after an error.
 pub(super) enum Recovery {
     /// Look for the next item starting from this byte.
@@ -698,4 +697,3 @@ pub(super) fn take_digits(i: &str) -> &str {
     let end = i.find(|c: char| !c.is_ascii_digit()).unwrap_or(i.len());
     &i[..end]
 }
-

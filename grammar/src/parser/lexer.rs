@@ -3,7 +3,6 @@
 
 use super::*;
 
-
 pub(super) fn is_ident_start(c: char) -> bool {
     c.is_ascii_alphabetic() || c == '_'
 }

@@ -192,7 +192,6 @@ fn failure<'a, T>(diagnostic: Diagnostic) -> PResult<'a, T> {
     Err(nom::Err::Failure(Fail::Diag(Box::new(diagnostic))))
 }
 
-
 /// An expression under construction, with the height of its tree (a leaf is 1).
 struct Node {
     expr: Expr,
@@ -204,8 +203,6 @@ impl Node {
         Node { expr: Expr { kind, span }, height: 1 }
     }
 }
-
-
 
 struct Parser<'a> {
     src: &'a str,

@@ -47,7 +47,8 @@ impl Dims {
 
 /// Whether `handle` is a label-only node at pixel level, i.e. one this module may evaluate.
 pub(crate) fn pixel_label_node(module: &RelaxedModule, handle: Handle) -> bool {
-    !module.prediction_dependent()[handle.index()] && matches!(module.shape(handle), Shape::Pixels | Shape::ClassPixels(_))
+    !module.prediction_dependent()[handle.index()]
+        && matches!(module.shape(handle), Shape::Pixels | Shape::ClassPixels(_))
 }
 
 /// The width (classes) of a pixel-level shape.
@@ -78,9 +79,10 @@ fn intervals(module: &RelaxedModule, wanted: &[Handle]) -> Option<Vec<Option<(i3
                 }
                 (v as i32, v as i32)
             }
-            Node::Erode { input, .. } | Node::Dilate { input, .. } | Node::AnyClass(input) | Node::Slice { input, .. } => {
-                r(input)
-            }
+            Node::Erode { input, .. }
+            | Node::Dilate { input, .. }
+            | Node::AnyClass(input)
+            | Node::Slice { input, .. } => r(input),
             Node::Add(a, b) => (r(a).0 + r(b).0, r(a).1 + r(b).1),
             Node::Sub(a, b) => (r(a).0 - r(b).1, r(a).1 - r(b).0),
             Node::Neg(a) => (-r(a).1, -r(a).0),
@@ -319,7 +321,8 @@ mod tests {
                 assert_ne!(name, "deep", "nested xors exceed the i8 interval and must be declined");
                 let checked = inputs::check(&logits, &labels, module.min_classes, ignore).expect("valid inputs");
                 let provided = (0..module.len()).map(|_| None).collect();
-                let reference = reference::run_nodes(module, &loss.params().curves, &checked.batch(), provided, &wanted);
+                let reference =
+                    reference::run_nodes(module, &loss.params().curves, &checked.batch(), provided, &wanted);
                 for handle in &wanted {
                     let ours = as_floats(values[handle.index()].as_ref().expect("evaluated"), images, height, width);
                     let theirs = reference.values[handle.index()].as_ref().expect("computed");

@@ -146,7 +146,12 @@ impl Loss {
             if curve.pieces() != spec.pieces {
                 return Err(LossError::Curves {
                     metric,
-                    problem: format!("curve `{}` has {} pieces, the parameters give {}", spec.name, spec.pieces, curve.pieces()),
+                    problem: format!(
+                        "curve `{}` has {} pieces, the parameters give {}",
+                        spec.name,
+                        spec.pieces,
+                        curve.pieces()
+                    ),
                 });
             }
         }
@@ -217,7 +222,8 @@ impl Loss {
 
     /// The fused kernel's program, when the module has one worth running (some curve).
     fn plan(&self, classes: usize) -> Option<fused::plan::FusedPlan> {
-        fused::plan::FusedPlan::new(&self.compiled.relaxed, &self.params.curves, classes).filter(|plan| plan.has_curves())
+        fused::plan::FusedPlan::new(&self.compiled.relaxed, &self.params.curves, classes)
+            .filter(|plan| plan.has_curves())
     }
 
     /// The surrogate with its undefined flags and reported values.

@@ -293,7 +293,8 @@ pub fn load_voc(dir: &Path, classes: Option<usize>) -> Result<Dataset, DataError
     let classes = match classes {
         Some(classes) => classes,
         None => {
-            let largest = all().flat_map(|s| s.label.iter().copied()).filter(|&v| v != DEFAULT_IGNORE_LABEL).max().unwrap_or(0);
+            let largest =
+                all().flat_map(|s| s.label.iter().copied()).filter(|&v| v != DEFAULT_IGNORE_LABEL).max().unwrap_or(0);
             largest as usize + 1
         }
     };
@@ -301,7 +302,9 @@ pub fn load_voc(dir: &Path, classes: Option<usize>) -> Result<Dataset, DataError
         return Err(DataError::OneClass);
     }
     for sample in all() {
-        if let Some(position) = sample.label.iter().position(|&v| v != DEFAULT_IGNORE_LABEL && (v < 0 || v >= classes as i64)) {
+        if let Some(position) =
+            sample.label.iter().position(|&v| v != DEFAULT_IGNORE_LABEL && (v < 0 || v >= classes as i64))
+        {
             return Err(DataError::LabelValue {
                 path: dir.join("SegmentationClass").join(format!("{}.png", sample.name)).display().to_string(),
                 value: sample.label[position],

@@ -6,8 +6,8 @@
 //! stay deterministic on CPU. Baselines: cross-entropy (libtorch) and Lovász-softmax.
 
 use crate::data::{self, Dataset, Sample};
-use compiler::ir::DEFAULT_IGNORE_LABEL;
 use crate::network::{ProxyNet, STRIDE};
+use compiler::ir::DEFAULT_IGNORE_LABEL;
 use losscc_loss::{Loss, LossError, Overrides};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

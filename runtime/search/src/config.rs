@@ -96,7 +96,6 @@ impl Preset {
     }
 }
 
-
 /// Names the first setting that differs between a saved configuration and this run's, in
 /// words.
 pub fn config_difference(saved: &SearchConfig, now: &SearchConfig) -> Option<String> {
@@ -107,7 +106,9 @@ pub fn config_difference(saved: &SearchConfig, now: &SearchConfig) -> Option<Str
                 Some(old) if old.text != file.text => {
                     return Some(format!("the file `{}` changed since the search started", file.name))
                 }
-                None => return Some(format!("the file `{}` is used now but was not when the search started", file.name)),
+                None => {
+                    return Some(format!("the file `{}` is used now but was not when the search started", file.name))
+                }
                 Some(_) => {}
             }
         }
@@ -135,4 +136,3 @@ fn short(value: &serde_json::Value) -> String {
         text
     }
 }
-

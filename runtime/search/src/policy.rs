@@ -109,4 +109,3 @@ pub fn ppo_update(mu_x: &[f64], samples: &[Vec<f64>], advantages: &[f64], config
     }
     Vec::<f64>::try_from(variable.detach()).expect("a float64 vector")
 }
-

@@ -124,7 +124,8 @@ pub fn write(
         );
     }
     if !outcome.failed.is_empty() {
-        let _ = writeln!(text, "\n## Failed candidates\n\n| candidate | attempts | host | reason |\n|---|---:|---|---|");
+        let _ =
+            writeln!(text, "\n## Failed candidates\n\n| candidate | attempts | host | reason |\n|---|---:|---|---|");
         for failed in &outcome.failed {
             let _ = writeln!(
                 text,
@@ -136,7 +137,10 @@ pub fn write(
                 failed.reason.replace('|', "\\|")
             );
         }
-        let _ = writeln!(text, "\nEach failed candidate's folder keeps its attempts' `task.log` (and a trainer's output files).");
+        let _ = writeln!(
+            text,
+            "\nEach failed candidate's folder keeps its attempts' `task.log` (and a trainer's output files)."
+        );
     }
     let _ = writeln!(
         text,

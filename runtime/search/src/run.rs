@@ -243,10 +243,13 @@ impl Search<'_> {
             trained += run_round.trained;
             recovered += run_round.recovered;
 
-            let finished: Vec<Candidate> = results.iter().filter_map(|r| r.as_ref().and_then(|r| r.as_ref().ok()).cloned()).collect();
-            let failed: Vec<Failed> = results.iter().filter_map(|r| r.as_ref().and_then(|r| r.as_ref().err()).cloned()).collect();
+            let finished: Vec<Candidate> =
+                results.iter().filter_map(|r| r.as_ref().and_then(|r| r.as_ref().ok()).cloned()).collect();
+            let failed: Vec<Failed> =
+                results.iter().filter_map(|r| r.as_ref().and_then(|r| r.as_ref().err()).cloned()).collect();
             if finished.is_empty() {
-                let reasons: Vec<String> = failed.iter().map(|f| format!("{}-{}: {}", f.round, f.sample, f.reason)).collect();
+                let reasons: Vec<String> =
+                    failed.iter().map(|f| format!("{}-{}: {}", f.round, f.sample, f.reason)).collect();
                 return Err(SearchError::Stopped {
                     reason: format!("every candidate of round {} failed ({})", round + 1, reasons.join("; ")),
                     stderr_tail: failed.last().map(|f| f.stderr_tail.clone()).unwrap_or_default(),
@@ -399,9 +402,12 @@ impl RoundRun<'_, '_> {
             let none_finished = self.results.iter().all(|r| !matches!(r, Some(Ok(_))));
             if first_pass && trainer && self.round == 0 && none_finished {
                 let last = self.pending.values().filter_map(|p| p.last_failure.clone()).last();
-                let (reason, stderr_tail) = last.map_or((String::new(), String::new()), |o| (o.reason.unwrap_or_default(), o.stderr_tail));
+                let (reason, stderr_tail) =
+                    last.map_or((String::new(), String::new()), |o| (o.reason.unwrap_or_default(), o.stderr_tail));
                 return Err(SearchError::Stopped {
-                    reason: format!("the trainer command failed on every candidate of the first round (the last: {reason})"),
+                    reason: format!(
+                        "the trainer command failed on every candidate of the first round (the last: {reason})"
+                    ),
                     stderr_tail,
                 });
             }
@@ -423,7 +429,8 @@ impl RoundRun<'_, '_> {
             self.pending.iter().filter(|(_, p)| p.failures > self.search.retries).map(|(&s, _)| s).collect();
         for sample in exhausted {
             let state = self.pending.remove(&sample).expect("pending");
-            let last = state.last_failure.unwrap_or_else(|| TaskOutcome::failure("no attempt ran".into(), String::new()));
+            let last =
+                state.last_failure.unwrap_or_else(|| TaskOutcome::failure("no attempt ran".into(), String::new()));
             let failed = Failed {
                 round: self.round,
                 sample,
@@ -485,7 +492,11 @@ impl RoundRun<'_, '_> {
         let progress = self.search.progress;
         match report {
             Report::Started { slot, attempt } => {
-                progress.candidate_started(slot, &format!("candidate {}", attempt.label()), self.search.config.train.iters);
+                progress.candidate_started(
+                    slot,
+                    &format!("candidate {}", attempt.label()),
+                    self.search.config.train.iters,
+                );
             }
             Report::Step { slot, step, .. } => progress.candidate_step(slot, step),
             Report::Counts { queued, running, done, failed } => progress.array(queued, running, done, failed),

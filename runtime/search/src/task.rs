@@ -127,7 +127,8 @@ pub enum TaskError {
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TaskError> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| TaskError::Unreadable { path: path.display().to_string(), error: error.to_string() })?;
-    serde_json::from_str(&text).map_err(|error| TaskError::Unreadable { path: path.display().to_string(), error: error.to_string() })
+    serde_json::from_str(&text)
+        .map_err(|error| TaskError::Unreadable { path: path.display().to_string(), error: error.to_string() })
 }
 
 /// Run the attempt in `dir` and write its outcome there. `on_step(step, total)` reports the
@@ -212,16 +213,14 @@ fn proxy_reward(
     let device_name = format!("{device:?}");
     let loss = candidate_loss(config, task)?;
     let target = target_metric(config)?;
-    let dataset: Dataset = trainer::load_dataset(
-        config.dataset.folder.as_deref(),
-        config.dataset.classes,
-        &config.dataset.synthetic,
-    )
-    .map_err(|e| Failure::new(e.to_string()))?;
+    let dataset: Dataset =
+        trainer::load_dataset(config.dataset.folder.as_deref(), config.dataset.classes, &config.dataset.synthetic)
+            .map_err(|e| Failure::new(e.to_string()))?;
     let train = trainer::TrainConfig { seed: config.seed, ..config.train.clone() };
     let total = train.iters;
-    let trained = trainer::train(&dataset, &Objective::Compiled(&loss), &train, device, &mut |step| on_step(step, total))
-        .map_err(|e| Failure { device: device_name.clone(), ..Failure::new(e.to_string()) })?;
+    let trained =
+        trainer::train(&dataset, &Objective::Compiled(&loss), &train, device, &mut |step| on_step(step, total))
+            .map_err(|e| Failure { device: device_name.clone(), ..Failure::new(e.to_string()) })?;
     let value = trained
         .evaluate(&dataset.holdout, &[&target])
         .map_err(|e| Failure { device: device_name.clone(), ..Failure::new(e.to_string()) })?[0];
@@ -233,7 +232,8 @@ fn target_metric(config: &SearchConfig) -> Result<Loss, Failure> {
     if let Some(metric) = trainer::standard_metric(&config.target) {
         return Ok(metric);
     }
-    let loss = Loss::from_file(Path::new(&config.target), &Overrides::new()).map_err(|e| Failure::new(e.to_string()))?;
+    let loss =
+        Loss::from_file(Path::new(&config.target), &Overrides::new()).map_err(|e| Failure::new(e.to_string()))?;
     let now = SearchConfig { target_sources: loss.compiled().program.sources(), ..config.clone() };
     if let Some(what) = config_difference(config, &now) {
         return Err(Failure::new(format!("{what}; resume with the files the search started with")));
@@ -246,9 +246,15 @@ fn target_metric(config: &SearchConfig) -> Result<Loss, Failure> {
 fn trainer_reward(config: &SearchConfig, task: &TaskFile, dir: &Path, command: &str) -> Result<(f64, String), Failure> {
     let loss = candidate_loss(config, task)?;
     let compiled = loss.compiled();
-    let write_error = |what: &str, error: std::io::Error| Failure::new(format!("cannot write {what} in `{}`: {error}", dir.display()));
-    let model = onnx::emit_loss(compiled, &loss.params().curves, &EmitOptions { ignore_label: loss.ignore_label(), ..Default::default() })
-        .map_err(|e| Failure::new(e.to_string()))?;
+    let write_error = |what: &str, error: std::io::Error| {
+        Failure::new(format!("cannot write {what} in `{}`: {error}", dir.display()))
+    };
+    let model = onnx::emit_loss(
+        compiled,
+        &loss.params().curves,
+        &EmitOptions { ignore_label: loss.ignore_label(), ..Default::default() },
+    )
+    .map_err(|e| Failure::new(e.to_string()))?;
     let onnx_path = dir.join("loss.onnx");
     std::fs::write(&onnx_path, onnx::to_bytes(&model)).map_err(|e| write_error("loss.onnx", e))?;
     let params = loss.params().to_file(
@@ -278,13 +284,23 @@ fn trainer_reward(config: &SearchConfig, task: &TaskFile, dir: &Path, command: &
         .status()
         .map_err(|e| Failure::new(format!("cannot run `sh -c`: {e}")))?;
     let code = status.code();
-    let _ = std::fs::write(dir.join("trainer.status"), format!("{}\n", code.map_or("killed by a signal".into(), |c| c.to_string())));
+    let _ = std::fs::write(
+        dir.join("trainer.status"),
+        format!("{}\n", code.map_or("killed by a signal".into(), |c| c.to_string())),
+    );
     let stderr_tail = tail(&stderr_path, 20);
-    let fail = |reason: String, fatal: bool| Failure { reason, stderr_tail: stderr_tail.clone(), fatal, device: String::new() };
+    let fail = |reason: String, fatal: bool| Failure {
+        reason,
+        stderr_tail: stderr_tail.clone(),
+        fatal,
+        device: String::new(),
+    };
     match code {
         Some(127) => {
             return Err(fail(
-                format!("the trainer command `{command}` was not found (sh exit status 127); check the command and PATH"),
+                format!(
+                    "the trainer command `{command}` was not found (sh exit status 127); check the command and PATH"
+                ),
                 true,
             ))
         }
@@ -293,12 +309,24 @@ fn trainer_reward(config: &SearchConfig, task: &TaskFile, dir: &Path, command: &
         None => return Err(fail("the trainer command was killed by a signal".into(), false)),
     }
     let text = std::fs::read_to_string(&result_path).map_err(|_| {
-        fail(format!("the trainer command wrote no result: `{}` (LOSSCC_RESULT) does not exist", result_path.display()), false)
+        fail(
+            format!("the trainer command wrote no result: `{}` (LOSSCC_RESULT) does not exist", result_path.display()),
+            false,
+        )
     })?;
     let reward = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|value| value.get("reward").and_then(|r| r.as_f64()))
-        .ok_or_else(|| fail(format!("the result `{}` is not JSON with a numeric \"reward\": {}", result_path.display(), text.trim()), false))?;
+        .ok_or_else(|| {
+            fail(
+                format!(
+                    "the result `{}` is not JSON with a numeric \"reward\": {}",
+                    result_path.display(),
+                    text.trim()
+                ),
+                false,
+            )
+        })?;
     if !reward.is_finite() {
         return Err(fail(format!("the trainer command's reward is {reward}, not a finite number"), false));
     }

@@ -156,9 +156,10 @@ pub struct Args {
 pub fn run_command(args: Args) -> anyhow::Result<std::process::ExitCode> {
     let overrides = crate::args::parse_sets(&args.set)?;
     let shape_text = &args.shape;
-    let dims: Vec<i64> = shape_text.split(',').map(|d| d.trim().parse::<i64>()).collect::<Result<_, _>>().map_err(|_| {
-        anyhow::anyhow!("`--shape {shape_text}` must be four positive integers N,C,H,W, e.g. 4,21,256,256.")
-    })?;
+    let dims: Vec<i64> =
+        shape_text.split(',').map(|d| d.trim().parse::<i64>()).collect::<Result<_, _>>().map_err(|_| {
+            anyhow::anyhow!("`--shape {shape_text}` must be four positive integers N,C,H,W, e.g. 4,21,256,256.")
+        })?;
     let shape: [i64; 4] = match dims.as_slice() {
         [n, c, h, w] if dims.iter().all(|&d| d > 0) => [*n, *c, *h, *w],
         _ => anyhow::bail!("`--shape {shape_text}` must be four positive integers N,C,H,W, e.g. 4,21,256,256."),
@@ -180,7 +181,14 @@ pub fn run_command(args: Args) -> anyhow::Result<std::process::ExitCode> {
         println!("|---|---|---|---|---|---|---|---|");
         println!(
             "| {} | {:?} | {} | {} | {:.2} | {:.2} | {:.2}x | {:.0} |",
-            report.metric, report.shape, report.device, report.path, report.loss_ms, report.ce_ms, report.ratio, report.peak_extra_mb
+            report.metric,
+            report.shape,
+            report.device,
+            report.path,
+            report.loss_ms,
+            report.ce_ms,
+            report.ratio,
+            report.peak_extra_mb
         );
     }
     Ok(std::process::ExitCode::SUCCESS)

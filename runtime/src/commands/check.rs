@@ -1,4 +1,4 @@
-//! `losscc check FILE... [--emit ast|ir|relaxed]`: parse and type-check metric files, print
+//! `losscc check FILE... [--emit ast|ir|relaxed|grad]`: parse and type-check metric files, print
 //! diagnostics with source positions, and optionally a stage's output.
 
 use super::{color, Reported};
@@ -17,6 +17,8 @@ pub enum Emit {
     Ir,
     /// The relaxed IR (the surrogate) and its curve manifest.
     Relaxed,
+    /// The gradient program: reverse mode over the relaxed IR (what `compile --grad` emits).
+    Grad,
 }
 
 #[derive(clap::Args)]
@@ -64,7 +66,16 @@ fn check_one(file: &Path, emit: Option<Emit>, overrides: &[(String, String)]) ->
         Ok(compiled) => {
             match emit {
                 Some(Emit::Ir) => print!("{}", compiler::print::dump(&compiled.exact, None)),
-                Some(Emit::Relaxed) => print!("{}", compiler::print::dump(&compiled.relaxed, Some(compiled.manifest()))),
+                Some(Emit::Relaxed) => {
+                    print!("{}", compiler::print::dump(&compiled.relaxed, Some(compiled.manifest())))
+                }
+                Some(Emit::Grad) => match compiler::grad::differentiate(&compiled.relaxed) {
+                    Ok(program) => print!("{}", compiler::grad::dump(&program, &compiled.relaxed)),
+                    Err(error) => {
+                        eprintln!("error: {error}");
+                        return Err(Reported);
+                    }
+                },
                 Some(Emit::Ast) | None => {}
             }
             let curves: Vec<&str> = compiled.manifest().curves.iter().map(|c| c.name.as_str()).collect();

@@ -1,6 +1,7 @@
-//! `losscc compile FILE [-o OUT.onnx]`: the ONNX loss graph (or the exact-count graph) that
-//! other frameworks load. Without `-o` the graph goes beside the source, `FILE` with the
-//! extension `.onnx`.
+//! `losscc compile FILE [-o OUT.onnx]`: the ONNX loss graph (or the loss with its gradient,
+//! or the exact-count graph) that other frameworks load. Without `-o` the graph goes beside
+//! the source: `FILE.onnx`, `FILE.grad.onnx` or `FILE.exact.onnx`, so one never overwrites
+//! another.
 
 use super::load_loss;
 use crate::args::{parse_sets, LabelArgs};
@@ -19,8 +20,9 @@ pub enum OnnxEmit {
 #[derive(clap::Args)]
 pub struct Args {
     file: PathBuf,
-    /// Where to write the model [default: FILE with the extension `.onnx`, beside it; with
-    /// `--emit` alone, nowhere].
+    /// Where to write the model [default: beside FILE, with the extension `.onnx`
+    /// (`.grad.onnx` with `--grad`, `.exact.onnx` with `--exact`); with `--emit` alone,
+    /// nowhere].
     #[arg(short = 'o', long = "output")]
     output: Option<PathBuf>,
     /// Curve parameters (losscc format or the published `control_points` layout).
@@ -31,8 +33,12 @@ pub struct Args {
     #[command(flatten)]
     label_values: LabelArgs,
     /// Emit the exact metric's per-class counts graph instead of the loss.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "grad")]
     exact: bool,
+    /// Emit the loss with its gradient: outputs `loss` and `dloss_dlogits`, derived by the
+    /// compiler's reverse-mode pass (`losscc check --emit grad` prints it).
+    #[arg(long)]
+    grad: bool,
     /// Take the curves from an extra graph input `curves` (all control points, flat, in
     /// manifest order) instead of baking them in, so an external search can vary them.
     #[arg(long, conflicts_with = "exact")]
@@ -53,6 +59,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let model = if args.exact {
         onnx::emit_exact(compiled, &options)?
+    } else if args.grad {
+        onnx::emit_gradient(compiled, &loss.params().curves, &options)?
     } else {
         onnx::emit_loss(compiled, &loss.params().curves, &options)?
     };
@@ -61,7 +69,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let output = match (args.output, args.emit) {
         (Some(output), _) => Some(output),
-        (None, None) => Some(args.file.with_extension("onnx")),
+        (None, None) => Some(args.file.with_extension(match (args.grad, args.exact) {
+            (true, _) => "grad.onnx",
+            (_, true) => "exact.onnx",
+            _ => "onnx",
+        })),
         (None, Some(_)) => None,
     };
     if let Some(output) = output {

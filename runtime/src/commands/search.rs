@@ -132,14 +132,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if preset == Preset::Paper {
         proxy.image_size = proxy.image_size.or(Some(160));
     }
-    let (rounds, samples, iters) =
-        (args.rounds.unwrap_or(preset_rounds), args.samples.unwrap_or(preset_samples), args.iters.unwrap_or(preset_iters));
+    let (rounds, samples, iters) = (
+        args.rounds.unwrap_or(preset_rounds),
+        args.samples.unwrap_or(preset_samples),
+        args.iters.unwrap_or(preset_iters),
+    );
     let file = &std::path::absolute(&args.file).with_context(|| format!("cannot find `{}`", args.file.display()))?;
     let device = trainer::choose_device(proxy.gpu).map_err(anyhow::Error::msg)?;
     let overrides = parse_sets(&args.set)?;
     let loss = load_loss(file, &overrides, args.params.as_deref())?;
     let evaluator = match &args.trainer {
-        Some(command) if command.trim().is_empty() => anyhow::bail!("--trainer needs a command, e.g. --trainer 'python3 train.py'"),
+        Some(command) if command.trim().is_empty() => {
+            anyhow::bail!("--trainer needs a command, e.g. --trainer 'python3 train.py'")
+        }
         Some(command) => EvaluatorSpec::Trainer { command: command.clone() },
         None => EvaluatorSpec::Proxy,
     };
@@ -247,7 +252,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ExecutorArg::Slurm => Box::new(Slurm::new(program, out.clone(), args.slurm_args.clone(), threads)?),
     };
     let at_once = match args.executor {
-        ExecutorArg::Local => format!("{workers} at once on {}", if gpus.is_empty() { "the CPU".to_string() } else { format!("{} GPU(s)", gpus.len()) }),
+        ExecutorArg::Local => format!(
+            "{workers} at once on {}",
+            if gpus.is_empty() { "the CPU".to_string() } else { format!("{} GPU(s)", gpus.len()) }
+        ),
         ExecutorArg::Slurm => "one Slurm job array per round".to_string(),
     };
     eprintln!(

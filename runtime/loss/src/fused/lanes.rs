@@ -214,4 +214,3 @@ pub(super) fn row_sum(values: &[f32]) -> f64 {
     let tail: f32 = chunks.remainder().iter().sum();
     lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
 }
-

@@ -41,7 +41,6 @@
 //! arithmetic); this file runs them. The entry point takes a [`FusedBatch`], which only
 //! exists for checked float32 CPU inputs, so the raw reads of tensor memory here are sound.
 
-
 mod lanes;
 pub(crate) mod plan;
 mod sweep;
@@ -57,8 +56,8 @@ use crate::reference::{self, Surrogate};
 use compiler::curve::Curve;
 use compiler::ir::{Handle, Node, Shape};
 use compiler::RelaxedModule;
-use plan::{width, FusedPlan};
 use plan::Op;
+use plan::{width, FusedPlan};
 use sweep::{backward_run, forward_run, CurveStore, Frame, PlaneData, SharedPlanes, Sweep, Tile, TileBuffers, TILE};
 use tch::{Kind, Tensor};
 
@@ -154,7 +153,8 @@ pub(crate) fn surrogate(
             if let Some(label_planes::Value::Plane { data, width }) = &computed[input.index()] {
                 let sums = label_planes::class_sums(data, *width, pixels_per_image);
                 let tensor = Tensor::from_slice(&sums).to_kind(logits.kind());
-                let tensor = if matches!(module.shape(*count), Shape::Scalar) { tensor.sum(logits.kind()) } else { tensor };
+                let tensor =
+                    if matches!(module.shape(*count), Shape::Scalar) { tensor.sum(logits.kind()) } else { tensor };
                 provided[count.index()] = Some(tensor);
             }
         }
@@ -209,7 +209,8 @@ pub(crate) fn surrogate(
         frames[frame].values = softmax_planes;
     }
     let frames = frames;
-    let mut winners: Vec<Vec<u32>> = plan.pools.iter().map(|pool| vec![0u32; frame_len(plan.frames[pool.output])]).collect();
+    let mut winners: Vec<Vec<u32>> =
+        plan.pools.iter().map(|pool| vec![0u32; frame_len(plan.frames[pool.output])]).collect();
     let sweep = Sweep {
         plan,
         logits: logit_values,
@@ -338,4 +339,3 @@ pub(crate) fn surrogate(
     let loss = result.loss.detach() + (&linear - linear.detach());
     Ok(Surrogate { loss, ..result })
 }
-

@@ -18,15 +18,26 @@ pub(super) enum Op {
     Valid,
     Const(f32),
     Plane(usize),
-    Curve { input: usize, pieces: Vec<Piece<f32, bool>> },
+    Curve {
+        input: usize,
+        pieces: Vec<Piece<f32, bool>>,
+    },
     Add(usize, usize),
     Sub(usize, usize),
     Mul(usize, usize),
     Neg(usize),
     AnyClass(usize),
-    Slice { input: usize, start: usize },
-    Count { input: usize, count: usize },
-    NllSum { count: usize },
+    Slice {
+        input: usize,
+        start: usize,
+    },
+    Count {
+        input: usize,
+        count: usize,
+    },
+    NllSum {
+        count: usize,
+    },
     /// A value computed in an earlier stage or by a pooling between stages: read from a
     /// frame (a full plane), its gradient added back into the frame's gradient plane.
     Import(usize),
@@ -113,7 +124,8 @@ impl FusedPlan {
         for handle in module.handles() {
             let node = module.node(handle);
             let i = handle.index();
-            let operands_stage = node.operands().iter().filter(|o| on_pred[o.index()]).map(|o| node_stage[o.index()]).max();
+            let operands_stage =
+                node.operands().iter().filter(|o| on_pred[o.index()]).map(|o| node_stage[o.index()]).max();
             let pooled = matches!(node, Node::Erode { .. } | Node::Dilate { .. });
             node_stage[i] = operands_stage.unwrap_or(0) + usize::from(pooled && on_pred[i]);
         }
@@ -409,7 +421,6 @@ impl FusedPlan {
             .map(|i| (self.steps[i].width, self.back_value[i]))
             .collect()
     }
-
 }
 
 /// The steps an operation reads.
@@ -423,4 +434,3 @@ pub(super) fn step_operands(op: &Op) -> Vec<usize> {
         }
     }
 }
-

@@ -6,7 +6,6 @@ use super::lanes::{curve_row, exp_nonpositive, row_sum, unit};
 use super::plan::{FusedPlan, Op, Step};
 use crate::kernels::simd::with_best_simd;
 
-
 with_best_simd!(
     pub(super) forward_run,
     (sweep: &Sweep<'_>, run: &[Tile], buffers: &mut TileBuffers, softmax: SharedPlanes, store: &CurveStore),
@@ -35,7 +34,6 @@ with_best_simd!(
         }
     }
 );
-
 
 /// A tile: `n` consecutive pixels of one image, from position `within`.
 #[derive(Clone, Copy, Debug)]
@@ -589,4 +587,3 @@ fn binary(values: &mut [f32], a: &Step, b: &Step, offset: usize, width: usize, n
         }
     }
 }
-

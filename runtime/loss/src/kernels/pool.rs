@@ -8,8 +8,8 @@
 //! then in the row pass), so gradients equal too. Every loop is written to vectorize and is
 //! compiled for the best SIMD level; planes are split over the cores.
 
-use super::simd::with_best_simd;
 use super::plane_chunk;
+use super::simd::with_best_simd;
 
 /// The window minimum (`erode`) or maximum of every `[h, w]` plane of `input` into `output`.
 pub(crate) fn pool(input: &[f32], output: &mut [f32], (h, w): (usize, usize), radius: usize, erode: bool) {
@@ -172,7 +172,9 @@ pub(crate) fn window_winners(
     }
     let chunk = plane_chunk(input.len(), plane);
     std::thread::scope(|scope| {
-        for ((inputs, outputs), values) in input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(values.chunks_mut(chunk)) {
+        for ((inputs, outputs), values) in
+            input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(values.chunks_mut(chunk))
+        {
             scope.spawn(move || winner_planes_u32(inputs, outputs, values, h, w, radius, erode));
         }
     });
@@ -233,7 +235,8 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
             let own = &column_index[y * w..(y + 1) * w];
             let out = &mut target[y * w..(y + 1) * w];
             // The winners' values too, when asked for (the fused kernel's pooled frame).
-            let mut out_values = values.as_deref_mut().map(|v| &mut v[index * plane + y * w..index * plane + (y + 1) * w]);
+            let mut out_values =
+                values.as_deref_mut().map(|v| &mut v[index * plane + y * w..index * plane + (y + 1) * w]);
             for start in (0..blocks).step_by(L) {
                 let mut v = [sentinel; L];
                 let mut i: [u32; L] = own[start..][..L].try_into().expect("a block");
@@ -280,15 +283,18 @@ fn take_better<const ERODE: bool, const L: usize>(v: &mut [f32; L], i: &mut [u32
     }
 }
 
-
 /// `target[winner[i]] += source[i]` within each `[H, W]` plane (a pooling's backward: each
 /// output's gradient goes to its window's winner), split over the cores by planes.
 pub(crate) fn scatter_planes(source: &[f32], winners: &[u32], target: &mut [f32], plane: usize) {
     let per_worker = plane_chunk(source.len(), plane);
     std::thread::scope(|scope| {
-        for ((source, winners), target) in source.chunks(per_worker).zip(winners.chunks(per_worker)).zip(target.chunks_mut(per_worker)) {
+        for ((source, winners), target) in
+            source.chunks(per_worker).zip(winners.chunks(per_worker)).zip(target.chunks_mut(per_worker))
+        {
             scope.spawn(move || {
-                for ((source, winners), target) in source.chunks(plane).zip(winners.chunks(plane)).zip(target.chunks_mut(plane)) {
+                for ((source, winners), target) in
+                    source.chunks(plane).zip(winners.chunks(plane)).zip(target.chunks_mut(plane))
+                {
                     for (&g, &i) in source.iter().zip(winners) {
                         target[i as usize] += g;
                     }

@@ -47,4 +47,3 @@ pub(crate) fn give_back(buffer: Vec<f32>) {
         pool.swap_remove(smallest);
     }
 }
-

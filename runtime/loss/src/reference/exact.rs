@@ -30,7 +30,9 @@ pub(crate) fn exact_counts(module: &ExactModule, batch: &Batch<'_>) -> Result<Ve
             Node::Or(a, b) if pixel(handle) => Some(v(a).maximum(v(b))),
             Node::Xor(a, b) if pixel(handle) => Some(v(a).ne_tensor(v(b)).to_kind(set_kind)),
             Node::Not(a) if pixel(handle) => Some(v(a).ones_like() - v(a)),
-            Node::Slice { input, start, end } if pixel(handle) => Some(slice(v(input), module.shape(*input), *start, *end)),
+            Node::Slice { input, start, end } if pixel(handle) => {
+                Some(slice(v(input), module.shape(*input), *start, *end))
+            }
             Node::Erode { input, radius } => Some(pool_tensor(v(input), *radius, true)),
             Node::Dilate { input, radius } => Some(pool_tensor(v(input), *radius, false)),
             Node::AnyClass(input) => Some(v(input).amax([1].as_slice(), true)),

@@ -71,8 +71,9 @@ pub(crate) fn pool_tensor(x: &Tensor, radius: u32, erode: bool) -> Tensor {
     // pixel) instead of one 2-D pass (k² reads). max_pool2d pads with −∞: for dilation the
     // border is outside; erosion is the negated dilation of the negation, so there the
     // border counts as inside.
-    let dilate =
-        |t: &Tensor| t.max_pool2d([k, 1], [1, 1], [r, 0], [1, 1], false).max_pool2d([1, k], [1, 1], [0, r], [1, 1], false);
+    let dilate = |t: &Tensor| {
+        t.max_pool2d([k, 1], [1, 1], [r, 0], [1, 1], false).max_pool2d([1, k], [1, 1], [0, r], [1, 1], false)
+    };
     if erode {
         dilate(&x.neg()).neg()
     } else {
@@ -156,7 +157,12 @@ impl Clone for Mask {
 pub(crate) struct Tensors;
 
 impl Tensors {
-    fn arithmetic(a: &Value, b: &Value, numbers: fn(f64, f64) -> f64, tensors: fn(&Tensor, &Tensor) -> Tensor) -> Value {
+    fn arithmetic(
+        a: &Value,
+        b: &Value,
+        numbers: fn(f64, f64) -> f64,
+        tensors: fn(&Tensor, &Tensor) -> Tensor,
+    ) -> Value {
         match (a, b) {
             (Value::Number(x), Value::Number(y)) => Value::Number(numbers(*x, *y)),
             (Value::Tensor(x), Value::Tensor(y)) => Value::Tensor(tensors(x, y)),
@@ -165,7 +171,12 @@ impl Tensors {
         }
     }
 
-    fn comparison(a: &Value, b: &Value, numbers: fn(f64, f64) -> bool, tensors: fn(&Tensor, &Tensor) -> Tensor) -> Mask {
+    fn comparison(
+        a: &Value,
+        b: &Value,
+        numbers: fn(f64, f64) -> bool,
+        tensors: fn(&Tensor, &Tensor) -> Tensor,
+    ) -> Mask {
         match (a, b) {
             (Value::Number(x), Value::Number(y)) => Mask::Bool(numbers(*x, *y)),
             (Value::Tensor(x), Value::Tensor(y)) => Mask::Tensor(tensors(x, y)),

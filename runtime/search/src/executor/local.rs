@@ -32,7 +32,8 @@ enum Event {
 
 impl Local {
     fn spawn(&self, slot: usize, attempt: &Attempt, events: &mpsc::Sender<Event>) -> Result<Child, String> {
-        let log = std::fs::File::create(attempt.dir.join("task.log")).map_err(|e| format!("cannot create task.log: {e}"))?;
+        let log =
+            std::fs::File::create(attempt.dir.join("task.log")).map_err(|e| format!("cannot create task.log: {e}"))?;
         let mut command = Command::new(&self.program);
         command.arg("task").arg(&attempt.dir).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
         if !self.gpus.is_empty() {
@@ -46,7 +47,9 @@ impl Local {
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
                 let mut words = line.split_whitespace();
                 if words.next() == Some(PROGRESS_PREFIX) {
-                    if let (Some(Ok(step)), Some(Ok(total))) = (words.next().map(str::parse), words.next().map(str::parse)) {
+                    if let (Some(Ok(step)), Some(Ok(total))) =
+                        (words.next().map(str::parse), words.next().map(str::parse))
+                    {
                         let _ = sender.send(Event::Step { slot, step, total });
                     }
                 }
@@ -78,7 +81,12 @@ impl Executor for Local {
         "local"
     }
 
-    fn run(&mut self, _round: usize, attempts: Vec<Attempt>, report: &mut dyn FnMut(Report) -> Control) -> Result<(), SearchError> {
+    fn run(
+        &mut self,
+        _round: usize,
+        attempts: Vec<Attempt>,
+        report: &mut dyn FnMut(Report) -> Control,
+    ) -> Result<(), SearchError> {
         let mut queue: VecDeque<Attempt> = attempts.into();
         let (sender, events) = mpsc::channel::<Event>();
         let mut running: Vec<Option<(Child, Attempt)>> = (0..self.workers.max(1)).map(|_| None).collect();
@@ -144,7 +152,11 @@ impl Executor for Local {
         Ok(())
     }
 
-    fn reattach(&mut self, _submitted: &Submitted, _report: &mut dyn FnMut(Report) -> Control) -> Result<bool, SearchError> {
+    fn reattach(
+        &mut self,
+        _submitted: &Submitted,
+        _report: &mut dyn FnMut(Report) -> Control,
+    ) -> Result<bool, SearchError> {
         Ok(false)
     }
 }

@@ -58,8 +58,17 @@ pub trait Executor {
     fn name(&self) -> &'static str;
     /// Run the attempts (all of one round), reporting each as it finishes, and return when
     /// every attempt has ended (or a report asked to stop).
-    fn run(&mut self, round: usize, attempts: Vec<Attempt>, report: &mut dyn FnMut(Report) -> Control) -> Result<(), SearchError>;
+    fn run(
+        &mut self,
+        round: usize,
+        attempts: Vec<Attempt>,
+        report: &mut dyn FnMut(Report) -> Control,
+    ) -> Result<(), SearchError>;
     /// Follow a job array an earlier driver submitted, if it still runs: report each of its
     /// attempts as it ends and return `true`; `false` when there is nothing to follow.
-    fn reattach(&mut self, submitted: &Submitted, report: &mut dyn FnMut(Report) -> Control) -> Result<bool, SearchError>;
+    fn reattach(
+        &mut self,
+        submitted: &Submitted,
+        report: &mut dyn FnMut(Report) -> Control,
+    ) -> Result<bool, SearchError>;
 }

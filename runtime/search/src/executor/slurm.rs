@@ -71,7 +71,8 @@ impl Slurm {
 
     /// Follow `job` until every task has left the queue, reporting each as it ends.
     fn follow(&self, submitted: &Submitted, report: &mut dyn FnMut(Report) -> Control) -> Result<(), SearchError> {
-        let mut open: BTreeMap<usize, &PathBuf> = submitted.tasks.iter().enumerate().map(|(i, (_, dir))| (i, dir)).collect();
+        let mut open: BTreeMap<usize, &PathBuf> =
+            submitted.tasks.iter().enumerate().map(|(i, (_, dir))| (i, dir)).collect();
         let (mut done, mut failed) = (0, 0);
         let mut last_counts = None;
         // A task that left the queue without an outcome gets one more poll for its file to
@@ -88,7 +89,11 @@ impl Slurm {
                 open.remove(&index);
                 let (sample, _) = submitted.tasks[index];
                 let outcome = task::read_outcome(dir).unwrap_or_else(|| {
-                    let log = self.out.join("rounds").join(submitted.round.to_string()).join(format!("slurm-{}_{index}.out", submitted.job));
+                    let log = self
+                        .out
+                        .join("rounds")
+                        .join(submitted.round.to_string())
+                        .join(format!("slurm-{}_{index}.out", submitted.job));
                     let outcome = TaskOutcome::failure(
                         format!(
                             "Slurm task {}_{index} ended without a result: it was killed or its node was lost, or it \
@@ -106,7 +111,8 @@ impl Slurm {
                 } else {
                     failed += 1;
                 }
-                let attempt = Attempt { round: submitted.round, sample, attempt: attempt_number(dir), dir: dir.clone() };
+                let attempt =
+                    Attempt { round: submitted.round, sample, attempt: attempt_number(dir), dir: dir.clone() };
                 if report(Report::Finished { slot: None, attempt, outcome }) == Control::Stop {
                     let _ = Command::new("scancel").arg(&submitted.job).status();
                     return Ok(());
@@ -149,7 +155,12 @@ impl Executor for Slurm {
         "slurm"
     }
 
-    fn run(&mut self, round: usize, attempts: Vec<Attempt>, report: &mut dyn FnMut(Report) -> Control) -> Result<(), SearchError> {
+    fn run(
+        &mut self,
+        round: usize,
+        attempts: Vec<Attempt>,
+        report: &mut dyn FnMut(Report) -> Control,
+    ) -> Result<(), SearchError> {
         if attempts.is_empty() {
             return Ok(());
         }
@@ -210,7 +221,11 @@ impl Executor for Slurm {
         self.follow(&submitted, report)
     }
 
-    fn reattach(&mut self, submitted: &Submitted, report: &mut dyn FnMut(Report) -> Control) -> Result<bool, SearchError> {
+    fn reattach(
+        &mut self,
+        submitted: &Submitted,
+        report: &mut dyn FnMut(Report) -> Control,
+    ) -> Result<bool, SearchError> {
         if self.queued(&submitted.job)?.is_none() {
             return Ok(false);
         }

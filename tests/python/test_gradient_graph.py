@@ -1,0 +1,219 @@
+"""The gradient graph (`losscc compile FILE --grad`) in every framework it serves.
+
+For every case of the back-end corpus (the example library and `tests/corpus/`), compiled
+with random curves:
+* the graph passes `onnx.checker`'s full check (opset 17, IR 8, symbolic N, C, H, W) and, in
+  ONNX Runtime, gives tch's loss (`losscc eval`, float32) to 1e-5 and tch's gradient to 2e-5
+  of its largest entry (two float32 computations; against float64 tch the Rust suite
+  `tests/backends.rs` holds 1e-5), with the curves baked in and as an input;
+* `losscc_torch.OnnxLoss` (no onnx2torch) gives the same loss and `.grad`;
+* tract loads the loss, gradient and exact-count graphs with symbolic dimensions and gives
+  ONNX Runtime's outputs on two shapes (counts exactly);
+* `jax.grad` of `losscc_jax.onnx_loss` gives tch's gradient, also under `jax.jit`.
+The wrappers refuse wrong dtypes, shapes, devices and files with one sentence each, and both
+training examples (PyTorch through the gradient graph, JAX with optax) raise held-out mIoU.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import tract
+
+from test_onnx_loss import ROOT, Case, corpus, losscc, metadata, random_curves
+
+sys.path.insert(0, str(ROOT / "examples" / "python"))
+from losscc_jax import onnx_loss  # noqa: E402
+from losscc_torch import OnnxLoss  # noqa: E402
+
+
+def close_gradient(test, got, expected, tolerance, what):
+    scale = max(float(np.abs(expected).max()), 1e-9)
+    gap = float(np.abs(got - expected).max())
+    test.assertLessEqual(gap, tolerance * scale, f"{what}: gradient off by {gap:.3e} (largest entry {scale:.3e})")
+
+
+def tract_run(path, inputs):
+    model = tract.onnx().load(str(path))
+    facts = [str(model.input_fact(i)) for i in range(model.input_count())]
+    runnable = model.into_model().into_runnable()
+    return facts, [value.to_numpy() for value in runnable.run(inputs)]
+
+
+class GradientGraphTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = Path(tempfile.mkdtemp(prefix="losscc-grad-"))
+
+    def compile_case(self, case, rng):
+        """The case's graphs, all with the same random curves: the gradient graph (baked and
+        with a curves input), the loss graph and the exact-count graph."""
+        probe = self.tmp / f"{case.name}.probe.onnx"
+        losscc("compile", case.path, "-o", probe, *case.flags())
+        pieces = [c["pieces"] for c in json.loads(metadata(onnx.load(str(probe)))["losscc.curves"])]
+        curves = random_curves(pieces, rng)
+        params = self.tmp / f"{case.name}.params.json"
+        params.write_text(json.dumps({"control_points": curves}))
+        paths = {kind: self.tmp / f"{case.name}.{kind}.onnx" for kind in ("grad", "dynamic", "loss", "exact")}
+        losscc("compile", case.path, "--grad", "-o", paths["grad"], "--params", params, *case.flags())
+        losscc("compile", case.path, "--grad", "--curves-input", "-o", paths["dynamic"], *case.flags())
+        losscc("compile", case.path, "-o", paths["loss"], "--params", params, *case.flags())
+        losscc("compile", case.path, "--exact", "-o", paths["exact"], *case.flags())
+        flat = np.concatenate([np.asarray(c, dtype=np.float32) for c in curves]) if curves else np.zeros(0, np.float32)
+        return paths, params, flat
+
+    def tch_reference(self, case, params, logits, labels):
+        np.save(self.tmp / "logits.npy", logits)
+        np.save(self.tmp / "labels.npy", labels)
+        grad_path = self.tmp / "grad.npy"
+        out = json.loads(losscc("eval", case.path, "--logits", self.tmp / "logits.npy", "--labels",
+                                self.tmp / "labels.npy", "--params", params, "--grad", grad_path, *case.flags()))
+        return out["loss"], np.load(grad_path)
+
+    def test_every_case_in_onnx_runtime_torch_and_tract(self):
+        cases = corpus()
+        self.assertGreaterEqual(len(cases), 20)
+        rng = np.random.default_rng(5)
+        for case in cases:
+            with self.subTest(case=case.name):
+                paths, params, flat = self.compile_case(case, rng)
+                model = onnx.load(str(paths["grad"]))
+                onnx.checker.check_model(model, full_check=True)
+                self.assertEqual((model.opset_import[0].version, model.ir_version), (17, 8))
+                self.assertEqual([o.name for o in model.graph.output], ["loss", "dloss_dlogits"])
+                dims = [d.dim_param for d in model.graph.output[1].type.tensor_type.shape.dim]
+                self.assertEqual(dims, ["N", "C", "H", "W"])
+
+                logits, labels = case.inputs(case.shape)
+                tch_loss, tch_grad = self.tch_reference(case, params, logits, labels)
+                tolerance = 1e-5 * max(abs(tch_loss), 1.0)
+                session = onnxruntime.InferenceSession(str(paths["grad"]))
+                loss, grad = session.run(None, {"logits": logits, "labels": labels})
+                self.assertEqual((loss.shape, grad.shape, grad.dtype), ((), logits.shape, np.float32))
+                self.assertLess(abs(float(loss) - tch_loss), tolerance)
+                close_gradient(self, grad, tch_grad, 2e-5, f"{case.name} in ONNX Runtime")
+
+                dynamic = onnxruntime.InferenceSession(str(paths["dynamic"]))
+                feeds = {"logits": logits, "labels": labels, "curves": flat}
+                d_loss, d_grad = dynamic.run(None, feeds)
+                self.assertLess(abs(float(d_loss) - tch_loss), tolerance)
+                close_gradient(self, d_grad, tch_grad, 2e-5, f"{case.name} with curves as an input")
+
+                x = torch.from_numpy(logits.copy()).requires_grad_(True)
+                value = OnnxLoss(paths["grad"])(x, torch.from_numpy(labels))
+                value.backward()
+                self.assertLess(abs(value.item() - tch_loss), tolerance)
+                close_gradient(self, x.grad.numpy(), tch_grad, 2e-5, f"{case.name} through OnnxLoss")
+
+                # tract, on the case's shape and another one through the same loaded graphs.
+                other = (1, case.shape[1], 9, 11)
+                for shape in (case.shape, other):
+                    x, y = case.inputs(shape)
+                    for kind in ("loss", "grad", "exact"):
+                        facts, ours = tract_run(paths[kind], [x, y])
+                        self.assertEqual(facts, ["N,C,H,W,f32", "N,H,W,i64"], kind)
+                        theirs = onnxruntime.InferenceSession(str(paths[kind])).run(None, {"logits": x, "labels": y})
+                        for index, (a, b) in enumerate(zip(ours, theirs)):
+                            if kind == "exact" and np.all(b == np.round(b)):
+                                np.testing.assert_array_equal(a, b, f"{case.name} {shape} {kind} output {index}")
+                            else:
+                                scale = max(float(np.abs(b).max()), 1e-6)
+                                np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale,
+                                                           err_msg=f"{case.name} {shape} {kind} output {index}")
+
+    def test_jax_grad_equals_tch(self):
+        rng = np.random.default_rng(8)
+        for name, sets in [("miou", []), ("biou", ["tol=1"]), ("bf1", ["tol=1"]), ("miou_biou", []), ("dice", [])]:
+            with self.subTest(metric=name):
+                case = Case(ROOT / "examples" / f"{name}.metric")
+                case.sets = sets
+                paths, params, flat = self.compile_case(case, rng)
+                logits, labels = case.inputs((2, 4, 16, 18))
+                tch_loss, tch_grad = self.tch_reference(case, params, logits, labels)
+                loss_fn = onnx_loss(paths["grad"])
+                value, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logits), jnp.asarray(labels))
+                self.assertLess(abs(float(value) - tch_loss), 1e-5 * max(abs(tch_loss), 1.0))
+                close_gradient(self, np.asarray(grad), tch_grad, 2e-5, f"{name} jax.grad")
+                jitted = jax.jit(jax.grad(lambda x: 2.0 * loss_fn(x, jnp.asarray(labels))))(jnp.asarray(logits))
+                close_gradient(self, np.asarray(jitted), 2.0 * tch_grad, 2e-5, f"{name} jax.jit(jax.grad)")
+                dynamic = onnx_loss(paths["dynamic"], curves=flat)
+                close_gradient(self, np.asarray(jax.grad(dynamic)(jnp.asarray(logits), jnp.asarray(labels))),
+                               tch_grad, 2e-5, f"{name} jax.grad with curves as an input")
+
+    def one_sentence(self, error_type, call, *words):
+        with self.assertRaises(error_type) as caught:
+            call()
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        for word in words:
+            self.assertIn(word, message)
+
+    def test_wrappers_refuse_bad_input_with_one_sentence(self):
+        grad_path, loss_path, dynamic = self.tmp / "m.grad.onnx", self.tmp / "m.onnx", self.tmp / "m.dyn.onnx"
+        losscc("compile", ROOT / "examples" / "miou.metric", "--grad", "-o", grad_path)
+        losscc("compile", ROOT / "examples" / "miou.metric", "-o", loss_path)
+        losscc("compile", ROOT / "examples" / "miou.metric", "--grad", "--curves-input", "-o", dynamic)
+        loss = OnnxLoss(grad_path)
+        x, y = torch.zeros(2, 3, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long)
+        self.one_sentence(TypeError, lambda: loss(x.double(), y), "float32", "float64")
+        self.one_sentence(TypeError, lambda: loss(x, y.float()), "labels", "integer")
+        self.one_sentence(ValueError, lambda: loss(x[0], y), "[N, C, H, W]")
+        self.one_sentence(ValueError, lambda: loss(x, y[:, :3]), "labels must be [N, H, W]")
+        self.one_sentence(ValueError, lambda: loss(x.to("meta"), y.to("meta")), "meta", "CPU")
+        self.one_sentence(ValueError, lambda: loss(x, y.to("meta")), "labels are on meta")
+        self.one_sentence(ValueError, lambda: OnnxLoss(loss_path), "dloss_dlogits", "--grad")
+        self.one_sentence(ValueError, lambda: OnnxLoss(dynamic), "--curves-input", "curves=")
+        self.one_sentence(ValueError, lambda: OnnxLoss(dynamic, curves=[0.5] * 3), "takes 12 curve coordinates")
+        self.one_sentence(ValueError, lambda: OnnxLoss(grad_path, curves=[0.5] * 12), "bakes its curves in")
+        jax_loss = onnx_loss(grad_path)
+        self.one_sentence(TypeError, lambda: jax_loss(jnp.zeros((2, 3, 4, 5), jnp.int32), jnp.zeros((2, 4, 5), jnp.int32)),
+                          "float32")
+        self.one_sentence(ValueError, lambda: jax_loss(jnp.zeros((2, 3, 4, 5)), jnp.zeros((2, 4, 4), jnp.int32)),
+                          "labels must be [N, H, W]")
+        self.one_sentence(ValueError, lambda: onnx_loss(loss_path), "dloss_dlogits")
+
+    def test_cuda_execution_provider_without_host_copies(self):
+        if not torch.cuda.is_available() or "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            self.skipTest("no CUDA GPU with onnxruntime-gpu here: the CUDA route of OnnxLoss runs only on one")
+        path = self.tmp / "cuda.grad.onnx"
+        losscc("compile", ROOT / "examples" / "biou.metric", "--grad", "--set", "tol=2", "-o", path)
+        logits, labels = Case(ROOT / "examples" / "biou.metric").inputs((2, 4, 32, 32))
+        loss = OnnxLoss(path)
+        cpu = torch.from_numpy(logits).requires_grad_(True)
+        loss(cpu, torch.from_numpy(labels)).backward()
+        gpu = torch.from_numpy(logits).cuda().requires_grad_(True)
+        value = loss(gpu, torch.from_numpy(labels).cuda())
+        value.backward()
+        self.assertEqual(gpu.grad.device.type, "cuda")
+        close_gradient(self, gpu.grad.cpu().numpy(), cpu.grad.numpy(), 1e-5, "CUDA vs CPU")
+
+
+class TrainingWithTheGradientGraphTest(unittest.TestCase):
+    def run_example(self, script, model, steps):
+        result = subprocess.run([sys.executable, str(ROOT / "examples" / "python" / script), str(model),
+                                 "--steps", str(steps)], capture_output=True, text=True, timeout=900)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
+
+    def test_pytorch_and_jax_training_raise_miou(self):
+        tmp = Path(tempfile.mkdtemp(prefix="losscc-gradtrain-"))
+        model = tmp / "miou.grad.onnx"
+        losscc("compile", ROOT / "examples" / "miou.metric", "--grad", "-o", model)
+        summary, out = self.run_example("train_with_onnx_loss.py", model, 300)
+        self.assertIn("OnnxLoss", summary["route"])
+        self.assertGreater(summary["final_miou"], summary["start_miou"] + 0.3, out)
+        summary, out = self.run_example("train_jax.py", model, 200)
+        self.assertGreater(summary["final_miou"], summary["start_miou"] + 0.25, out)
+
+
+if __name__ == "__main__":
+    unittest.main()
