@@ -3,30 +3,13 @@
 //! * SIGPIPE gets its default action, so `losscc eval … | head` stops quietly;
 //! * the command runs on a thread with a large stack (the checker and lowering recurse over
 //!   deeply nested metric files);
-//! * libtorch's OpenMP workers sleep instead of spinning (see [`passive_openmp_workers`]);
+//! * libtorch's threading is left as libtorch sets it (no `OMP_WAIT_POLICY`): the loss's
+//!   kernels run on libtorch's own OpenMP team (`losscc_loss` `kernels::parallel`);
 //! * a panic does not end in a backtrace: a libtorch failure (out of memory, say) becomes one
 //!   sentence saying what to do instead, anything else a request to report the input.
 
 use std::process::ExitCode;
 use std::sync::Mutex;
-
-/// libtorch's OpenMP workers spin for a while after each parallel region; on a machine with
-/// few cores they take time from losscc's own kernel threads (the fused loss, morphology,
-/// curves), which run right after libtorch operations. Sleeping workers fix that, but
-/// libgomp reads its policy once, when it loads, before `main`: so the command runs itself
-/// again once with `OMP_WAIT_POLICY=PASSIVE`, unless the user chose a policy.
-#[cfg(unix)]
-fn passive_openmp_workers() {
-    use std::os::unix::process::CommandExt;
-    if std::env::var_os("OMP_WAIT_POLICY").is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else { return };
-    let mut args = std::env::args_os();
-    let argv0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-    // `exec` only returns on failure; then run as we are.
-    let _ = std::process::Command::new(exe).arg0(argv0).args(args).env("OMP_WAIT_POLICY", "PASSIVE").exec();
-}
 
 /// The message of the last panic, kept by the hook for [`explain_panic`].
 static PANIC_MESSAGE: Mutex<Option<String>> = Mutex::new(None);
@@ -52,8 +35,6 @@ fn explain_panic(message: &str) -> String {
 }
 
 fn main() -> ExitCode {
-    #[cfg(unix)]
-    passive_openmp_workers();
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     #[cfg(unix)]
     unsafe {

@@ -40,6 +40,13 @@ pub use inputs::InputError;
 pub use loss::{Loss, Overrides};
 pub use reference::Surrogate;
 
+/// How the CPU kernels run their parts: on "libtorch's OpenMP team" (the threads libtorch
+/// already uses, found at run time), or on "own threads" where libtorch loaded no OpenMP
+/// runtime (or `LOSSCC_OWN_THREADS` is set, for comparisons).
+pub fn kernel_threading() -> &'static str {
+    kernels::parallel::threading()
+}
+
 /// Deterministic data for this crate's unit tests, from a local generator (libtorch's is
 /// global and shared by tests running in parallel, so a failure would not reproduce).
 #[cfg(test)]

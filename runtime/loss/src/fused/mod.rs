@@ -47,6 +47,7 @@ mod sweep;
 
 use crate::error::LossError;
 use crate::inputs::Batch;
+use crate::kernels::parallel::run_parts;
 use crate::kernels::pool::{scatter_planes, window_winners};
 use crate::kernels::scratch::{give_back, take_buffer};
 use crate::kernels::{threads, zero};
@@ -247,27 +248,18 @@ pub(crate) fn surrogate(
             window_winners(input, winners, output, (h, w), pool.radius, pool.erode);
         }
         let sweep = Sweep { stage, ..sweep };
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = runs
-                .iter()
-                .map(|run| {
-                    let (sweep, store) = (&sweep, &store);
-                    scope.spawn(move || {
-                        let mut buffers = TileBuffers::new(plan);
-                        forward_run(sweep, run, &mut buffers, softmax_planes, store);
-                        buffers.counts
-                    })
-                })
-                .collect();
-            for handle in handles {
-                let local = handle.join().expect("fused forward worker");
-                for (total, part) in counts.iter_mut().zip(local) {
-                    for (t, p) in total.iter_mut().zip(part) {
-                        *t += p;
-                    }
+        let locals = run_parts(runs.iter().collect(), |run| {
+            let mut buffers = TileBuffers::new(plan);
+            forward_run(&sweep, run, &mut buffers, softmax_planes, &store);
+            buffers.counts
+        });
+        for local in locals {
+            for (total, part) in counts.iter_mut().zip(local) {
+                for (t, p) in total.iter_mut().zip(part) {
+                    *t += p;
                 }
             }
-        });
+        }
     }
     // Counts become leaves; the small graph above them runs with autograd.
     let kind = logits.kind();
@@ -313,14 +305,9 @@ pub(crate) fn surrogate(
     let gradient_planes = SharedPlanes { data: gradient.data_ptr() as *mut f32, len: elements };
     for stage in (0..plan.stages).rev() {
         let sweep = Sweep { stage, ..sweep };
-        std::thread::scope(|scope| {
-            for run in &runs {
-                let (sweep, count_grads, store) = (&sweep, &count_grads, &store);
-                scope.spawn(move || {
-                    let mut buffers = TileBuffers::new(plan);
-                    backward_run(sweep, run, &mut buffers, softmax_planes, store, count_grads, gradient_planes);
-                });
-            }
+        run_parts(runs.iter().collect(), |run| {
+            let mut buffers = TileBuffers::new(plan);
+            backward_run(&sweep, run, &mut buffers, softmax_planes, &store, &count_grads, gradient_planes);
         });
         // Every reader of these poolings' outputs is done: send their gradients back to the
         // winners, in the input frames (read by an earlier stage, which runs next).
@@ -334,7 +321,10 @@ pub(crate) fn surrogate(
     drop(logits_contiguous);
     release();
     let gradient = gradient.to_kind(kind);
-    let linear = (logits * &gradient).sum(kind);
+    // A dot product: one read of both tensors and no temporary, where `(x · g).sum()` would
+    // write and read a logits-sized product; its value cancels below, so its rounding does
+    // not matter, and its backward is the one multiplication `upstream · g`.
+    let linear = logits.reshape([-1]).dot(&gradient.reshape([-1]));
     // Exactly the value, with the gradient of the linear term (`x − x` is 0 in floats).
     let loss = result.loss.detach() + (&linear - linear.detach());
     Ok(Surrogate { loss, ..result })

@@ -1,9 +1,10 @@
 //! CPU kernels shared by the fused kernel, the label planes and the reference path's CPU
 //! cases: square-window pooling and its winners ([`pool`]), compiling loops for the best
-//! SIMD level ([`simd`]), splitting work over threads (here), and reusing scratch planes
-//! ([`scratch`]). Kernels work on slices; the callers own the tensors and check their
+//! SIMD level ([`simd`]), splitting work over threads (here, run on libtorch's OpenMP team
+//! by [`parallel`]), and reusing scratch planes ([`scratch`]). Kernels work on slices; the callers own the tensors and check their
 //! dtype, device and layout before they hand slices over.
 
+pub(crate) mod parallel;
 pub(crate) mod pool;
 pub(crate) mod scratch;
 pub(crate) mod simd;
@@ -25,9 +26,5 @@ pub(crate) fn plane_chunk(len: usize, plane: usize) -> usize {
 /// Zero a buffer, split over the cores.
 pub(crate) fn zero(buffer: &mut [f32]) {
     let chunk = buffer.len().div_ceil(threads()).max(1 << 16);
-    std::thread::scope(|scope| {
-        for part in buffer.chunks_mut(chunk) {
-            scope.spawn(move || part.fill(0.0));
-        }
-    });
+    parallel::run_parts(buffer.chunks_mut(chunk).collect(), |part| part.fill(0.0));
 }

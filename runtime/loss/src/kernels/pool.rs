@@ -8,6 +8,7 @@
 //! then in the row pass), so gradients equal too. Every loop is written to vectorize and is
 //! compiled for the best SIMD level; planes are split over the cores.
 
+use super::parallel::run_parts;
 use super::plane_chunk;
 use super::simd::with_best_simd;
 
@@ -18,10 +19,8 @@ pub(crate) fn pool(input: &[f32], output: &mut [f32], (h, w): (usize, usize), ra
         return;
     }
     let chunk = plane_chunk(input.len(), plane);
-    std::thread::scope(|scope| {
-        for (inputs, outputs) in input.chunks(chunk).zip(output.chunks_mut(chunk)) {
-            scope.spawn(move || pool_planes(inputs, outputs, h, w, radius, erode));
-        }
+    run_parts(input.chunks(chunk).zip(output.chunks_mut(chunk)).collect(), |(inputs, outputs)| {
+        pool_planes(inputs, outputs, h, w, radius, erode)
     });
 }
 
@@ -32,10 +31,8 @@ pub(crate) fn pool_bytes(input: &[i8], output: &mut [i8], (h, w): (usize, usize)
         return;
     }
     let chunk = plane_chunk(input.len(), plane);
-    std::thread::scope(|scope| {
-        for (inputs, outputs) in input.chunks(chunk).zip(output.chunks_mut(chunk)) {
-            scope.spawn(move || byte_planes(inputs, outputs, h, w, radius, erode));
-        }
+    run_parts(input.chunks(chunk).zip(output.chunks_mut(chunk)).collect(), |(inputs, outputs)| {
+        byte_planes(inputs, outputs, h, w, radius, erode)
     });
 }
 
@@ -62,10 +59,8 @@ pub(crate) fn winners(input: &[f32], winners: &mut [i64], (h, w): (usize, usize)
         return;
     }
     let chunk = plane_chunk(input.len(), plane);
-    std::thread::scope(|scope| {
-        for (inputs, outputs) in input.chunks(chunk).zip(winners.chunks_mut(chunk)) {
-            scope.spawn(move || winner_planes(inputs, outputs, h, w, radius, erode));
-        }
+    run_parts(input.chunks(chunk).zip(winners.chunks_mut(chunk)).collect(), |(inputs, outputs)| {
+        winner_planes(inputs, outputs, h, w, radius, erode)
     });
 }
 
@@ -171,13 +166,8 @@ pub(crate) fn window_winners(
         return;
     }
     let chunk = plane_chunk(input.len(), plane);
-    std::thread::scope(|scope| {
-        for ((inputs, outputs), values) in
-            input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(values.chunks_mut(chunk))
-        {
-            scope.spawn(move || winner_planes_u32(inputs, outputs, values, h, w, radius, erode));
-        }
-    });
+    let parts = input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(values.chunks_mut(chunk)).collect();
+    run_parts(parts, |((inputs, outputs), values)| winner_planes_u32(inputs, outputs, values, h, w, radius, erode));
 }
 
 /// The body of [`winners`] for some planes (inlined into each SIMD version).
@@ -287,19 +277,13 @@ fn take_better<const ERODE: bool, const L: usize>(v: &mut [f32; L], i: &mut [u32
 /// output's gradient goes to its window's winner), split over the cores by planes.
 pub(crate) fn scatter_planes(source: &[f32], winners: &[u32], target: &mut [f32], plane: usize) {
     let per_worker = plane_chunk(source.len(), plane);
-    std::thread::scope(|scope| {
-        for ((source, winners), target) in
-            source.chunks(per_worker).zip(winners.chunks(per_worker)).zip(target.chunks_mut(per_worker))
+    let parts = source.chunks(per_worker).zip(winners.chunks(per_worker)).zip(target.chunks_mut(per_worker)).collect();
+    run_parts(parts, |((source, winners), target): ((&[f32], &[u32]), &mut [f32])| {
+        for ((source, winners), target) in source.chunks(plane).zip(winners.chunks(plane)).zip(target.chunks_mut(plane))
         {
-            scope.spawn(move || {
-                for ((source, winners), target) in
-                    source.chunks(plane).zip(winners.chunks(plane)).zip(target.chunks_mut(plane))
-                {
-                    for (&g, &i) in source.iter().zip(winners) {
-                        target[i as usize] += g;
-                    }
-                }
-            });
+            for (&g, &i) in source.iter().zip(winners) {
+                target[i as usize] += g;
+            }
         }
     });
 }
