@@ -1,4 +1,4 @@
-"""Print the six exact metrics of several `losscc train` JSON outputs side by side.
+"""Print the seven exact metrics of several `losscc train` JSON outputs side by side.
 
 Usage: python3 scripts/side_by_side.py NAME=RESULT.json [NAME=RESULT.json ...]
 """
@@ -6,7 +6,7 @@ Usage: python3 scripts/side_by_side.py NAME=RESULT.json [NAME=RESULT.json ...]
 import json
 import sys
 
-METRICS = ["miou", "fwiou", "macc", "gacc", "biou", "bf1"]
+METRICS = ["miou", "fwiou", "macc", "gacc", "biou", "bf1", "boundary_iou"]
 
 
 def main():

@@ -147,3 +147,79 @@ fn forward_returns_exactly_the_fused_value() {
     assert_eq!(with_grad.kind(), Kind::Float);
     assert_eq!(with_grad.device(), Device::Cpu);
 }
+
+/// Boundary IoU as Cheng et al. define it, in plain float64 loops: per class, a mask's inner
+/// band is the mask minus its erosion by a (2d+1)-square with zero padding (pixels near the
+/// image border are band); intersection and union of the prediction's and the label's bands
+/// over valid pixels, summed over every batch, then averaged over classes with a non-empty
+/// union.
+fn boundary_iou_by_definition(batches: &[(Tensor, Tensor)], classes: usize, d: usize) -> f64 {
+    let (mut inter, mut union) = (vec![0.0f64; classes], vec![0.0f64; classes]);
+    for (logits, labels) in batches {
+        let size = logits.size();
+        let (n, h, w) = (size[0] as usize, size[2] as usize, size[3] as usize);
+        let pred: Vec<i64> = Vec::try_from(logits.argmax(1, false).reshape([-1])).unwrap();
+        let label: Vec<i64> = Vec::try_from(labels.reshape([-1])).unwrap();
+        for image in 0..n {
+            let at = |y: usize, x: usize| image * h * w + y * w + x;
+            for class in 0..classes {
+                let band = |mask: &dyn Fn(usize, usize) -> bool, y: usize, x: usize| {
+                    if !mask(y, x) {
+                        return false;
+                    }
+                    // Eroded (zero padding): every pixel of the window inside the image and in the mask.
+                    let eroded = (y as i64 - d as i64..=y as i64 + d as i64).all(|yy| {
+                        (x as i64 - d as i64..=x as i64 + d as i64).all(|xx| {
+                            yy >= 0
+                                && xx >= 0
+                                && (yy as usize) < h
+                                && (xx as usize) < w
+                                && mask(yy as usize, xx as usize)
+                        })
+                    });
+                    !eroded
+                };
+                let in_pred = |y: usize, x: usize| pred[at(y, x)] == class as i64;
+                let in_label = |y: usize, x: usize| label[at(y, x)] == class as i64;
+                for y in 0..h {
+                    for x in 0..w {
+                        if label[at(y, x)] == 255 {
+                            continue;
+                        }
+                        let (bp, bl) = (band(&in_pred, y, x), band(&in_label, y, x));
+                        inter[class] += f64::from(u8::from(bp && bl));
+                        union[class] += f64::from(u8::from(bp || bl));
+                    }
+                }
+            }
+        }
+    }
+    let defined: Vec<f64> = inter.iter().zip(&union).filter(|(_, &u)| u > 0.0).map(|(i, u)| i / u).collect();
+    defined.iter().sum::<f64>() / defined.len() as f64
+}
+
+#[test]
+fn boundary_iou_equals_its_published_definition() {
+    let path = root().join("examples/boundary_iou.metric");
+    for d in [1i64, 2, 3] {
+        let loss = Loss::from_file(&path, &Overrides::new().set("d", d)).unwrap();
+        // Two batches of different image sizes, accumulated; logits made blocky so that
+        // predicted masks have real interiors.
+        let batches: Vec<(Tensor, Tensor)> = [(21u64, 2i64, 4i64, 17i64, 23i64), (22, 3, 4, 12, 9)]
+            .iter()
+            .map(|&(seed, n, c, h, w)| {
+                let (logits, labels) = batch(seed, n, c, h, w);
+                let smooth = logits.avg_pool2d([5, 5], [1, 1], [2, 2], false, true, None::<i64>) * 4.0;
+                (smooth, labels)
+            })
+            .collect();
+        let mut evaluator = loss.evaluator();
+        for (logits, labels) in &batches {
+            evaluator.add_batch(logits, labels).unwrap();
+        }
+        let ours = evaluator.finish().unwrap().value;
+        let expected = boundary_iou_by_definition(&batches, 4, d as usize);
+        assert!(expected > 0.05 && expected < 0.95, "d={d}: a test that can tell ({expected})");
+        assert!((ours - expected).abs() < 1e-12, "d={d}: evaluator {ours} vs definition {expected}");
+    }
+}

@@ -189,6 +189,7 @@ pub fn finish(module: &ExactModule, accumulated: &Accumulator) -> Result<Evaluat
             | Node::Softmax
             | Node::Labels
             | Node::Valid
+            | Node::Border { .. }
             | Node::Curve { .. }
             | Node::Erode { .. }
             | Node::Dilate { .. }

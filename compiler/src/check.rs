@@ -73,7 +73,7 @@ impl fmt::Display for Kind {
 
 /// The built-in names and functions, for "did you mean" hints.
 pub const BUILTIN_SETS: [&str; 3] = ["P", "L", "V"];
-pub const BUILTIN_FUNCTIONS: [&str; 7] = ["count", "mean", "sum", "erode", "dilate", "boundary", "any"];
+pub const BUILTIN_FUNCTIONS: [&str; 8] = ["count", "mean", "sum", "erode", "dilate", "boundary", "any", "border"];
 
 /// Errors of one source file.
 #[derive(Debug)]
@@ -455,7 +455,7 @@ impl<'p> Checker<'p> {
         let kinds: Vec<Kind> = args.iter().map(|arg| self.expr(&arg.value, scope)).collect();
         let name = callee.name.as_str();
         let signature: Option<(usize, &[&str])> = match name {
-            "count" | "boundary" | "any" => Some((1, &[])),
+            "count" | "boundary" | "any" | "border" => Some((1, &[])),
             "mean" | "sum" => Some((1, &["where"])),
             "erode" | "dilate" => Some((2, &[])),
             _ => None,
@@ -472,6 +472,7 @@ impl<'p> Checker<'p> {
             let usage = match name {
                 "erode" | "dilate" => format!("`{name}(set, radius)`"),
                 "mean" | "sum" => format!("`{name}(values)` or `{name}(values, where: mask)`"),
+                "border" => "`border(radius)`".to_string(),
                 _ => format!("`{name}(set)`"),
             };
             self.diagnostics.push(
@@ -536,6 +537,13 @@ impl<'p> Checker<'p> {
             "boundary" => {
                 if expect(self, first.is_set(), "a pixel set", first_span, first) {
                     first
+                } else {
+                    Kind::Error
+                }
+            }
+            "border" => {
+                if expect(self, first == Kind::Int, "an integer radius", first_span, first) {
+                    Kind::PixelSet
                 } else {
                     Kind::Error
                 }

@@ -178,6 +178,12 @@ pub enum Node {
     Labels,
     /// Valid (not ignored) pixels.
     Valid,
+    /// Pixels closer than `radius` to the image border (row or column within `radius` of an
+    /// edge): where a square window of that radius reaches outside the image. Depends on
+    /// neither predictions nor labels.
+    Border {
+        radius: u32,
+    },
     /// A number known at compile time.
     Const(Float),
     /// A transparent marker naming the curve that a logical operator applies to this operand
@@ -273,7 +279,13 @@ impl Node {
     /// The operands of this node in a fixed order.
     pub fn operands(&self) -> Vec<Handle> {
         match self {
-            Node::Pred | Node::Softmax | Node::Labels | Node::Valid | Node::Const(_) | Node::NllSum => {
+            Node::Pred
+            | Node::Softmax
+            | Node::Labels
+            | Node::Valid
+            | Node::Border { .. }
+            | Node::Const(_)
+            | Node::NllSum => {
                 vec![]
             }
             Node::CurveTag { input, .. }
@@ -312,6 +324,7 @@ impl Node {
             Node::Softmax => "softmax",
             Node::Labels => "labels",
             Node::Valid => "valid",
+            Node::Border { .. } => "border",
             Node::Const(_) => "const",
             Node::CurveTag { .. } => "curve_tag",
             Node::Scope { .. } => "scope",

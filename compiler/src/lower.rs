@@ -565,7 +565,7 @@ impl<'p> Lowering<'p> {
     ) -> Value {
         let span = expr.span;
         let name = callee.name.as_str();
-        if !matches!(name, "count" | "mean" | "sum" | "erode" | "dilate" | "boundary" | "any") {
+        if !matches!(name, "count" | "mean" | "sum" | "erode" | "dilate" | "boundary" | "any" | "border") {
             return self.metric_term(callee, args, env, scope, span);
         }
         let mut positional = Vec::new();
@@ -581,6 +581,21 @@ impl<'p> Lowering<'p> {
             }
         }
         let Some((first, first_span)) = positional.first().cloned() else { return Value::Error };
+        if name == "border" {
+            let Value::Int(radius) = first else { return Value::Error };
+            if !(0..=MAX_RADIUS).contains(&radius) {
+                return self.error(
+                    Diagnostic::error(
+                        "E0305",
+                        format!("`border` radius must be between 0 and {MAX_RADIUS}, but it is {radius}"),
+                        first_span,
+                        "radius out of range",
+                    )
+                    .with_note("`border(r)` is the pixels closer than r to the image border"),
+                );
+            }
+            return self.add(Node::Border { radius: radius as u32 }, Shape::Pixels, span);
+        }
         let Value::Node(input) = first else { return Value::Error };
         let shape = self.builder.shape(input);
         match name {

@@ -36,7 +36,9 @@ pub fn dump(module: &Module, manifest: Option<&Manifest>) -> String {
                 Some(spec) => format!(" #{} {}", curve.0, spec.name),
                 None => format!(" #{}", curve.0),
             },
-            Node::Erode { radius, .. } | Node::Dilate { radius, .. } => format!(" r={radius}"),
+            Node::Erode { radius, .. } | Node::Dilate { radius, .. } | Node::Border { radius } => {
+                format!(" r={radius}")
+            }
             Node::Slice { start, end, .. } => match end {
                 Some(end) => format!(" [{start}:{end}]"),
                 None => format!(" [{start}:]"),

@@ -44,7 +44,7 @@ pub fn expected_shape(module: &Module, node: &Node) -> Result<Shape, String> {
     let constant = |h: &crate::ir::Handle| matches!(module.node(*h), Node::Const(_));
     match node {
         Node::Pred | Node::Softmax | Node::Labels => Ok(Shape::ClassPixels(ClassRange::ALL)),
-        Node::Valid => Ok(Shape::Pixels),
+        Node::Valid | Node::Border { .. } => Ok(Shape::Pixels),
         Node::Const(_) | Node::NllSum => Ok(Shape::Scalar),
         Node::CurveTag { input, .. } | Node::Scope { input, .. } => pixels_only(input, "an annotation"),
         Node::Curve { input, .. } => pixels_only(input, "a curve"),
@@ -115,6 +115,7 @@ fn modes(node: &Node, pixel: bool) -> (bool, bool) {
         Node::And(..) | Node::Or(..) | Node::Xor(..) | Node::Not(..) => (true, !pixel),
         Node::Labels
         | Node::Valid
+        | Node::Border { .. }
         | Node::Const(_)
         | Node::Erode { .. }
         | Node::Dilate { .. }

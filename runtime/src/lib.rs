@@ -39,7 +39,7 @@ enum Command {
     Compile(commands::compile::Args),
     /// Median forward+backward time of the loss against libtorch cross-entropy.
     Bench(commands::bench::Args),
-    /// Train the proxy network with a loss; prints the six exact metrics on the test split as JSON.
+    /// Train the proxy network with a loss; prints the seven exact metrics (the six published ones and Boundary IoU) on the test split as JSON.
     Train(commands::train::Args),
     /// Search the loss's curves with PPO on the proxy task; writes OUT/best.params.json and a report.
     Search(commands::search::Args),

@@ -69,7 +69,7 @@ pub(crate) struct Emitter {
     /// The IR node and rule being emitted, for names and doc strings.
     pub origin: String,
     pub origin_id: String,
-    shared: HashMap<&'static str, String>,
+    shared: HashMap<String, String>,
     /// The label value of ignored pixels, if any.
     ignore_label: Option<i64>,
 }
@@ -175,12 +175,12 @@ impl Emitter {
     }
 
     /// A value computed once per graph: the first call emits it, later calls reuse it.
-    fn shared(&mut self, key: &'static str, make: impl FnOnce(&mut Self) -> String) -> String {
+    fn shared(&mut self, key: &str, make: impl FnOnce(&mut Self) -> String) -> String {
         if let Some(name) = self.shared.get(key) {
             return name.clone();
         }
         let value = make(self);
-        self.shared.insert(key, value.clone());
+        self.shared.insert(key.to_string(), value.clone());
         value
     }
 
@@ -254,6 +254,39 @@ impl Emitter {
                 let equal = this.op("Equal", &[&times_zero, &zero], vec![]);
                 this.cast_float(&equal)
             }
+        })
+    }
+
+    /// Pixels closer than `radius` to the image border, float `[N, 1, H, W]`: a pixel's
+    /// distances to the four edges are cumulative sums of ones along H and W (forward and
+    /// reversed), so H and W stay symbolic and every runtime knows the shape.
+    pub fn border(&mut self, radius: u32) -> String {
+        self.shared(&format!("border{radius}"), |this| {
+            let labels = this.labels_float();
+            let zero = this.float(0.0);
+            let one = this.float(1.0);
+            let zeros = this.op("Mul", &[&labels, &zero], vec![]);
+            let ones = this.op("Add", &[&zeros, &one], vec![]);
+            // A pixel `r` from an edge has a cumulative count of r + 1 from that edge.
+            let limit = this.float(radius as f64 + 0.5);
+            let mut near: Option<String> = None;
+            for axis in [2, 3] {
+                for reverse in [0, 1] {
+                    let axis = this.ints(&[axis], true);
+                    let counted = this.op(
+                        "CumSum",
+                        &[&ones, &axis],
+                        vec![attr_int("exclusive", 0), attr_int("reverse", reverse)],
+                    );
+                    let close = this.op("Less", &[&counted, &limit], vec![]);
+                    near = Some(match near {
+                        None => close,
+                        Some(near) => this.op("Or", &[&near, &close], vec![]),
+                    });
+                }
+            }
+            let near = near.expect("four edges");
+            this.cast_float(&near)
         })
     }
 

@@ -33,6 +33,7 @@ pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelPro
             }
             Node::Labels => Some(emitter.one_hot_labels()),
             Node::Valid => Some(emitter.valid()),
+            Node::Border { radius } => Some(emitter.border(*radius)),
             Node::CurveTag { input, .. } | Node::Scope { input, .. } => values[input.index()].clone(),
             Node::And(a, b) if pixel => Some(emitter.op("Mul", &[&v(a), &v(b)], vec![])),
             Node::Or(a, b) if pixel => Some(emitter.op("Max", &[&v(a), &v(b)], vec![])),

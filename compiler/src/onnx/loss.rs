@@ -50,6 +50,7 @@ pub(crate) fn forward(
             Node::Softmax => emitter.op("Softmax", &["logits"], vec![attr_int("axis", 1)]),
             Node::Labels => emitter.one_hot_labels(),
             Node::Valid => emitter.valid(),
+            Node::Border { radius } => emitter.border(*radius),
             Node::Const(c) => emitter.float(c.get()),
             Node::Curve { input, curve } => {
                 let index = curve.0 as usize;

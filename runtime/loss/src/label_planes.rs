@@ -60,6 +60,11 @@ fn shape_width(shape: Shape, classes: usize) -> Option<usize> {
     }
 }
 
+/// Whether pixel (`y`, `x`) of an `h × w` image is closer than `r` to the border.
+fn border_pixel(y: usize, x: usize, (h, w): (usize, usize), r: usize) -> bool {
+    y < r || x < r || y + r >= h || x + r >= w
+}
+
 /// Value interval of every node `wanted` depends on, or `None` when some node is not an
 /// integer operation this evaluator has or may leave `i8`.
 fn intervals(module: &RelaxedModule, wanted: &[Handle]) -> Option<Vec<Option<(i32, i32)>>> {
@@ -71,7 +76,7 @@ fn intervals(module: &RelaxedModule, wanted: &[Handle]) -> Option<Vec<Option<(i3
         }
         let r = |h: &Handle| range[h.index()].expect("operands come first");
         let interval = match module.node(handle) {
-            Node::Labels | Node::Valid => (0, 1),
+            Node::Labels | Node::Valid | Node::Border { .. } => (0, 1),
             Node::Const(value) => {
                 let v = value.get();
                 if v.fract() != 0.0 || v.abs() > 127.0 {
@@ -155,6 +160,11 @@ pub(crate) fn evaluate(
                 Value::Plane { data, width: c }
             }
             Node::Valid => Value::Plane { data: labels.iter().map(|&l| i8::from(l != ignore)).collect(), width: 1 },
+            Node::Border { radius } => {
+                let (h, w, r) = (dims.height, dims.width, *radius as usize);
+                let image: Vec<i8> = (0..h * w).map(|p| i8::from(border_pixel(p / w, p % w, (h, w), r))).collect();
+                Value::Plane { data: image.repeat(dims.images), width: 1 }
+            }
             Node::Erode { input, radius } | Node::Dilate { input, radius } => {
                 let erode = matches!(module.node(handle), Node::Erode { .. });
                 let Value::Plane { data, width } = v(input) else { return None };

@@ -15,15 +15,16 @@ use std::sync::Mutex;
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
-/// The six published metrics, compiled from the example library with their default
-/// parameters, in report order.
-pub const STANDARD_METRICS: [(&str, &str); 6] = [
+/// The six published metrics and Boundary IoU (Cheng et al.), compiled from the example
+/// library with their default parameters, in report order.
+pub const STANDARD_METRICS: [(&str, &str); 7] = [
     ("miou", include_str!("../../../examples/miou.metric")),
     ("fwiou", include_str!("../../../examples/fwiou.metric")),
     ("macc", include_str!("../../../examples/macc.metric")),
     ("gacc", include_str!("../../../examples/gacc.metric")),
     ("biou", include_str!("../../../examples/biou.metric")),
     ("bf1", include_str!("../../../examples/bf1.metric")),
+    ("boundary_iou", include_str!("../../../examples/boundary_iou.metric")),
 ];
 
 /// Soft Dice, the baseline loss `train --loss dice` and the results compare with: the

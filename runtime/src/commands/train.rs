@@ -1,5 +1,5 @@
 //! `losscc train [FILE --params P | --loss ce|dice|lovasz]`: train the proxy network from
-//! scratch with a loss and print the six exact metrics on the test split as JSON.
+//! scratch with a loss and print the seven exact metrics (the six published ones and Boundary IoU) on the test split as JSON.
 
 use super::{json_number, load_loss};
 use crate::args::{parse_sets, ProxyArgs};

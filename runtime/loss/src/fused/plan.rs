@@ -199,6 +199,7 @@ impl FusedPlan {
             | Node::Softmax
             | Node::Labels
             | Node::Valid
+            | Node::Border { .. }
             | Node::Const(_)
             | Node::CurveTag { .. }
             | Node::Scope { .. }
@@ -261,9 +262,10 @@ impl FusedPlan {
                 Node::Labels => self.push(Op::Labels, w, stage),
                 Node::Valid => self.push(Op::Valid, 1, stage),
                 Node::Const(value) => self.push(Op::Const(value.get() as f32), 1, stage),
-                // Label-only pixel sets built from the labels: computed once, outside the
-                // sweeps, and read per pixel.
-                Node::Erode { .. }
+                // Label-only pixel sets built from the labels (and the border band):
+                // computed once, outside the sweeps, and read per pixel.
+                Node::Border { .. }
+                | Node::Erode { .. }
                 | Node::Dilate { .. }
                 | Node::AnyClass(_)
                 | Node::Slice { .. }
@@ -343,6 +345,7 @@ impl FusedPlan {
                 | Node::Term { .. }
                 | Node::Labels
                 | Node::Valid
+                | Node::Border { .. }
                 | Node::Const(_)
                 | Node::Pred
                 | Node::CurveTag { .. }

@@ -1,7 +1,7 @@
 //! The exact interpreter: an exact module up to its accumulators, on argmax predictions.
 
 use super::ignore_index;
-use super::tensors::{one_hot, pool_tensor, slice, valid, values};
+use super::tensors::{border, one_hot, pool_tensor, slice, valid, values};
 use crate::error::LossError;
 use crate::inputs::Batch;
 use compiler::ir::{Handle, Node, Shape};
@@ -25,6 +25,7 @@ pub(crate) fn exact_counts(module: &ExactModule, batch: &Batch<'_>) -> Result<Ve
             Node::Pred => Some(one_hot(&logits.argmax(1, false), classes, set_kind, None)),
             Node::Labels => Some(one_hot(labels, classes, set_kind, ignore)),
             Node::Valid => Some(valid(labels, set_kind, ignore)),
+            Node::Border { radius } => Some(border(labels, set_kind, *radius)),
             Node::CurveTag { input, .. } | Node::Scope { input, .. } => Some(v(input).shallow_clone()),
             Node::And(a, b) if pixel(handle) => Some(v(a) * v(b)),
             Node::Or(a, b) if pixel(handle) => Some(v(a).maximum(v(b))),

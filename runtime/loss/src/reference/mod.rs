@@ -79,6 +79,7 @@ pub(crate) fn run_nodes(
             Node::Softmax => logits.softmax(1, kind),
             Node::Labels => one_hot(labels, classes, kind, ignore),
             Node::Valid => valid(labels, kind, ignore),
+            Node::Border { radius } => tensors::border(labels, kind, *radius),
             Node::Const(c) => Tensor::from(c.get()).to_kind(kind).to_device(logits.device()),
             Node::Curve { input, curve } => apply_curve(v(input), &curves[curve.0 as usize]),
             Node::Erode { input, radius } => pool_tensor(v(input), *radius, true),

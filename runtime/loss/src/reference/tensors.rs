@@ -29,6 +29,19 @@ pub(crate) fn valid(labels: &Tensor, kind: Kind, ignore: Option<i64>) -> Tensor 
     }
 }
 
+/// Pixels closer than `radius` to the image border, `[N, 1, H, W]` of `kind`.
+pub(crate) fn border(labels: &Tensor, kind: Kind, radius: u32) -> Tensor {
+    let size = labels.size();
+    let (n, h, w) = (size[0], size[1], size[2]);
+    let r = radius as i64;
+    let device = labels.device();
+    let ys = Tensor::arange(h, (Kind::Int64, device)).view([1, 1, h, 1]);
+    let xs = Tensor::arange(w, (Kind::Int64, device)).view([1, 1, 1, w]);
+    let rows = ys.lt(r).logical_or(&ys.ge(h - r));
+    let columns = xs.lt(r).logical_or(&xs.ge(w - r));
+    rows.logical_or(&columns).expand([n, 1, h, w], false).to_kind(kind)
+}
+
 /// The values of a tensor as a flat vector, or the libtorch error as a [`LossError`].
 pub(crate) fn values<T: tch::kind::Element + Copy>(tensor: &Tensor) -> Result<Vec<T>, LossError> {
     let flat = tensor.f_contiguous().and_then(|t| t.f_reshape([-1]))?;
