@@ -73,6 +73,11 @@ fn write_gray_png(path: &Path, width: u32, height: u32, label: &[u8]) {
 }
 
 fn voc_folder(name: &str) -> PathBuf {
+    voc_folder_with(name, |i, index| if i % 11 == 0 { 255 } else { ((i / 12 + index as u32) % 3) as u8 })
+}
+
+/// A VOC folder whose label value at flat pixel `i` of image `index` is `label(i, index)`.
+fn voc_folder_with(name: &str, label: impl Fn(u32, usize) -> u8) -> PathBuf {
     let dir = scratch(name);
     for sub in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -87,8 +92,7 @@ fn voc_folder(name: &str) -> PathBuf {
         } else {
             rgb.save(dir.join("JPEGImages").join(format!("{name}.png"))).unwrap();
         }
-        let label: Vec<u8> =
-            (0..w * h).map(|i| if i % 11 == 0 { 255 } else { ((i / w + index as u32) % 3) as u8 }).collect();
+        let label: Vec<u8> = (0..w * h).map(|i| label(i, index)).collect();
         let path = dir.join("SegmentationClass").join(format!("{name}.png"));
         if index == 3 {
             write_gray_png(&path, w, h, &label);
@@ -104,7 +108,7 @@ fn voc_folder(name: &str) -> PathBuf {
 #[test]
 fn voc_folders_load_palette_and_grayscale_labels_with_jpeg_and_png_images() {
     let dir = voc_folder("ok");
-    let dataset = data::load_voc(&dir, None).unwrap();
+    let dataset = data::load_voc(&dir, None, Some(255)).unwrap();
     assert_eq!(dataset.classes, 3);
     // Every tenth training image is held out; with three, the last one is.
     assert_eq!(dataset.train.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
@@ -125,14 +129,43 @@ fn voc_folders_load_palette_and_grayscale_labels_with_jpeg_and_png_images() {
         assert!((value - (60.0 / 255.0 - 0.5) / 0.25).abs() < 1e-6, "channel {c}: {value}");
     }
     std::fs::write(dir.join("ImageSets/Segmentation/holdout.txt"), "b\n").unwrap();
-    let dataset = data::load_voc(&dir, Some(4)).unwrap();
+    let dataset = data::load_voc(&dir, Some(4), Some(255)).unwrap();
     assert_eq!(dataset.classes, 4);
     assert_eq!(dataset.train.len(), 3);
     assert_eq!(dataset.holdout[0].name, "b");
 }
 
+/// `--ignore-label`: another value marks ignored pixels in the files (here 0, with classes
+/// 1..=3); in memory they carry the marker 255. With the default (255), the files' 0 is a
+/// class; with none, a written 255 is out of range, said in one sentence.
+#[test]
+fn voc_folders_take_their_own_ignore_label() {
+    let written = |i: u32, index: usize| if i % 7 == 0 { 0 } else { 1 + ((i / 12 + index as u32) % 3) as u8 };
+    let dir = voc_folder_with("ignore0", written);
+    let dataset = data::load_voc(&dir, None, Some(0)).unwrap();
+    assert_eq!(dataset.classes, 4);
+    let samples: Vec<_> = dataset.train.iter().chain(&dataset.holdout).chain(&dataset.test).collect();
+    for (index, sample) in samples.iter().enumerate() {
+        for (i, &value) in sample.label.iter().enumerate() {
+            let expected = match written(i as u32, index) {
+                0 => 255,
+                other => other as i64,
+            };
+            assert_eq!(value, expected, "{} pixel {i}", sample.name);
+        }
+    }
+    let default = data::load_voc(&dir, None, Some(255)).unwrap();
+    assert_eq!(default.train[0].label[0], 0, "with 255 ignored, 0 is a class");
+    let dir = voc_folder("ignorenone");
+    let error = data::load_voc(&dir, None, None).map(|_| ()).unwrap_err().to_string();
+    assert!(
+        error.contains("value 255") && error.contains("no value is ignored") && error.contains("--ignore-label"),
+        "{error}"
+    );
+}
+
 fn voc_error(dir: &Path, classes: Option<usize>) -> String {
-    match data::load_voc(dir, classes) {
+    match data::load_voc(dir, classes, Some(255)) {
         Ok(_) => panic!("`{}` should not load", dir.display()),
         Err(error) => error.to_string(),
     }
@@ -288,6 +321,7 @@ fn ppo_config() -> SearchConfig {
         dataset: losscc_search::config::DatasetSpec {
             folder: None,
             classes: None,
+            ignore_label: Some(255),
             synthetic: SyntheticSpec::default(),
         },
         evaluator: losscc_search::config::EvaluatorSpec::Proxy,

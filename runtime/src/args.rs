@@ -67,6 +67,9 @@ pub struct ProxyArgs {
     /// Leave the built-in scenes without the ignored (255) band around objects.
     #[arg(long)]
     pub no_ignore_band: bool,
+    /// Which label value of --data's files (and of a --trainer's labels) marks ignored pixels.
+    #[command(flatten)]
+    pub labels: LabelArgs,
     /// Batch size of the proxy training.
     #[arg(long)]
     pub batch: Option<usize>,
@@ -115,6 +118,6 @@ impl ProxyArgs {
         if self.data.is_none() && (size < 8 || size % 4 != 0) {
             anyhow::bail!("--image-size must be a multiple of 4 and at least 8");
         }
-        Ok(trainer::load_dataset(self.data.as_deref(), self.classes, &self.synthetic())?)
+        Ok(trainer::load_dataset(self.data.as_deref(), self.classes, self.labels.ignore_label.0, &self.synthetic())?)
     }
 }

@@ -72,8 +72,8 @@ pub enum DataError {
     Label { path: String, error: String },
     #[error("image `{image}` is {iw}×{ih} but its label `{label}` is {lw}×{lh}; they must be the same size")]
     SizeMismatch { image: String, label: String, iw: usize, ih: usize, lw: usize, lh: usize },
-    #[error("label `{path}` has value {value} at row {row}, column {column}, but the data has {classes} classes (0..{last}, 255 = ignored); pass --classes with the right count or fix the label")]
-    LabelValue { path: String, value: i64, row: usize, column: usize, classes: usize, last: usize },
+    #[error("label `{path}` has value {value} at row {row}, column {column}, but the data has {classes} classes (0..{last}; {ignored}); pass --classes with the right count, --ignore-label with the value that marks ignored pixels, or fix the label")]
+    LabelValue { path: String, value: i64, row: usize, column: usize, classes: usize, last: usize, ignored: String },
     #[error("`{0}` lists no images; a split needs at least one")]
     EmptySplit(String),
     #[error("the training list has {0} image(s); at least 2 are needed to hold some out for the search reward (or give ImageSets/Segmentation/holdout.txt)")]
@@ -249,7 +249,10 @@ fn synthetic_scene(spec: &SyntheticSpec, mut rng: ChaCha8Rng, name: String) -> S
 /// `ImageSets/Segmentation/{train,val}.txt` (and `holdout.txt` if present; otherwise every
 /// tenth training image is held out for the search reward). `val` is the test split.
 /// `classes`: the number of classes, or `None` to take the largest label value plus one.
-pub fn load_voc(dir: &Path, classes: Option<usize>) -> Result<Dataset, DataError> {
+/// `ignore_label`: the label value that marks ignored pixels in the files (`None`: every
+/// pixel is labelled); in memory such pixels carry [`DEFAULT_IGNORE_LABEL`], as the built-in
+/// scenes' do.
+pub fn load_voc(dir: &Path, classes: Option<usize>, ignore_label: Option<i64>) -> Result<Dataset, DataError> {
     if !dir.is_dir() {
         return Err(DataError::NoFolder(dir.display().to_string()));
     }
@@ -283,8 +286,27 @@ pub fn load_voc(dir: &Path, classes: Option<usize>) -> Result<Dataset, DataError
         }
         (kept, train_list.clone(), held)
     };
+    // The files' ignore value becomes the in-memory marker; with none, every value is a
+    // class (and one that reads as the marker is out of range below).
+    let ignored_in_files = |value: i64| Some(value) == ignore_label;
     let load = |list: &Path, names: &[String]| -> Result<Vec<Sample>, DataError> {
-        names.iter().map(|name| load_voc_sample(dir, list, name)).collect()
+        names
+            .iter()
+            .map(|name| {
+                let mut sample = load_voc_sample(dir, list, name)?;
+                for value in sample.label.iter_mut() {
+                    *value = if ignored_in_files(*value) {
+                        DEFAULT_IGNORE_LABEL
+                    } else if *value == DEFAULT_IGNORE_LABEL {
+                        // A class value that collides with the marker: kept out of range.
+                        i64::MAX
+                    } else {
+                        *value
+                    };
+                }
+                Ok(sample)
+            })
+            .collect()
     };
     let train = load(&train_list, &train_names)?;
     let holdout = load(&holdout_list, &holdout_names)?;
@@ -293,8 +315,11 @@ pub fn load_voc(dir: &Path, classes: Option<usize>) -> Result<Dataset, DataError
     let classes = match classes {
         Some(classes) => classes,
         None => {
-            let largest =
-                all().flat_map(|s| s.label.iter().copied()).filter(|&v| v != DEFAULT_IGNORE_LABEL).max().unwrap_or(0);
+            let largest = all()
+                .flat_map(|s| s.label.iter().copied())
+                .filter(|&v| v != DEFAULT_IGNORE_LABEL && v != i64::MAX)
+                .max()
+                .unwrap_or(0);
             largest as usize + 1
         }
     };
@@ -305,13 +330,18 @@ pub fn load_voc(dir: &Path, classes: Option<usize>) -> Result<Dataset, DataError
         if let Some(position) =
             sample.label.iter().position(|&v| v != DEFAULT_IGNORE_LABEL && (v < 0 || v >= classes as i64))
         {
+            let value = sample.label[position];
             return Err(DataError::LabelValue {
                 path: dir.join("SegmentationClass").join(format!("{}.png", sample.name)).display().to_string(),
-                value: sample.label[position],
+                value: if value == i64::MAX { DEFAULT_IGNORE_LABEL } else { value },
                 row: position / sample.width,
                 column: position % sample.width,
                 classes,
                 last: classes - 1,
+                ignored: match ignore_label {
+                    Some(ignore) => format!("{ignore} = ignored"),
+                    None => "no value is ignored".to_string(),
+                },
             });
         }
     }

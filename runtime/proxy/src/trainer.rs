@@ -242,10 +242,11 @@ pub fn choose_device(gpu: bool) -> Result<Device, String> {
 pub fn load_dataset(
     folder: Option<&std::path::Path>,
     classes: Option<usize>,
+    ignore_label: Option<i64>,
     synthetic: &data::SyntheticSpec,
 ) -> Result<Dataset, data::DataError> {
     match folder {
-        Some(folder) => data::load_voc(folder, classes),
+        Some(folder) => data::load_voc(folder, classes, ignore_label),
         None => Ok(data::synthetic(synthetic)),
     }
 }

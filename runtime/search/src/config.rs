@@ -13,7 +13,15 @@ pub struct DatasetSpec {
     pub folder: Option<PathBuf>,
     /// The folder's class count (default: the largest label plus one).
     pub classes: Option<usize>,
+    /// The label value of ignored pixels in the folder's files, or in the labels the user's
+    /// trainer feeds the ONNX loss (`None`: every pixel counts).
+    #[serde(default = "default_ignore_label")]
+    pub ignore_label: Option<i64>,
     pub synthetic: SyntheticSpec,
+}
+
+fn default_ignore_label() -> Option<i64> {
+    Some(compiler::ir::DEFAULT_IGNORE_LABEL)
 }
 
 /// How a candidate is rewarded.

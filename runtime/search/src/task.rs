@@ -214,7 +214,12 @@ fn proxy_reward(
     let loss = candidate_loss(config, task)?;
     let target = target_metric(config)?;
     let dataset: Dataset =
-        trainer::load_dataset(config.dataset.folder.as_deref(), config.dataset.classes, &config.dataset.synthetic)
+        trainer::load_dataset(
+            config.dataset.folder.as_deref(),
+            config.dataset.classes,
+            config.dataset.ignore_label,
+            &config.dataset.synthetic,
+        )
             .map_err(|e| Failure::new(e.to_string()))?;
     let train = trainer::TrainConfig { seed: config.seed, ..config.train.clone() };
     let total = train.iters;
@@ -252,7 +257,9 @@ fn trainer_reward(config: &SearchConfig, task: &TaskFile, dir: &Path, command: &
     let model = onnx::emit_loss(
         compiled,
         &loss.params().curves,
-        &EmitOptions { ignore_label: loss.ignore_label(), ..Default::default() },
+        // The user's trainer feeds its own labels: the ignore label is the one the search
+        // was given.
+        &EmitOptions { ignore_label: config.dataset.ignore_label, ..Default::default() },
     )
     .map_err(|e| Failure::new(e.to_string()))?;
     let onnx_path = dir.join("loss.onnx");

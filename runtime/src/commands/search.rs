@@ -182,6 +182,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let dataset_spec = DatasetSpec {
         folder: proxy.data.as_deref().map(std::path::absolute).transpose()?,
         classes: proxy.classes,
+        ignore_label: proxy.labels.ignore_label.0,
         synthetic: proxy.synthetic(),
     };
     let data = match &evaluator {
