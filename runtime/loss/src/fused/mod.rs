@@ -296,9 +296,11 @@ pub(crate) fn surrogate(
         release();
         return Ok(Surrogate { loss: result.loss.detach(), ..result });
     }
+    // A count the loss does not use (a `let` left unused) gets no gradient at all: zeros.
     let count_grads: Vec<Vec<f32>> = Tensor::run_backward(&[&result.loss], &count_leaves, false, false)
         .iter()
-        .map(|g| values::<f32>(&g.to_kind(Kind::Float)))
+        .zip(&counts)
+        .map(|(g, sums)| if g.defined() { values::<f32>(&g.to_kind(Kind::Float)) } else { Ok(vec![0.0; sums.len()]) })
         .collect::<Result<_, LossError>>()?;
     // Every element is written by exactly one tile (zeroed, then accumulated).
     let gradient = Tensor::empty([n as i64, c as i64, h as i64, w as i64], (Kind::Float, tch::Device::Cpu));
