@@ -223,3 +223,69 @@ fn boundary_iou_equals_its_published_definition() {
         assert!((ours - expected).abs() < 1e-12, "d={d}: evaluator {ours} vs definition {expected}");
     }
 }
+
+/// `Σ w·v / Σ w` over the entries where `v` is defined (not NaN): a weighted nanmean.
+fn weighted_mean(values: &[f64], weights: &[f64]) -> f64 {
+    let pairs = values.iter().zip(weights).filter(|(v, _)| !v.is_nan());
+    let (num, den) = pairs.fold((0.0, 0.0), |(n, d), (v, w)| (n + v * w, d + w));
+    num / den
+}
+
+#[test]
+fn class_weights_weight_each_class_skip_undefined_ones_and_wrong_lengths_are_one_sentence() {
+    let dice = Loss::from_file(&root().join("examples/dice.metric"), &Overrides::new()).unwrap();
+    let path = root().join("examples/weighted_dice.metric");
+    // Class 3 is in neither labels nor predictions: its exact Dice is undefined (skipped,
+    // with its weight), while the surrogate's is defined (softmax is never exactly 0).
+    let (logits, labels) = batch(31, 2, 4, 12, 13);
+    let labels = labels.where_self(&labels.ne(3), &Tensor::from(2i64));
+    let _ = logits.narrow(1, 3, 1).fill_(-20.0);
+    let mut evaluator = dice.evaluator();
+    evaluator.add_batch(&logits, &labels).unwrap();
+    let exact_per_class = match &evaluator.finish().unwrap().reports[0] {
+        (name, compiler::accumulate::Value::Classes(values)) if name == "per_class" => values.clone(),
+        other => panic!("dice reports {other:?}"),
+    };
+    assert!(exact_per_class[3].is_nan() && exact_per_class[..3].iter().all(|v| v.is_finite()), "{exact_per_class:?}");
+    let surrogate = dice.forward_detailed(&logits, &labels).unwrap();
+    let surrogate_per_class: Vec<f64> = Vec::try_from(surrogate.reports[0].1.to_kind(Kind::Double)).unwrap();
+
+    for (background, weights) in [(true, vec![0.5, 2.0, 1.0, 3.0]), (false, vec![2.0, 0.0, 3.0])] {
+        let skip = usize::from(!background);
+        let loss =
+            Loss::from_file(&path, &Overrides::new().set("weights", weights.clone()).set("background", background))
+                .unwrap();
+        let mut evaluator = loss.evaluator();
+        evaluator.add_batch(&logits, &labels).unwrap();
+        let exact = evaluator.finish().unwrap().value;
+        let expected = weighted_mean(&exact_per_class[skip..], &weights);
+        assert!((exact - expected).abs() < 1e-12, "background={background}: exact {exact} vs {expected}");
+        let x = logits.copy().set_requires_grad(true);
+        let value = loss.forward(&x, &labels).unwrap();
+        let expected = 1.0 - weighted_mean(&surrogate_per_class[skip..], &weights);
+        assert!((value.double_value(&[]) - expected).abs() < 1e-6, "background={background}: surrogate {value} vs {expected}");
+        value.backward();
+        assert!(bool::try_from(x.grad().isfinite().all()).unwrap());
+        // Weighted differently from the plain mean, so the test can tell.
+        let plain = 1.0 - surrogate_per_class[skip..].iter().sum::<f64>() / (4 - skip) as f64;
+        assert!((value.double_value(&[]) - plain).abs() > 1e-3, "background={background}: weights made no difference");
+    }
+
+    // One weight per class reduced, or one sentence saying how many.
+    let two = Loss::from_file(&path, &Overrides::new().set("weights", vec![1.0, 2.0])).unwrap();
+    let message = two.forward(&logits, &labels).unwrap_err().to_string();
+    assert!(message.contains("`weights` gives 2 weights") && message.contains("--set weights=1,1,1,1"), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+    let message = two.evaluator().add_batch(&logits, &labels).unwrap_err().to_string();
+    assert!(message.contains("`weights` gives 2 weights"), "{message}");
+    // A reduction over a bounded slice knows its class count when compiled.
+    let bounded = "metric m(w: floats = 1) {\n    mean((count(P & L) / count(L))[1:3], weights: w)\n}\n";
+    let message = Loss::from_source("m", bounded, &Overrides::new().text("w", "1,2,3")).unwrap_err().to_string();
+    assert!(message.contains("`w` gives 3 weights, but `mean` here reduces over 2 classes (1:3)"), "{message}");
+    assert!(message.contains(":2:51"), "points at the weights in the source: {message}");
+    for bad in ["1,x,2", "1,-2,1,1", "0,0,0,0", ""] {
+        let message = Loss::from_file(&path, &Overrides::new().text("weights", bad)).unwrap_err().to_string();
+        assert!(message.contains("non-negative numbers separated by commas"), "{bad}: {message}");
+        assert_eq!(message.lines().count(), 1, "{message}");
+    }
+}

@@ -146,6 +146,7 @@ pub fn finish(module: &ExactModule, accumulated: &Accumulator) -> Result<Evaluat
                 })
             }
             Node::Const(c) => Some(Value::Scalar(c.get())),
+            Node::Weights { values, .. } => Some(Value::Classes(values.iter().map(|v| v.get()).collect())),
             Node::Add(a, b) => both(get(*a), get(*b), |x, y| x + y),
             Node::Sub(a, b) => both(get(*a), get(*b), |x, y| x - y),
             Node::Mul(a, b) => both(get(*a), get(*b), |x, y| x * y),

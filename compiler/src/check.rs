@@ -31,6 +31,8 @@ pub enum Kind {
     ClassMask,
     /// One run-time number (`mean(...)`, `count(V)`, a metric term).
     Number,
+    /// Per-class weights: a `floats` parameter, only for `weights:` of `mean` and `sum`.
+    Weights,
     /// Already reported; suppresses follow-up errors.
     Error,
 }
@@ -50,6 +52,7 @@ impl Kind {
             ParamType::Int => Kind::Int,
             ParamType::Float => Kind::Float,
             ParamType::Bool => Kind::Bool,
+            ParamType::Floats => Kind::Weights,
         }
     }
 }
@@ -65,6 +68,7 @@ impl fmt::Display for Kind {
             Kind::ClassVec => "a per-class number",
             Kind::ClassMask => "a per-class mask",
             Kind::Number => "a number",
+            Kind::Weights => "per-class weights (a `floats` parameter)",
             Kind::Error => "an erroneous value",
         };
         f.write_str(text)
@@ -145,6 +149,7 @@ impl<'p> Checker<'p> {
                 (ParamType::Int, Literal::Int(_))
                     | (ParamType::Float, Literal::Float(_) | Literal::Int(_))
                     | (ParamType::Bool, Literal::Bool(_))
+                    | (ParamType::Floats, Literal::Float(_) | Literal::Int(_))
             );
             if !default_ok {
                 self.error(
@@ -441,6 +446,9 @@ impl<'p> Checker<'p> {
                         diagnostic.with_help("set operators combine pixel sets; count pixels after combining sets");
                 } else if !is_set_op && (left.is_set() || right.is_set()) {
                     diagnostic = diagnostic.with_help("arithmetic works on numbers: wrap pixel sets in `count(...)`");
+                } else if left == Kind::Weights || right == Kind::Weights {
+                    diagnostic = diagnostic
+                        .with_help("per-class weights are used by reductions: `mean(values, weights: w)`, `sum(values, weights: w)`");
                 } else if left == Kind::Number && right == Kind::Number {
                     diagnostic = diagnostic
                         .with_note("comparisons are only defined per class (for `where:` filters) or on parameters");
@@ -456,7 +464,7 @@ impl<'p> Checker<'p> {
         let name = callee.name.as_str();
         let signature: Option<(usize, &[&str])> = match name {
             "count" | "boundary" | "any" | "border" => Some((1, &[])),
-            "mean" | "sum" => Some((1, &["where"])),
+            "mean" | "sum" => Some((1, &["where", "weights"])),
             "erode" | "dilate" => Some((2, &[])),
             _ => None,
         };
@@ -471,7 +479,7 @@ impl<'p> Checker<'p> {
             let plural = if positional == 1 { "" } else { "s" };
             let usage = match name {
                 "erode" | "dilate" => format!("`{name}(set, radius)`"),
-                "mean" | "sum" => format!("`{name}(values)` or `{name}(values, where: mask)`"),
+                "mean" | "sum" => format!("`{name}(values)` or `{name}(values, where: mask, weights: w)`"),
                 "border" => "`border(radius)`".to_string(),
                 _ => format!("`{name}(set)`"),
             };
@@ -582,7 +590,19 @@ impl<'p> Checker<'p> {
                 }
                 let mut filter_ok = true;
                 for (arg, kind) in args.iter().zip(&kinds) {
-                    if arg.name.is_some() && *kind != Kind::ClassMask {
+                    let is_weights = arg.name.as_ref().is_some_and(|n| n.name == "weights");
+                    if is_weights && !(*kind == Kind::Weights || kind.is_compile_time_number()) {
+                        filter_ok = false;
+                        self.diagnostics.push(
+                            Diagnostic::error(
+                                "E0249",
+                                format!("`weights:` expects per-class weights (a `floats` parameter) or one number, but this is {kind}"),
+                                arg.value.span,
+                                "expected a `floats` parameter",
+                            )
+                            .with_help("declare `weights: floats = 1` and set it with `--set weights=1,2,2,1`"),
+                        );
+                    } else if arg.name.is_some() && !is_weights && *kind != Kind::ClassMask {
                         filter_ok = false;
                         self.diagnostics.push(
                             Diagnostic::error(
@@ -660,8 +680,10 @@ impl<'p> Checker<'p> {
                 }
                 Some(param) => {
                     let expected = Kind::of_param(param.ty);
-                    let fits =
-                        *kind == expected || (expected == Kind::Float && *kind == Kind::Int) || *kind == Kind::Error;
+                    let fits = *kind == expected
+                        || (expected == Kind::Float && *kind == Kind::Int)
+                        || (expected == Kind::Weights && kind.is_compile_time_number())
+                        || *kind == Kind::Error;
                     if !fits {
                         self.error(
                             "E0248",

@@ -383,7 +383,12 @@ pub fn differentiate(module: &RelaxedModule) -> Result<GradModule, GradError> {
                 contribute(&mut builder, &mut adjoint, *value, g);
             }
             // Comparisons are constant (detached); inputs without predictions get nothing.
-            Node::Compare { .. } | Node::Labels | Node::Valid | Node::Border { .. } | Node::Const(_) => {}
+            Node::Compare { .. }
+            | Node::Labels
+            | Node::Valid
+            | Node::Border { .. }
+            | Node::Const(_)
+            | Node::Weights { .. } => {}
             Node::Pred
             | Node::CurveTag { .. }
             | Node::Scope { .. }

@@ -186,6 +186,15 @@ pub enum Node {
     },
     /// A number known at compile time.
     Const(Float),
+    /// Per-class numbers known at compile time: the weights of a weighted `mean` or `sum`,
+    /// one per class of `range` (the node's shape), from the `floats` parameter `param`.
+    /// The inputs must have exactly as many classes in `range` as there are values
+    /// ([`Module::weights_classes`]).
+    Weights {
+        values: Vec<Float>,
+        range: ClassRange,
+        param: String,
+    },
     /// A transparent marker naming the curve that a logical operator applies to this operand
     /// (`x @ name`); `None` asks for no curve.
     CurveTag {
@@ -285,6 +294,7 @@ impl Node {
             | Node::Valid
             | Node::Border { .. }
             | Node::Const(_)
+            | Node::Weights { .. }
             | Node::NllSum => {
                 vec![]
             }
@@ -326,6 +336,7 @@ impl Node {
             Node::Valid => "valid",
             Node::Border { .. } => "border",
             Node::Const(_) => "const",
+            Node::Weights { .. } => "weights",
             Node::CurveTag { .. } => "curve_tag",
             Node::Scope { .. } => "scope",
             Node::And(..) => "and",
@@ -425,6 +436,45 @@ impl Module {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// Checks the number of classes `classes` of the inputs against the module's needs: enough
+    /// for its slices ([`Module::min_classes`]) and exactly as many as its per-class weights
+    /// cover. The error is one sentence that says what to change.
+    pub fn check_classes(&self, classes: usize) -> Result<(), String> {
+        if classes < self.min_classes {
+            return Err(format!(
+                "this metric needs at least {} classes (it slices classes), but the logits have {classes}",
+                self.min_classes
+            ));
+        }
+        for node in &self.nodes {
+            if let Node::Weights { values, range, param } = node {
+                if range.len(classes) != Some(values.len()) {
+                    let covered = match range.len(classes) {
+                        Some(n) => format!("{n} classes ({}..{})", range.start, range.start + n),
+                        None => "no class".to_string(),
+                    };
+                    return Err(format!(
+                        "parameter `{param}` gives {} weights, but the reduction it weights covers {covered} of the logits' {classes}; give one weight per class, for example `--set {param}={}`",
+                        values.len(),
+                        vec!["1"; range.len(classes).unwrap_or(1)].join(",")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of classes the inputs must have because of per-class weights on a reduction
+    /// over classes `start..` (to the last class), and the parameter that fixes it.
+    pub fn weights_classes(&self) -> Option<(usize, &str)> {
+        self.nodes.iter().find_map(|node| match node {
+            Node::Weights { values, range, param } if range.end.is_none() => {
+                Some((range.start + values.len(), param.as_str()))
+            }
+            _ => None,
+        })
     }
 }
 

@@ -7,7 +7,7 @@
 //! (see [`crate::ir::Builder`]), which is the compiler's common-subexpression elimination.
 
 use crate::check::FileDiagnostics;
-use crate::ir::{Builder, ClassRange, CmpOp, DivGuard, Handle, Mode, Module, Node, Report, RootKind, Shape};
+use crate::ir::{Builder, ClassRange, CmpOp, DivGuard, Float, Handle, Mode, Module, Node, Report, RootKind, Shape};
 use crate::program::{Program, SourceId};
 use grammar::ast::{self, BinaryOp, ExprKind, Literal, ParamType, Span, UnaryOp};
 use grammar::{suggest, Diagnostic};
@@ -20,12 +20,14 @@ pub const MAX_RADIUS: i64 = 64;
 pub const DEFAULT_PIECES: usize = 2;
 
 /// A parameter value, typed.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum ParamValue {
     Int(i64),
     Float(f64),
     Bool(bool),
+    /// A `floats` parameter: per-class weights, or one number for every class.
+    Floats(Vec<f64>),
 }
 
 impl From<i64> for ParamValue {
@@ -46,6 +48,18 @@ impl From<f64> for ParamValue {
     }
 }
 
+impl From<Vec<f64>> for ParamValue {
+    fn from(value: Vec<f64>) -> Self {
+        ParamValue::Floats(value)
+    }
+}
+
+impl From<&[f64]> for ParamValue {
+    fn from(value: &[f64]) -> Self {
+        ParamValue::Floats(value.to_vec())
+    }
+}
+
 impl From<bool> for ParamValue {
     fn from(value: bool) -> Self {
         ParamValue::Bool(value)
@@ -58,6 +72,9 @@ impl fmt::Display for ParamValue {
             ParamValue::Int(v) => write!(f, "{v}"),
             ParamValue::Float(v) => write!(f, "{v:?}"),
             ParamValue::Bool(v) => write!(f, "{v}"),
+            ParamValue::Floats(v) => {
+                write!(f, "{}", v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(","))
+            }
         }
     }
 }
@@ -102,12 +119,14 @@ pub fn resolve_params(
                 "false" => Some(ParamValue::Bool(false)),
                 _ => None,
             },
+            ParamType::Floats => parse_weights(raw_trimmed).map(ParamValue::Floats),
         };
         let Some(value) = value else {
             let expected = match param.ty {
                 ParamType::Int => "an integer such as 3",
                 ParamType::Float => "a finite number such as 0.5",
                 ParamType::Bool => "`true` or `false`",
+                ParamType::Floats => "non-negative numbers separated by commas, one per class, such as 1,2,2,1",
             };
             return Err(LowerError::Param(format!("parameter `{name}` expects {expected}, but got `{raw}`.")));
         };
@@ -116,8 +135,17 @@ pub fn resolve_params(
     Ok(values)
 }
 
+/// `1,2,2.5` as weights: finite, non-negative, at least one of them positive.
+fn parse_weights(raw: &str) -> Option<Vec<f64>> {
+    let values: Vec<f64> = raw.split(',').map(|part| part.trim().parse::<f64>().ok()).collect::<Option<_>>()?;
+    let valid = values.iter().all(|v| v.is_finite() && *v >= 0.0) && values.iter().any(|v| *v > 0.0);
+    valid.then_some(values)
+}
+
 fn literal_value(ty: ParamType, literal: &Literal) -> ParamValue {
     match (ty, literal) {
+        (ParamType::Floats, Literal::Int(v)) => ParamValue::Floats(vec![*v as f64]),
+        (ParamType::Floats, Literal::Float(v)) => ParamValue::Floats(vec![*v]),
         (ParamType::Float, Literal::Int(v)) => ParamValue::Float(*v as f64),
         (_, Literal::Int(v)) => ParamValue::Int(*v),
         (_, Literal::Float(v)) => ParamValue::Float(*v),
@@ -143,7 +171,7 @@ pub fn lower_definition(
     let mut lowering =
         Lowering { program, builder: Builder::default(), diagnostics: Vec::new(), min_classes: 1, source: 0 };
     let pieces = definition_pieces(definition);
-    let mut env: Vec<(String, Value)> = params.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect();
+    let mut env: Vec<(String, Value)> = params.iter().map(|(k, v)| (k.clone(), param_value(k, v.clone()))).collect();
     for binding in &definition.lets {
         let value = lowering.expr(&binding.value, &env, None);
         env.push((binding.name.name.clone(), value));
@@ -233,18 +261,20 @@ enum Value {
     Int(i64),
     Float(f64),
     Bool(bool),
+    /// The per-class weights of the `floats` parameter `param` (one value: every class).
+    Weights { values: Vec<f64>, param: String },
     Node(Handle),
     /// Already reported.
     Error,
 }
 
-impl From<ParamValue> for Value {
-    fn from(value: ParamValue) -> Value {
-        match value {
-            ParamValue::Int(v) => Value::Int(v),
-            ParamValue::Float(v) => Value::Float(v),
-            ParamValue::Bool(v) => Value::Bool(v),
-        }
+/// The value of parameter `name`.
+fn param_value(name: &str, value: ParamValue) -> Value {
+    match value {
+        ParamValue::Int(v) => Value::Int(v),
+        ParamValue::Float(v) => Value::Float(v),
+        ParamValue::Bool(v) => Value::Bool(v),
+        ParamValue::Floats(values) => Value::Weights { values, param: name.to_string() },
     }
 }
 
@@ -296,7 +326,7 @@ impl<'p> Lowering<'p> {
             Value::Node(handle) => Some(handle),
             Value::Int(v) => Some(self.builder.constant(v as f64, span, "lower")),
             Value::Float(v) => Some(self.builder.constant(v, span, "lower")),
-            Value::Bool(_) | Value::Error => None,
+            Value::Bool(_) | Value::Weights { .. } | Value::Error => None,
         }
     }
 
@@ -570,6 +600,7 @@ impl<'p> Lowering<'p> {
         }
         let mut positional = Vec::new();
         let mut filter = None;
+        let mut weights = None;
         for arg in args {
             let value = self.expr(&arg.value, env, scope);
             if let Value::Error = value {
@@ -577,6 +608,7 @@ impl<'p> Lowering<'p> {
             }
             match &arg.name {
                 None => positional.push((value, arg.value.span)),
+                Some(name) if name.name == "weights" => weights = Some((value, arg.value.span)),
                 Some(_) => filter = Some((value, arg.value.span)),
             }
         }
@@ -654,15 +686,104 @@ impl<'p> Lowering<'p> {
                     }
                     Some(_) => return Value::Error,
                 };
-                let node = if name == "mean" {
-                    Node::Mean { value: input, filter }
-                } else {
-                    Node::Sum { value: input, filter }
-                };
-                self.add(node, Shape::Scalar, span)
+                match weights {
+                    None => {
+                        let node = if name == "mean" {
+                            Node::Mean { value: input, filter }
+                        } else {
+                            Node::Sum { value: input, filter }
+                        };
+                        self.add(node, Shape::Scalar, span)
+                    }
+                    Some((weights, weights_span)) => {
+                        self.weighted(name == "mean", input, range, filter, weights, weights_span, span)
+                    }
+                }
             }
             _ => Value::Error,
         }
+    }
+
+    /// `mean(v, where: m, weights: w)` and `sum(...)` with per-class weights, from nodes every
+    /// back end has:
+    /// * `sum` is `sum(w * v, where: m)`;
+    /// * `mean` is `mean(w * v, where: m) / mean(w + 0 * v, where: m)`, that is
+    ///   `Σ w·v / Σ w` over the selected classes. In exact mode `0 * v` is undefined exactly
+    ///   where `v` is, so both means skip the same undefined classes and the weights of the
+    ///   classes skipped leave the denominator too (a weighted nanmean). The division adds no
+    ///   epsilon (the denominator is a mean of weights, positive unless every selected
+    ///   weight is 0, which is then 0 / 0: undefined in exact mode, 0 in the surrogate).
+    ///
+    /// One weight (the default, or a number) weights every class alike: a plain `mean`, and a
+    /// `sum` scaled by it.
+    #[allow(clippy::too_many_arguments)]
+    fn weighted(
+        &mut self,
+        is_mean: bool,
+        input: Handle,
+        range: ClassRange,
+        filter: Option<Handle>,
+        weights: Value,
+        weights_span: Span,
+        span: Span,
+    ) -> Value {
+        let (values, param) = match weights {
+            Value::Weights { values, param } => (values, param),
+            Value::Int(v) => (vec![v as f64], "weights".to_string()),
+            Value::Float(v) => (vec![v], "weights".to_string()),
+            _ => return Value::Error,
+        };
+        let function = if is_mean { "mean" } else { "sum" };
+        if values.iter().any(|v| !v.is_finite() || *v < 0.0) || (is_mean && values.iter().all(|v| *v == 0.0)) {
+            return self.error(
+                Diagnostic::error(
+                    "E0308",
+                    format!("the weights of `{function}` must be non-negative numbers, not all zero"),
+                    weights_span,
+                    "invalid weights",
+                )
+                .with_help(format!("set them with `--set {param}=1,2,2,1`")),
+            );
+        }
+        let weight_node = if values.len() == 1 {
+            let weight = values[0];
+            if is_mean || weight == 1.0 {
+                let node = if is_mean { Node::Mean { value: input, filter } } else { Node::Sum { value: input, filter } };
+                return self.add(node, Shape::Scalar, span);
+            }
+            self.builder.constant(weight, weights_span, "lower.weights")
+        } else {
+            if let Some(end) = range.end {
+                if end - range.start != values.len() {
+                    return self.error(
+                        Diagnostic::error(
+                            "E0309",
+                            format!(
+                                "`{param}` gives {} weights, but `{function}` here reduces over {} classes ({range})",
+                                values.len(),
+                                end - range.start
+                            ),
+                            weights_span,
+                            "wrong number of weights",
+                        )
+                        .with_help("give one weight per class of the reduction"),
+                    );
+                }
+            }
+            let node = Node::Weights { values: values.iter().map(|v| Float::new(*v)).collect(), range, param };
+            self.builder.add(node, Shape::Classes(range), weights_span, "lower.weights")
+        };
+        let shape = Shape::Classes(range);
+        let weighted = self.builder.add(Node::Mul(weight_node, input), shape, span, "lower.weights");
+        if !is_mean {
+            return self.add(Node::Sum { value: weighted, filter }, Shape::Scalar, span);
+        }
+        let zero = self.builder.constant(0.0, span, "lower.weights");
+        let zeroed = self.builder.add(Node::Mul(zero, input), shape, span, "lower.weights");
+        let selected = self.builder.add(Node::Add(weight_node, zeroed), shape, span, "lower.weights");
+        let num = self.builder.add(Node::Mean { value: weighted, filter }, Shape::Scalar, span, "lower.weights");
+        let den = self.builder.add(Node::Mean { value: selected, filter }, Shape::Scalar, span, "lower.weights");
+        self.add(Node::Div { num, den, guard: DivGuard::Explicit }, Shape::Scalar, span)
     }
 
     fn metric_term(
@@ -679,7 +800,7 @@ impl<'p> Lowering<'p> {
         let mut term_env: Vec<(String, Value)> = definition
             .params
             .iter()
-            .map(|p| (p.name.name.clone(), Value::from(literal_value(p.ty, &p.default))))
+            .map(|p| (p.name.name.clone(), param_value(&p.name.name, literal_value(p.ty, &p.default))))
             .collect();
         let mut label_parts = Vec::new();
         for arg in args {
@@ -688,6 +809,12 @@ impl<'p> Lowering<'p> {
             let param = definition.params.iter().find(|p| p.name.name == arg_name.name);
             let value = match (param.map(|p| p.ty), value) {
                 (Some(ParamType::Float), Value::Int(v)) => Value::Float(v as f64),
+                (Some(ParamType::Floats), Value::Int(v)) => {
+                    Value::Weights { values: vec![v as f64], param: arg_name.name.clone() }
+                }
+                (Some(ParamType::Floats), Value::Float(v)) => {
+                    Value::Weights { values: vec![v], param: arg_name.name.clone() }
+                }
                 (_, Value::Node(_)) => {
                     return self.error(Diagnostic::error(
                         "E0306",
@@ -726,6 +853,7 @@ fn value_text(value: &Value) -> String {
         Value::Int(v) => v.to_string(),
         Value::Float(v) => format!("{v:?}"),
         Value::Bool(v) => v.to_string(),
+        Value::Weights { values, .. } => values.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(","),
         Value::Node(_) | Value::Error => "?".into(),
     }
 }

@@ -30,6 +30,10 @@ pub fn dump(module: &Module, manifest: Option<&Manifest>) -> String {
         let operands: Vec<String> = node.operands().iter().map(|h| h.to_string()).collect();
         let attributes = match node {
             Node::Const(value) => format!(" {:?}", value.get()),
+            Node::Weights { values, param, .. } => {
+                let values: Vec<String> = values.iter().map(|v| format!("{:?}", v.get())).collect();
+                format!(" {param}=[{}]", values.join(", "))
+            }
             Node::CurveTag { name, .. } => format!(" @{}", name.as_deref().unwrap_or("none")),
             Node::Scope { name, pieces, .. } => format!(" {name} pieces={pieces}"),
             Node::Curve { curve, .. } => match manifest.and_then(|m| m.curves.get(curve.0 as usize)) {

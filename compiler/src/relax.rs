@@ -141,7 +141,7 @@ pub fn relax(exact: &ExactModule) -> Result<RelaxedModule, Invalid> {
                 builder.add(Node::Sub(one, m(*a)), shape, span, "relax.not")
             }
             Node::Softmax | Node::Curve { .. } => unreachable!("exact modules hold no surrogate nodes"),
-            Node::Labels | Node::Valid | Node::Border { .. } | Node::Const(_) | Node::NllSum => {
+            Node::Labels | Node::Valid | Node::Border { .. } | Node::Const(_) | Node::Weights { .. } | Node::NllSum => {
                 builder.add(node.clone(), shape, span, rule)
             }
             Node::Count(a) => builder.add(Node::Count(m(*a)), shape, span, rule),

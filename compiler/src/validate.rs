@@ -46,6 +46,7 @@ pub fn expected_shape(module: &Module, node: &Node) -> Result<Shape, String> {
         Node::Pred | Node::Softmax | Node::Labels => Ok(Shape::ClassPixels(ClassRange::ALL)),
         Node::Valid | Node::Border { .. } => Ok(Shape::Pixels),
         Node::Const(_) | Node::NllSum => Ok(Shape::Scalar),
+        Node::Weights { range, .. } => Ok(Shape::Classes(*range)),
         Node::CurveTag { input, .. } | Node::Scope { input, .. } => pixels_only(input, "an annotation"),
         Node::Curve { input, .. } => pixels_only(input, "a curve"),
         Node::Erode { input, .. } | Node::Dilate { input, .. } => pixels_only(input, "a morphological operator"),
@@ -117,6 +118,7 @@ fn modes(node: &Node, pixel: bool) -> (bool, bool) {
         | Node::Valid
         | Node::Border { .. }
         | Node::Const(_)
+        | Node::Weights { .. }
         | Node::Erode { .. }
         | Node::Dilate { .. }
         | Node::AnyClass(_)

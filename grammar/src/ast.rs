@@ -84,6 +84,9 @@ pub enum ParamType {
     Int,
     Float,
     Bool,
+    /// Per-class weights for `mean` and `sum` (`weights:`): one non-negative number per
+    /// class, or one number for every class. The default is written as one number.
+    Floats,
 }
 
 /// `key = literal` after `with`.

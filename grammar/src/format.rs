@@ -73,6 +73,7 @@ pub fn format_param_type(ty: ParamType) -> &'static str {
         ParamType::Int => "int",
         ParamType::Float => "float",
         ParamType::Bool => "bool",
+        ParamType::Floats => "floats",
     }
 }
 

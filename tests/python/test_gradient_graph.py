@@ -120,7 +120,11 @@ class GradientGraphTest(unittest.TestCase):
                     x, y = case.inputs(shape)
                     for kind in ("loss", "grad", "exact"):
                         facts, ours = tract_run(paths[kind], [x, y])
-                        self.assertEqual(facts, ["N,C,H,W,f32", "N,H,W,i64"], kind)
+                        # Symbolic classes, unless per-class weights fix their number.
+                        dim = onnx.load(str(paths[kind])).graph.input[0].type.tensor_type.shape.dim[1]
+                        classes = str(dim.dim_value) if dim.HasField("dim_value") else "C"
+                        self.assertEqual(classes, "5" if case.name == "class_weights" else "C", kind)
+                        self.assertEqual(facts, [f"N,{classes},H,W,f32", "N,H,W,i64"], kind)
                         theirs = onnxruntime.InferenceSession(str(paths[kind])).run(None, {"logits": x, "labels": y})
                         for index, (a, b) in enumerate(zip(ours, theirs)):
                             if kind == "exact" and np.all(b == np.round(b)):

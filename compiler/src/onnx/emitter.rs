@@ -57,6 +57,15 @@ pub(crate) fn value_info(name: &str, elem: DataType, dims: &[&str]) -> ValueInfo
     }
 }
 
+/// Give dimension `axis` of a graph input or output the fixed size `size`.
+pub(crate) fn fix_dim(info: &mut ValueInfoProto, axis: usize, size: usize) {
+    if let Some(type_proto::Value::TensorType(tensor)) = info.type_.as_mut().and_then(|t| t.value.as_mut()) {
+        if let Some(dim) = tensor.shape.as_mut().and_then(|s| s.dim.get_mut(axis)) {
+            dim.set_dim_value(size as i64);
+        }
+    }
+}
+
 /// Builds a node list, naming every output after the IR node it implements.
 pub(crate) struct Emitter {
     pub nodes: Vec<NodeProto>,
@@ -140,6 +149,19 @@ impl Emitter {
         name
     }
 
+    /// A float32 vector initializer: one number per class of a per-class value.
+    pub fn floats(&mut self, values: &[f64]) -> String {
+        let name = format!("const_v{}", self.initializers.len());
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            data_type: DataType::FLOAT as i32,
+            dims: vec![values.len() as i64],
+            float_data: values.iter().map(|v| *v as f32).collect(),
+            ..Default::default()
+        });
+        name
+    }
+
     /// `f(a, b)` as a new constant when both are constants.
     fn fold(&mut self, a: &str, b: &str, f: impl Fn(f64, f64) -> f64) -> Option<String> {
         let (x, y) = (*self.constant_values.get(a)?, *self.constant_values.get(b)?);
@@ -175,7 +197,7 @@ impl Emitter {
     }
 
     /// A value computed once per graph: the first call emits it, later calls reuse it.
-    fn shared(&mut self, key: &str, make: impl FnOnce(&mut Self) -> String) -> String {
+    pub(crate) fn shared(&mut self, key: &str, make: impl FnOnce(&mut Self) -> String) -> String {
         if let Some(name) = self.shared.get(key) {
             return name.clone();
         }

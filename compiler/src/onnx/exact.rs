@@ -76,6 +76,7 @@ pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelPro
             | Node::Not(..)
             | Node::Slice { .. }
             | Node::Const(_)
+            | Node::Weights { .. }
             | Node::Add(..)
             | Node::Sub(..)
             | Node::Mul(..)

@@ -52,6 +52,10 @@ pub(crate) fn forward(
             Node::Valid => emitter.valid(),
             Node::Border { radius } => emitter.border(*radius),
             Node::Const(c) => emitter.float(c.get()),
+            Node::Weights { values, .. } => {
+                let values: Vec<f64> = values.iter().map(|v| v.get()).collect();
+                emitter.floats(&values)
+            }
             Node::Curve { input, curve } => {
                 let index = curve.0 as usize;
                 let pieces = match source {
@@ -86,15 +90,20 @@ pub(crate) fn forward(
                     let mask = v(mask);
                     let product = emitter.op("Mul", &[&v(value), &mask], vec![]);
                     let total = emitter.op("ReduceSum", &[&product], vec![attr_int("keepdims", 0)]);
-                    let selected = emitter.op("ReduceSum", &[&mask], vec![attr_int("keepdims", 0)]);
+                    // Built once per mask: means that share a filter share its count (tract
+                    // fails to run a graph holding two copies of it).
+                    let selected = emitter.shared(&format!("selected:{mask}"), |e| {
+                        e.op("ReduceSum", &[&mask], vec![attr_int("keepdims", 0)])
+                    });
                     let zero = emitter.float(0.0);
-                    let any = emitter.op("Greater", &[&selected, &zero], vec![]);
+                    let any = emitter.shared(&format!("any:{mask}"), |e| e.op("Greater", &[&selected, &zero], vec![]));
                     flag = Some(match flag {
                         None => any,
                         Some(previous) => emitter.op("And", &[&previous, &any], vec![]),
                     });
                     let one = emitter.float(1.0);
-                    let denominator = emitter.op("Max", &[&selected, &one], vec![]);
+                    let denominator =
+                        emitter.shared(&format!("max:{mask}"), |e| e.op("Max", &[&selected, &one], vec![]));
                     emitter.op("Div", &[&total, &denominator], vec![])
                 }
             },

@@ -36,7 +36,7 @@ pub use loss::emit_loss;
 use crate::curve::Curve;
 use crate::ir::{CmpOp, Shape, DEFAULT_IGNORE_LABEL};
 use crate::Compiled;
-use emitter::{attr_int, value_info, Emitter};
+use emitter::{attr_int, fix_dim, value_info, Emitter};
 use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::{GraphProto, Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, ValueInfoProto};
 use protobuf::MessageField;
@@ -148,10 +148,12 @@ fn model(
     what: &str,
     options: &EmitOptions,
 ) -> ModelProto {
-    let mut inputs = vec![
-        value_info("logits", DataType::FLOAT, &["N", "C", "H", "W"]),
-        value_info("labels", DataType::INT64, &["N", "H", "W"]),
-    ];
+    let mut logits = value_info("logits", DataType::FLOAT, &["N", "C", "H", "W"]);
+    if let Some((classes, _)) = compiled.exact.weights_classes() {
+        // Per-class weights fix the number of classes: a runtime rejects other logits.
+        fix_dim(&mut logits, 1, classes);
+    }
+    let mut inputs = vec![logits, value_info("labels", DataType::INT64, &["N", "H", "W"])];
     if options.curves == CurveSource::Input && what != "exact counts" {
         inputs.push(value_info("curves", DataType::FLOAT, &["curve_coordinates"]));
     }

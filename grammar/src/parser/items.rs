@@ -335,6 +335,7 @@ impl<'a> Parser<'a> {
             Tok::Ident("int") => ParamType::Int,
             Tok::Ident("float") => ParamType::Float,
             Tok::Ident("bool") => ParamType::Bool,
+            Tok::Ident("floats") => ParamType::Floats,
             Tok::Ident(word) => {
                 let diagnostic = Diagnostic::error(
                     codes::SYNTAX,
@@ -342,12 +343,13 @@ impl<'a> Parser<'a> {
                     ty_lexeme.span,
                     "not a parameter type",
                 )
-                .with_note("parameter types are `int`, `float` and `bool`");
+                .with_note("parameter types are `int`, `float`, `bool` and `floats` (per-class weights)");
                 let alias = match word {
                     "integer" | "i64" | "i32" | "usize" => Some("int"),
                     "f64" | "f32" | "double" | "real" | "number" => Some("float"),
                     "boolean" => Some("bool"),
-                    _ => suggest(word, ["int", "float", "bool"]),
+                    "weights" | "list" | "vector" | "array" => Some("floats"),
+                    _ => suggest(word, ["int", "float", "bool", "floats"]),
                 };
                 return failure(match alias {
                     Some(ty) => diagnostic.with_help(format!("did you mean `{ty}`?")),
@@ -357,7 +359,7 @@ impl<'a> Parser<'a> {
             _ => {
                 return failure(
                     self.expected("a parameter type", &ty_lexeme)
-                        .with_note("parameter types are `int`, `float` and `bool`"),
+                        .with_note("parameter types are `int`, `float`, `bool` and `floats` (per-class weights)"),
                 )
             }
         };
@@ -367,6 +369,7 @@ impl<'a> Parser<'a> {
                 ParamType::Int => "0",
                 ParamType::Float => "0.5",
                 ParamType::Bool => "false",
+                ParamType::Floats => "1",
             };
             let type_name = ty_lexeme.at.get(..ty_lexeme.span.end - ty_lexeme.span.start).unwrap_or("int");
             return failure(

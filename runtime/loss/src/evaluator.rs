@@ -34,7 +34,7 @@ impl Evaluator {
     /// same number of classes.
     pub fn add_batch(&mut self, logits: &Tensor, labels: &Tensor) -> Result<(), LossError> {
         let module = &self.compiled.exact;
-        let checked = inputs::check(logits, labels, module.min_classes, self.ignore_label)?;
+        let checked = inputs::check(logits, labels, module, self.ignore_label)?;
         let classes = logits.size()[1];
         if let Some(expected) = self.classes {
             if expected != classes {

@@ -7,10 +7,11 @@
 //! * labels `[N, H, W]` of any integer type (`uint8` and `int64` are the usual), moved to the
 //!   logits' device as int64;
 //! * every logit finite, every label a class in `0..C` or the ignore label, enough classes
-//!   for the module's slices, non-empty images.
+//!   for the module's slices (exactly as many as its per-class weights), non-empty images.
 //!
 //! Every problem is one [`InputError`] sentence that says what is wrong and what to do.
 
+use compiler::ir::Module;
 use tch::{Kind, Tensor};
 
 /// Bad inputs, each a single sentence that says what to do.
@@ -30,8 +31,9 @@ pub enum InputError {
     NonFinite(i64),
     #[error("label value {value} is neither a class in 0..{classes} nor the ignore label{} ({count} {})", ignore_text(.ignore), pixels_with_value(.count))]
     LabelValue { value: i64, classes: i64, count: i64, ignore: Option<i64> },
-    #[error("this metric needs at least {needed} classes (it slices classes), but the logits have {got}")]
-    TooFewClasses { needed: usize, got: i64 },
+    /// Too few classes for the metric's slices, or not as many as its per-class weights.
+    #[error("{0}")]
+    Classes(String),
     #[error("an image must be at least 1x1 pixels, but the logits have shape {0:?}")]
     Empty(Vec<i64>),
 }
@@ -76,11 +78,11 @@ fn is_integer(kind: Kind) -> bool {
     matches!(kind, Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64)
 }
 
-/// Check logits and labels for a module needing `min_classes` classes.
+/// Check logits and labels for `module` (its class needs: [`Module::check_classes`]).
 pub(crate) fn check(
     logits: &Tensor,
     labels: &Tensor,
-    min_classes: usize,
+    module: &Module,
     ignore_label: Option<i64>,
 ) -> Result<Checked, InputError> {
     let ls = logits.size();
@@ -106,9 +108,7 @@ pub(crate) fn check(
         return Err(InputError::LabelsKind(labels.kind()));
     }
     let classes = ls[1];
-    if (classes as usize) < min_classes {
-        return Err(InputError::TooFewClasses { needed: min_classes, got: classes });
-    }
+    module.check_classes(classes as usize).map_err(InputError::Classes)?;
     // One pass for float32: a float64 sum of finite float32 values cannot overflow, so it is
     // finite exactly when every logit is. Otherwise count the bad ones.
     let surely_finite = logits.kind() == Kind::Float && logits.sum(Kind::Double).double_value(&[]).is_finite();

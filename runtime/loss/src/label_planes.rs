@@ -109,6 +109,7 @@ fn intervals(module: &RelaxedModule, wanted: &[Handle]) -> Option<Vec<Option<(i3
             | Node::Curve { .. }
             | Node::Count(_)
             | Node::NllSum
+            | Node::Weights { .. }
             | Node::Div { .. }
             | Node::Compare { .. }
             | Node::Mean { .. }
@@ -216,6 +217,7 @@ pub(crate) fn evaluate(
             | Node::Curve { .. }
             | Node::Count(_)
             | Node::NllSum
+            | Node::Weights { .. }
             | Node::Div { .. }
             | Node::Compare { .. }
             | Node::Mean { .. }
@@ -329,7 +331,7 @@ mod tests {
                     continue;
                 };
                 assert_ne!(name, "deep", "nested xors exceed the i8 interval and must be declined");
-                let checked = inputs::check(&logits, &labels, module.min_classes, ignore).expect("valid inputs");
+                let checked = inputs::check(&logits, &labels, module, ignore).expect("valid inputs");
                 let provided = (0..module.len()).map(|_| None).collect();
                 let reference =
                     reference::run_nodes(module, &loss.params().curves, &checked.batch(), provided, &wanted);

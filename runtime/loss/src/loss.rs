@@ -27,13 +27,15 @@ impl Overrides {
         Overrides::default()
     }
 
-    /// Set parameter `name` to a typed value (`3`, `0.5`, `false`).
+    /// Set parameter `name` to a typed value (`3`, `0.5`, `false`, or `vec![1.0, 2.0]` for
+    /// per-class weights).
     pub fn set(mut self, name: &str, value: impl Into<ParamValue>) -> Overrides {
         let text = match value.into() {
             ParamValue::Int(v) => v.to_string(),
             // Rust prints the shortest text that parses back to the same float.
             ParamValue::Float(v) => format!("{v:?}"),
             ParamValue::Bool(v) => v.to_string(),
+            ParamValue::Floats(v) => v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(","),
         };
         self.pairs.push((name.to_string(), text));
         self
@@ -229,7 +231,7 @@ impl Loss {
     /// The surrogate with its undefined flags and reported values.
     pub fn forward_detailed(&self, logits: &Tensor, labels: &Tensor) -> Result<Surrogate, LossError> {
         let module = &self.compiled.relaxed;
-        let checked = inputs::check(logits, labels, module.min_classes, self.ignore_label)?;
+        let checked = inputs::check(logits, labels, module, self.ignore_label)?;
         let batch = checked.batch();
         if self.fast_path {
             if let Some(fused_batch) = FusedBatch::new(&batch) {

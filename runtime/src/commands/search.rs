@@ -188,11 +188,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let data = match &evaluator {
         EvaluatorSpec::Proxy => {
             let dataset = proxy.dataset()?;
-            let mut needs = vec![(file.display().to_string(), loss.compiled().relaxed.min_classes)];
-            needs.extend(target_loss.iter().map(|t| (target_name.clone(), t.compiled().exact.min_classes)));
-            for (what, needed) in needs {
-                if needed > dataset.classes {
-                    anyhow::bail!("`{what}` needs at least {needed} classes but the data has {}", dataset.classes);
+            let mut needs = vec![(file.display().to_string(), loss.compiled().relaxed.check_classes(dataset.classes))];
+            needs.extend(target_loss.iter().map(|t| (target_name.clone(), t.compiled().exact.check_classes(dataset.classes))));
+            for (what, fits) in needs {
+                if let Err(problem) = fits {
+                    anyhow::bail!("`{what}` does not fit the data ({} classes): {problem}", dataset.classes);
                 }
             }
             dataset.description

@@ -70,12 +70,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let metrics: Vec<Loss> =
         trainer::STANDARD_METRICS.iter().map(|(name, _)| trainer::standard_metric(name).expect("built in")).collect();
     if let Objective::Compiled(loss) = &objective {
-        if loss.compiled().relaxed.min_classes > dataset.classes {
-            anyhow::bail!(
-                "`{name}` needs at least {} classes but the data has {}",
-                loss.compiled().relaxed.min_classes,
-                dataset.classes
-            );
+        if let Err(problem) = loss.compiled().relaxed.check_classes(dataset.classes) {
+            anyhow::bail!("`{name}` does not fit the data ({} classes): {problem}", dataset.classes);
         }
     }
     let bar = steps_bar(args.iters as u64, &format!("train {name}"));

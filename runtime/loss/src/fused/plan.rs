@@ -201,6 +201,7 @@ impl FusedPlan {
             | Node::Valid
             | Node::Border { .. }
             | Node::Const(_)
+            | Node::Weights { .. }
             | Node::CurveTag { .. }
             | Node::Scope { .. }
             | Node::And(..)
@@ -286,6 +287,7 @@ impl FusedPlan {
                 // Numbers are never operands of pixel steps (the validator guarantees it),
                 // and a relaxed module has no exact node; decline rather than guess.
                 Node::Softmax
+                | Node::Weights { .. }
                 | Node::NllSum
                 | Node::Count(_)
                 | Node::Div { .. }
@@ -347,6 +349,7 @@ impl FusedPlan {
                 | Node::Valid
                 | Node::Border { .. }
                 | Node::Const(_)
+                | Node::Weights { .. }
                 | Node::Pred
                 | Node::CurveTag { .. }
                 | Node::Scope { .. }

@@ -64,6 +64,7 @@ pub(crate) fn exact_counts(module: &ExactModule, batch: &Batch<'_>) -> Result<Ve
             | Node::Not(..)
             | Node::Slice { .. }
             | Node::Const(_)
+            | Node::Weights { .. }
             | Node::Add(..)
             | Node::Sub(..)
             | Node::Mul(..)

@@ -81,6 +81,10 @@ pub(crate) fn run_nodes(
             Node::Valid => valid(labels, kind, ignore),
             Node::Border { radius } => tensors::border(labels, kind, *radius),
             Node::Const(c) => Tensor::from(c.get()).to_kind(kind).to_device(logits.device()),
+            Node::Weights { values, .. } => {
+                let values: Vec<f64> = values.iter().map(|v| v.get()).collect();
+                Tensor::from_slice(&values).to_kind(kind).to_device(logits.device())
+            }
             Node::Curve { input, curve } => apply_curve(v(input), &curves[curve.0 as usize]),
             Node::Erode { input, radius } => pool_tensor(v(input), *radius, true),
             Node::Dilate { input, radius } => pool_tensor(v(input), *radius, false),
