@@ -23,21 +23,31 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = [("mIoU", "miou", []), ("BIoU (tol 5)", "biou", ["--set", "tol=5"]), ("BF1 (tol 5)", "bf1", ["--set", "tol=5"])]
+METRICS = [("mIoU", "miou", []), ("BIoU (tol 5)", "biou", ["--set", "tol=5"]), ("BF1 (tol 5)", "bf1", ["--set", "tol=5"]),
+           ("Dice", "dice", [])]
 
 
 def bench_inputs(shape):
-    """The tensors `losscc bench` builds: logits 2·randn, blocky labels with an ignored grid."""
-    n, c, h, w = shape
+    """The tensors `losscc bench` builds: logits 2·randn, blocky labels with an ignored grid
+    (images `N,C,H,W` or volumes `N,C,D,H,W`)."""
+    n, c = shape[:2]
     torch.manual_seed(0)
     logits = torch.randn(shape) * 2.0
-    ys = torch.arange(h).view(1, h, 1)
-    xs = torch.arange(w).view(1, 1, w)
-    images = torch.arange(n).view(n, 1, 1)
-    labels = ((ys // 17) * 3 + xs // 23 + images) % c
-    band = (ys % 17 == 0) | (xs % 23 == 0)
-    labels = torch.where(band, torch.full_like(labels, 255), labels)
-    return logits, labels.expand(n, h, w).contiguous()
+    label_shape = (n, *shape[2:])
+    rank = len(label_shape)
+
+    def axis(k):
+        view = [1] * rank
+        view[k] = label_shape[k]
+        return torch.arange(label_shape[k]).view(view)
+
+    periods = [(11, 5), (17, 3), (23, 1)] if rank == 4 else [(17, 3), (23, 1)]
+    labels, band = axis(0), torch.zeros([1] * rank, dtype=torch.bool)
+    for k, (period, weight) in enumerate(periods):
+        labels = labels + (axis(k + 1) // period) * weight
+        band = band | (axis(k + 1) % period == 0)
+    labels = torch.where(band, torch.full_like(labels, 255), labels % c)
+    return logits, labels.expand(label_shape).contiguous()
 
 
 def pytorch_ce(logits, labels, iterations, warmup=2):
@@ -58,6 +68,7 @@ def main():
     parser.add_argument("--shape", default="4,21,256,256")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--metrics", default="miou,biou,bf1", help="example metrics to time, of miou,biou,bf1,dice")
     parser.add_argument("--losscc", action="append", default=[],
                         help="NAME=BIN, a losscc binary to time (default: target/release/losscc)")
     args = parser.parse_args()
@@ -67,7 +78,7 @@ def main():
     print(f"shape {shape}, torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
     results = {}
     for round_index in range(args.rounds):
-        for title, name, sets in METRICS:
+        for title, name, sets in [m for m in METRICS if m[1] in args.metrics.split(",")]:
             for label, binary in binaries:
                 before = pytorch_ce(logits, labels, args.iterations)
                 out = subprocess.run([binary, "bench", ROOT / "examples" / f"{name}.metric", *sets, "--shape",

@@ -54,7 +54,7 @@ fn labels_may_be_uint8_and_logits_half_precision() {
     let ints = logits.to_kind(Kind::Int64);
     assert!(matches!(loss.forward(&ints, &labels), Err(LossError::Input(InputError::LogitsKind(Kind::Int64)))));
     let float_labels = labels.to_kind(Kind::Float);
-    assert!(matches!(loss.forward(&logits, &float_labels), Err(LossError::Input(InputError::LabelsKind(Kind::Float)))));
+    assert!(matches!(loss.forward(&logits, &float_labels), Err(LossError::Input(InputError::LabelsKind { kind: Kind::Float, .. }))));
 }
 
 #[test]
@@ -288,4 +288,232 @@ fn class_weights_weight_each_class_skip_undefined_ones_and_wrong_lengths_are_one
         assert!(message.contains("non-negative numbers separated by commas"), "{bad}: {message}");
         assert_eq!(message.lines().count(), 1, "{message}");
     }
+}
+
+/// A volume batch `[N, C, D, H, W]` with blocky labels (10% ignored) and logits that lean to
+/// the label with noise, so predictions have interiors and boundaries.
+fn volume(seed: u64, [n, c, d, h, w]: [i64; 5]) -> (Tensor, Tensor) {
+    let mut rng = Rng(seed);
+    let labels: Vec<i64> = (0..n * d * h * w)
+        .map(|i| {
+            let (z, y, x) = ((i / (h * w)) % d, (i / w) % h, i % w);
+            if rng.next() < 0.1 {
+                255
+            } else {
+                (z / 3 + y / 4 + 2 * (x / 5) + i / (d * h * w)) % c
+            }
+        })
+        .collect();
+    let labels = Tensor::from_slice(&labels).view([n, d, h, w]);
+    let noise: Vec<f32> = (0..n * c * d * h * w).map(|_| (rng.next() as f32 - 0.5) * 6.0).collect();
+    let hot = labels.clamp(0, c - 1).one_hot(c).permute([0, 4, 1, 2, 3]).to_kind(Kind::Float);
+    (Tensor::from_slice(&noise).view([n, c, d, h, w]) + hot * 2.5, labels)
+}
+
+/// Index of voxel (z, y, x) of image `i` in a flat `[N, D, H, W]` map.
+fn at(dims: [usize; 4], i: usize, z: usize, y: usize, x: usize) -> usize {
+    ((i * dims[1] + z) * dims[2] + y) * dims[3] + x
+}
+
+/// Minimum (erode) or maximum over the cube of radius `r` around every voxel, the border
+/// counting as inside for erosion and outside for dilation, in plain loops.
+fn cube_pool(mask: &[bool], dims: [usize; 4], r: usize, erode: bool) -> Vec<bool> {
+    let [n, d, h, w] = dims;
+    let mut out = vec![false; mask.len()];
+    for i in 0..n {
+        for z in 0..d {
+            for y in 0..h {
+                for x in 0..w {
+                    let mut result = erode;
+                    for zz in z.saturating_sub(r)..(z + r + 1).min(d) {
+                        for yy in y.saturating_sub(r)..(y + r + 1).min(h) {
+                            for xx in x.saturating_sub(r)..(x + r + 1).min(w) {
+                                let m = mask[at(dims, i, zz, yy, xx)];
+                                result = if erode { result && m } else { result || m };
+                            }
+                        }
+                    }
+                    out[at(dims, i, z, y, x)] = result;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Dice and BIoU (the example files' definitions) of a volume batch in float64, from the
+/// argmax and the labels with loops: `(dice, biou)`.
+fn volume_metrics_by_definition(logits: &Tensor, labels: &Tensor, tol: usize) -> (f64, f64) {
+    let size = logits.size();
+    let (c, dims) = (size[1] as usize, [size[0] as usize, size[2] as usize, size[3] as usize, size[4] as usize]);
+    let pred: Vec<i64> = Vec::try_from(logits.argmax(1, false).reshape([-1])).unwrap();
+    let label: Vec<i64> = Vec::try_from(labels.reshape([-1])).unwrap();
+    let valid: Vec<bool> = label.iter().map(|&l| l != 255).collect();
+    let nan_mean = |values: Vec<f64>| {
+        let defined: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+        defined.iter().sum::<f64>() / defined.len() as f64
+    };
+    let count = |f: &dyn Fn(usize) -> bool| (0..label.len()).filter(|&i| f(i)).count() as f64;
+    let dice = nan_mean(
+        (0..c as i64)
+            .map(|k| {
+                let inter = count(&|i| pred[i] == k && label[i] == k && valid[i]);
+                2.0 * inter / (count(&|i| pred[i] == k && valid[i]) + count(&|i| label[i] == k))
+            })
+            .collect(),
+    );
+    // Band: label boundaries of the foreground classes (drop_bg), dilated by `tol`.
+    let mut band = vec![false; label.len()];
+    for k in 1..c as i64 {
+        let mask: Vec<bool> = label.iter().map(|&l| l == k).collect();
+        let eroded = cube_pool(&mask, dims, 1, true);
+        let boundary: Vec<bool> = mask.iter().zip(&eroded).map(|(m, e)| m != e).collect();
+        for (b, e) in band.iter_mut().zip(cube_pool(&boundary, dims, tol, false)) {
+            *b |= e;
+        }
+    }
+    let biou = nan_mean(
+        (0..c as i64)
+            .map(|k| {
+                let inter = count(&|i| pred[i] == k && label[i] == k && valid[i] && band[i]);
+                let union = count(&|i| (pred[i] == k || label[i] == k) && valid[i] && band[i]);
+                if union == 0.0 {
+                    f64::NAN
+                } else {
+                    inter / union
+                }
+            })
+            .collect(),
+    );
+    (dice, biou)
+}
+
+#[test]
+fn dice_and_biou_work_unchanged_on_volumes() {
+    let dice = Loss::from_file(&root().join("examples/dice.metric"), &Overrides::new()).unwrap();
+    let biou = Loss::from_file(&root().join("examples/biou.metric"), &Overrides::new().set("tol", 2)).unwrap();
+    // Two batches of different volume sizes, accumulated.
+    let batches = [volume(41, [2, 4, 7, 9, 11]), volume(42, [1, 4, 5, 12, 6])];
+    let (mut dice_eval, mut biou_eval) = (dice.evaluator(), biou.evaluator());
+    let (mut all_logits, mut all_labels) = (Vec::new(), Vec::new());
+    for (logits, labels) in &batches {
+        dice_eval.add_batch(logits, labels).unwrap();
+        biou_eval.add_batch(logits, labels).unwrap();
+        // Each batch alone, against the definition.
+        let (expected_dice, expected_biou) = volume_metrics_by_definition(logits, labels, 2);
+        let (mut one_dice, mut one_biou) = (dice.evaluator(), biou.evaluator());
+        one_dice.add_batch(logits, labels).unwrap();
+        one_biou.add_batch(logits, labels).unwrap();
+        let (got_dice, got_biou) = (one_dice.finish().unwrap().value, one_biou.finish().unwrap().value);
+        assert!((got_dice - expected_dice).abs() < 1e-12, "dice {got_dice} vs {expected_dice}");
+        assert!((got_biou - expected_biou).abs() < 1e-12, "biou {got_biou} vs {expected_biou}");
+        assert!(expected_biou > 0.05 && expected_biou < 0.95, "a test that can tell ({expected_biou})");
+        all_logits.push(logits.shallow_clone());
+        all_labels.push(labels.shallow_clone());
+    }
+    // Accumulated over both batches (of different sizes): the same as two evaluators merged.
+    let mut merged = dice.evaluator();
+    merged.add_batch(&all_logits[0], &all_labels[0]).unwrap();
+    let mut second = dice.evaluator();
+    second.add_batch(&all_logits[1], &all_labels[1]).unwrap();
+    merged.merge(&second).unwrap();
+    assert_eq!(merged.finish().unwrap().value, dice_eval.finish().unwrap().value);
+    assert!(biou_eval.finish().unwrap().value.is_finite());
+
+    // The surrogate on volumes: with peaked logits and identity curves it approaches the
+    // exact metric; Dice (no windows) takes the fused kernel, BIoU the reference path, and
+    // both give a finite gradient of the volume's shape.
+    let (logits, labels) = &batches[0];
+    let peaked = logits * 60.0;
+    for (loss, name) in [(&dice, "dice"), (&biou, "biou")] {
+        let mut evaluator = loss.evaluator();
+        evaluator.add_batch(&peaked, labels).unwrap();
+        let exact = evaluator.finish().unwrap().value;
+        let x = peaked.copy().set_requires_grad(true);
+        let value = loss.forward(&x, labels).unwrap();
+        assert!((1.0 - value.double_value(&[]) - exact).abs() < 1e-3, "{name}: surrogate {value} vs exact {exact}");
+        value.backward();
+        assert_eq!(x.grad().size(), peaked.size());
+        assert!(bool::try_from(x.grad().isfinite().all()).unwrap(), "{name}");
+        assert_eq!(loss.uses_fused_kernel(&x), name == "dice", "{name}: which path");
+        // The fused kernel on a volume equals the reference path.
+        let mut reference = Loss::from_file(&root().join(format!("examples/{name}.metric")), &Overrides::new().set("tol", 2))
+            .or_else(|_| Loss::from_file(&root().join(format!("examples/{name}.metric")), &Overrides::new()))
+            .unwrap();
+        reference.set_fast_path(false);
+        let (a, b) = (loss.forward(logits, labels).unwrap(), reference.forward(logits, labels).unwrap());
+        assert!((a.double_value(&[]) - b.double_value(&[])).abs() < 1e-6, "{name}: fast {a} vs reference {b}");
+    }
+
+    // Shapes that do not fit: one sentence each.
+    let message = dice.forward(&batches[0].0, &batches[0].1.reshape([2, 7, 99])).unwrap_err().to_string();
+    assert!(message.contains("one dimension less than the logits"), "{message}");
+    let message = dice.forward(&batches[0].0.unsqueeze(0), &batches[0].1.unsqueeze(0)).unwrap_err().to_string();
+    assert!(message.contains("images [N, C, H, W] or volumes [N, C, D, H, W]"), "{message}");
+}
+
+#[test]
+fn soft_labels_are_used_as_given_and_one_hot_ones_equal_class_indices() {
+    let (logits, labels) = batch(51, 2, 4, 10, 11);
+    let valid = labels.ne(255);
+    let classes = labels.where_self(&valid, &Tensor::from(0i64));
+    let hot = classes.one_hot(4).permute([0, 3, 1, 2]).to_kind(Kind::Float) * valid.unsqueeze(1).to_kind(Kind::Float);
+    // One-hot soft labels (ignored pixels all 0) give what class indices give: surrogate,
+    // gradient and exact metric, for a region metric, a boundary metric and a loss with `ce`.
+    for name in ["miou", "biou", "dice", "miou_ce"] {
+        let mut loss = Loss::from_file(&root().join(format!("examples/{name}.metric")), &Overrides::new()).unwrap();
+        for fast in [false, true] {
+            loss.set_fast_path(fast);
+            let run = |target: &Tensor| {
+                let x = logits.copy().set_requires_grad(true);
+                let value = loss.forward(&x, target).unwrap();
+                value.backward();
+                (value.double_value(&[]), x.grad())
+            };
+            let ((a, grad_a), (b, grad_b)) = (run(&labels), run(&hot));
+            assert!((a - b).abs() < 1e-5, "{name} fast={fast}: indices {a} vs one-hot soft labels {b}");
+            let gap = (&grad_a - &grad_b).abs().max().double_value(&[]) / grad_a.abs().max().double_value(&[]);
+            assert!(gap < 1e-5, "{name} fast={fast}: gradients differ by {gap:e}");
+        }
+        let (mut by_index, mut by_soft) = (loss.evaluator(), loss.evaluator());
+        by_index.add_batch(&logits, &labels).unwrap();
+        by_soft.add_batch(&logits, &hot).unwrap();
+        assert_eq!(by_index.finish().unwrap().value, by_soft.finish().unwrap().value, "{name}: exact");
+    }
+
+    // Smoothed labels: the surrogate takes the probabilities as they are. Dice with identity
+    // curves is 1 − mean over classes of 2·Σ p·q / (Σ p + Σ q) over valid pixels (p the
+    // softmax, q the soft labels); the exact metric uses their argmax (unchanged here).
+    let smooth = (&hot * 0.9 + 0.025) * valid.unsqueeze(1).to_kind(Kind::Float);
+    let dice = Loss::from_file(&root().join("examples/dice.metric"), &Overrides::new()).unwrap();
+    let p = logits.softmax(1, Kind::Double) * valid.unsqueeze(1).to_kind(Kind::Double);
+    let q = smooth.to_kind(Kind::Double);
+    let per_class = (&p * &q).sum_dim_intlist([0i64, 2, 3].as_slice(), false, Kind::Double) * 2.0
+        / (p.sum_dim_intlist([0i64, 2, 3].as_slice(), false, Kind::Double)
+            + q.sum_dim_intlist([0i64, 2, 3].as_slice(), false, Kind::Double)
+            + 1e-8);
+    let expected = 1.0 - per_class.mean(Kind::Double).double_value(&[]);
+    let got = dice.forward(&logits, &smooth).unwrap().double_value(&[]);
+    assert!((got - expected).abs() < 1e-6, "smoothed labels: {got} vs {expected}");
+    let one_hot_value = dice.forward(&logits, &hot).unwrap().double_value(&[]);
+    assert!((got - one_hot_value).abs() > 1e-3, "smoothing made no difference");
+    let (mut smoothed, mut indices) = (dice.evaluator(), dice.evaluator());
+    smoothed.add_batch(&logits, &smooth).unwrap();
+    indices.add_batch(&logits, &labels).unwrap();
+    assert_eq!(smoothed.finish().unwrap().value, indices.finish().unwrap().value);
+    // `ce` with soft labels is the cross-entropy against probabilities, libtorch's own.
+    let all_valid = (&hot * 0.0 + 0.25).where_self(&valid.logical_not().unsqueeze(1), &smooth);
+    let ce = Loss::from_file(&root().join("examples/ce.metric"), &Overrides::new()).unwrap();
+    let ours = ce.forward(&logits, &all_valid).unwrap().double_value(&[]);
+    let theirs =
+        logits.cross_entropy_loss::<Tensor>(&all_valid, None, tch::Reduction::Mean, -100, 0.0).double_value(&[]);
+    assert!((ours - theirs).abs() < 1e-5, "soft cross-entropy {ours} vs libtorch {theirs}");
+
+    // Misuse: an ignore value inside soft labels, and probabilities that do not sum to 1.
+    let with_ignore = hot.where_self(&valid.unsqueeze(1), &Tensor::from(255.0f32));
+    let message = dice.forward(&logits, &with_ignore).unwrap_err().to_string();
+    assert!(message.contains("an ignore value such as 255 has no place in soft labels"), "{message}");
+    let message = dice.forward(&logits, &(&hot * 0.5)).unwrap_err().to_string();
+    assert!(message.contains("sum to neither 1 nor 0 (one of them: 0.5)"), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
 }

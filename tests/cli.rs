@@ -91,7 +91,7 @@ fn bad_inputs_get_one_clear_sentence() {
                 good_logits(l);
                 npy::write_i64(y, &[1, 4, 5], vec![0; 20]).unwrap();
             }),
-            "disagree on N, H or W",
+            "disagree on N or the spatial sizes",
         ),
         (
             "label",
@@ -125,7 +125,7 @@ fn bad_inputs_get_one_clear_sentence() {
                 npy::write_f32(l, &[3, 4, 4], vec![0.5; 48]).unwrap();
                 good_labels(y);
             }),
-            "logits must have 4 dimensions [N, C, H, W]",
+            "logits must be images [N, C, H, W] or volumes [N, C, D, H, W]",
         ),
         ("missing", Box::new(|_, y| good_labels(y)), "cannot open"),
     ];

@@ -56,17 +56,20 @@ impl OnnxModel {
         Ok(OnnxModel { session })
     }
 
-    /// Run on float32 logits `[N,C,H,W]` and int64 labels `[N,H,W]`; every output as
+    /// Run on float32 logits `[N,C,H,W]` (or `[N,C,D,H,W]`) and int64 labels of that shape
+    /// without C; every output as
     /// `(name, values)` in float32.
     pub fn run(
         &mut self,
         logits: Vec<f32>,
-        shape: [i64; 4],
+        shape: &[i64],
         labels: Vec<i64>,
     ) -> Result<Vec<(String, Vec<f32>)>, OnnxRunError> {
         let run_error = |e: ort::Error| OnnxRunError::Run(e.to_string());
         let logits = OrtTensor::from_array((shape.to_vec(), logits)).map_err(run_error)?;
-        let labels = OrtTensor::from_array((vec![shape[0], shape[2], shape[3]], labels)).map_err(run_error)?;
+        // Labels are the logits' shape without the class axis.
+        let label_shape: Vec<i64> = shape.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, d)| *d).collect();
+        let labels = OrtTensor::from_array((label_shape, labels)).map_err(run_error)?;
         let names: Vec<String> = self.session.outputs().iter().map(|o| o.name().to_string()).collect();
         let outputs = self.session.run(ort::inputs! { "logits" => logits, "labels" => labels }).map_err(run_error)?;
         let mut result = Vec::new();

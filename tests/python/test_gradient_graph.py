@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import warnings
 from pathlib import Path
 
 import jax
@@ -28,6 +29,7 @@ import onnx
 import onnxruntime
 import torch
 import tract
+from onnx2torch import convert
 
 from test_onnx_loss import ROOT, Case, corpus, losscc, metadata, random_curves
 
@@ -133,6 +135,51 @@ class GradientGraphTest(unittest.TestCase):
                                 scale = max(float(np.abs(b).max()), 1e-6)
                                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale,
                                                            err_msg=f"{case.name} {shape} {kind} output {index}")
+
+    def test_volumes_in_onnx_runtime_onnx2torch_and_tract(self):
+        """Graphs compiled with `--volumes` (logits [N,C,D,H,W], cubic windows) give tch's loss
+        and gradient (`losscc eval` on the same volumes) in ONNX Runtime, through onnx2torch
+        (without a warning) and in tract."""
+        rng = np.random.default_rng(11)
+        logits = rng.uniform(-3, 3, (2, 4, 5, 7, 6)).astype(np.float32)
+        labels = rng.integers(0, 4, (2, 5, 7, 6)).astype(np.int64)
+        labels[rng.uniform(size=labels.shape) < 0.1] = 255
+        for name, sets in (("dice", []), ("biou", ["--set", "tol=1"]), ("boundary_iou", ["--set", "d=1"])):
+            with self.subTest(metric=name):
+                path = ROOT / "examples" / f"{name}.metric"
+                np.save(self.tmp / "volume_logits.npy", logits)
+                np.save(self.tmp / "volume_labels.npy", labels)
+                grad_path = self.tmp / "volume_grad.npy"
+                out = json.loads(losscc("eval", path, "--logits", self.tmp / "volume_logits.npy", "--labels",
+                                        self.tmp / "volume_labels.npy", "--grad", grad_path, *sets))
+                tch_loss, tch_grad = out["loss"], np.load(grad_path)
+                graphs = {kind: self.tmp / f"{name}.volumes.{kind}.onnx" for kind in ("loss", "grad")}
+                losscc("compile", path, "--volumes", "-o", graphs["loss"], *sets)
+                losscc("compile", path, "--volumes", "--grad", "-o", graphs["grad"], *sets)
+                model = onnx.load(str(graphs["grad"]))
+                onnx.checker.check_model(model, full_check=True)
+                dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+                self.assertEqual(dims, ["N", "C", "D", "H", "W"])
+                tolerance = 1e-5 * max(abs(tch_loss), 1.0)
+                loss, grad = onnxruntime.InferenceSession(str(graphs["grad"])).run(
+                    None, {"logits": logits, "labels": labels})
+                self.assertLess(abs(float(loss) - tch_loss), tolerance)
+                close_gradient(self, grad, tch_grad, 2e-5, f"{name} volumes in ONNX Runtime")
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    module = convert(onnx.load(str(graphs["loss"])))
+                    x = torch.from_numpy(logits.copy()).requires_grad_(True)
+                    torch_loss = module(x, torch.from_numpy(labels))
+                    torch_loss.backward()
+                self.assertEqual([str(w.message) for w in caught], [])
+                self.assertLess(abs(torch_loss.item() - tch_loss), tolerance)
+                close_gradient(self, x.grad.numpy(), tch_grad, 2e-5, f"{name} volumes through onnx2torch")
+
+                facts, (tract_loss, tract_grad) = tract_run(graphs["grad"], [logits, labels])
+                self.assertEqual(facts, ["N,C,D,H,W,f32", "N,D,H,W,i64"])
+                self.assertLess(abs(float(tract_loss) - tch_loss), tolerance)
+                close_gradient(self, tract_grad, tch_grad, 2e-5, f"{name} volumes in tract")
 
     def test_jax_grad_equals_tch(self):
         rng = np.random.default_rng(8)

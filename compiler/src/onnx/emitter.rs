@@ -81,10 +81,12 @@ pub(crate) struct Emitter {
     shared: HashMap<String, String>,
     /// The label value of ignored pixels, if any.
     ignore_label: Option<i64>,
+    /// Spatial axes of the inputs: 2 for images `[N, C, H, W]`, 3 for volumes.
+    spatial: usize,
 }
 
 impl Emitter {
-    pub fn new(ignore_label: Option<i64>) -> Emitter {
+    pub fn new(ignore_label: Option<i64>, spatial: usize) -> Emitter {
         Emitter {
             nodes: Vec::new(),
             initializers: Vec::new(),
@@ -96,7 +98,23 @@ impl Emitter {
             origin_id: String::from("input"),
             shared: HashMap::new(),
             ignore_label,
+            spatial,
         }
+    }
+
+    /// The spatial axes of the logits: `[2, 3]` for images, `[2, 3, 4]` for volumes.
+    pub fn spatial_axes(&self) -> Vec<i64> {
+        (2..2 + self.spatial as i64).collect()
+    }
+
+    /// The axes a count sums over: the batch and the spatial axes.
+    pub fn count_axes(&self) -> Vec<i64> {
+        std::iter::once(0).chain(self.spatial_axes()).collect()
+    }
+
+    /// The rank of the logits.
+    pub fn rank(&self) -> usize {
+        2 + self.spatial
     }
 
     /// Say which IR node the following graph nodes implement.
@@ -212,8 +230,8 @@ impl Emitter {
     pub fn class_range(&mut self) -> String {
         self.shared("range", |this| {
             // Opset 17: ReduceMax takes its axes as an attribute (ReduceSum as an input).
-            let reduced =
-                this.op("ReduceMax", &["logits"], vec![attr_ints("axes", &[0, 2, 3]), attr_int("keepdims", 1)]);
+            let axes = this.count_axes();
+            let reduced = this.op("ReduceMax", &["logits"], vec![attr_ints("axes", &axes), attr_int("keepdims", 1)]);
             let zero = this.float(0.0);
             let zeros = this.op("Mul", &[&reduced, &zero], vec![]);
             let one = this.float(1.0);
@@ -292,7 +310,7 @@ impl Emitter {
             // A pixel `r` from an edge has a cumulative count of r + 1 from that edge.
             let limit = this.float(radius as f64 + 0.5);
             let mut near: Option<String> = None;
-            for axis in [2, 3] {
+            for axis in this.spatial_axes() {
                 for reverse in [0, 1] {
                     let axis = this.ints(&[axis], true);
                     let counted = this.op(
@@ -316,7 +334,7 @@ impl Emitter {
     /// outside for dilation and inside for erosion (MaxPool pads with −∞).
     pub fn pool(&mut self, x: &str, radius: u32, erode: bool) -> String {
         let input = if erode { self.op("Neg", &[x], vec![]) } else { x.to_string() };
-        let pooled = self.max_pool(&input, (radius as i64, radius as i64));
+        let pooled = self.max_pool(&input, &vec![radius as i64; self.spatial]);
         if erode {
             self.op("Neg", &[&pooled], vec![])
         } else {
@@ -328,16 +346,20 @@ impl Emitter {
     /// `[N, C, H, W]`, −∞ outside. The planes are pooled as `[N·C, 1, H, W]`, so the pooling's
     /// channel count is the constant 1 (tract pools only a known number of channels; C is
     /// symbolic here).
-    pub fn max_pool(&mut self, x: &str, (rows, columns): (i64, i64)) -> String {
+    pub fn max_pool(&mut self, x: &str, radii: &[i64]) -> String {
+        let kernel: Vec<i64> = radii.iter().map(|r| 2 * r + 1).collect();
+        let pads: Vec<i64> = radii.iter().chain(radii).copied().collect();
+        let ones = vec![1i64; radii.len()];
         let attributes = vec![
-            attr_ints("kernel_shape", &[2 * rows + 1, 2 * columns + 1]),
-            attr_ints("pads", &[rows, columns, rows, columns]),
-            attr_ints("strides", &[1, 1]),
-            attr_ints("dilations", &[1, 1]),
+            attr_ints("kernel_shape", &kernel),
+            attr_ints("pads", &pads),
+            attr_ints("strides", &ones),
+            attr_ints("dilations", &ones),
             attr_int("ceil_mode", 0),
         ];
         let shape = self.op("Shape", &[x], vec![]);
-        let spatial = self.ints(&[2, 3], false);
+        let axes = self.spatial_axes();
+        let spatial = self.ints(&axes, false);
         let hw = self.op("Gather", &[&shape, &spatial], vec![attr_int("axis", 0)]);
         let planes = self.ints(&[-1, 1], false);
         let flat_shape = self.op("Concat", &[&planes, &hw], vec![attr_int("axis", 0)]);

@@ -11,7 +11,7 @@ use onnx_protobuf::{ModelProto, StringStringEntryProto};
 /// Emit the exact metric's accumulator graph: one output per count.
 pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelProto, OnnxError> {
     let module = &compiled.exact;
-    let mut emitter = Emitter::new(options.ignore_label);
+    let mut emitter = Emitter::new(options.ignore_label, options.spatial_dims());
     let mut values: Vec<Option<String>> = vec![None; module.len()];
     let mut outputs = Vec::new();
     let mut accumulators = Vec::new();

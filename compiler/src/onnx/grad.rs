@@ -22,14 +22,14 @@ use onnx_protobuf::ModelProto;
 /// `dloss_dlogits` (float32, the shape of `logits`).
 pub fn emit_gradient(compiled: &Compiled, curves: &[Curve], options: &EmitOptions) -> Result<ModelProto, OnnxError> {
     let program = grad::differentiate(&compiled.relaxed)?;
-    let mut emitter = Emitter::new(options.ignore_label);
+    let mut emitter = Emitter::new(options.ignore_label, options.spatial_dims());
     let forward = forward(&mut emitter, compiled, curves, options.curves)?;
     let gradient = backward(&mut emitter, compiled, curves, options.curves, &program, &forward);
     emitter.output(&forward.loss, "loss", "the loss");
     emitter.output(&gradient, "dloss_dlogits", "the gradient of the loss with respect to the logits");
     let outputs = vec![
         value_info("loss", DataType::FLOAT, &[]),
-        value_info("dloss_dlogits", DataType::FLOAT, &["N", "C", "H", "W"]),
+        value_info("dloss_dlogits", DataType::FLOAT, options.logits_dims()),
     ];
     Ok(model(compiled, curves, emitter, outputs, "loss and gradient", options))
 }
@@ -89,7 +89,8 @@ fn backward(
                 let dims = emitter.op("Shape", &[&v(input)], vec![]);
                 let grad = match module.shape(*input) {
                     Shape::ClassPixels(_) => {
-                        let target = emitter.ints(&[1, -1, 1, 1], false);
+                        let target = class_column(emitter);
+                        let target = emitter.ints(&target, false);
                         emitter.op("Reshape", &[&g(grad), &target], vec![])
                     }
                     Shape::Pixels | Shape::Classes(_) | Shape::Scalar => g(grad),
@@ -197,9 +198,10 @@ fn reduce_to(emitter: &mut Emitter, grad: &str, from: Shape, to: Shape) -> Strin
 
 /// `x` shifted by `d` along `axis` (`out[i] = x[i + d]`), with `fill` where that is outside.
 fn shift(emitter: &mut Emitter, x: &str, axis: usize, d: i64, r: i64, fill: f64) -> String {
-    let mut pads = vec![0i64; 8];
+    let rank = emitter.rank();
+    let mut pads = vec![0i64; 2 * rank];
     pads[axis] = r;
-    pads[4 + axis] = r;
+    pads[rank + axis] = r;
     let pads = emitter.ints(&pads, false);
     let fill = emitter.float(fill);
     let padded = emitter.op("Pad", &[x, &pads, &fill], vec![]);
@@ -242,13 +244,30 @@ fn unpool_pass(emitter: &mut Emitter, input: &str, output: &str, grad: &str, axi
     total.expect("a window has at least one offset")
 }
 
-/// A square-window dilation of `z` undone: the row pass, then the column pass (the forward
-/// order was columns, then rows).
+/// A square (cubic) window's dilation of `z` undone: one 1-D pass per spatial axis, in the
+/// reverse of the forward order.
 fn unpool(emitter: &mut Emitter, z: &str, grad: &str, r: i64) -> String {
-    let columns = emitter.max_pool(z, (r, 0));
-    let pooled = emitter.max_pool(&columns, (0, r));
-    let through_rows = unpool_pass(emitter, &columns, &pooled, grad, 3, r);
-    unpool_pass(emitter, z, &columns, &through_rows, 2, r)
+    // The forward passes, one spatial axis at a time, then undone in reverse order.
+    let axes = emitter.spatial_axes();
+    let mut stages = vec![z.to_string()];
+    for k in 0..axes.len() {
+        let mut radii = vec![0i64; axes.len()];
+        radii[k] = r;
+        let next = emitter.max_pool(stages.last().expect("the input"), &radii);
+        stages.push(next);
+    }
+    let mut grad = grad.to_string();
+    for (k, axis) in axes.iter().enumerate().rev() {
+        grad = unpool_pass(emitter, &stages[k], &stages[k + 1], &grad, *axis as usize, r);
+    }
+    grad
+}
+
+/// `[1, -1, 1, 1]` (or `[1, -1, 1, 1, 1]` for volumes): per-class numbers as a class axis.
+fn class_column(emitter: &Emitter) -> Vec<i64> {
+    let mut dims = vec![1i64; emitter.rank()];
+    dims[1] = -1;
+    dims
 }
 
 /// A class slice undone: `grad` (classes `start..start + len` of `input`) spread back to all
@@ -282,7 +301,8 @@ fn unslice(emitter: &mut Emitter, grad: &str, input: &str, shape: Shape, start: 
     let inside = emitter.op("Not", &[&outside], vec![]);
     let mask = emitter.cast_float(&inside);
     let mask = if axis == 1 {
-        let dims = emitter.ints(&[1, -1, 1, 1], false);
+        let dims = class_column(emitter);
+        let dims = emitter.ints(&dims, false);
         emitter.op("Reshape", &[&mask, &dims], vec![])
     } else {
         mask

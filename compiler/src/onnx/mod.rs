@@ -71,11 +71,43 @@ pub struct EmitOptions {
     pub curves: CurveSource,
     /// The label of ignored pixels (`None`: every pixel is valid).
     pub ignore_label: Option<i64>,
+    /// Volumes: logits `[N, C, D, H, W]` and labels `[N, D, H, W]`, windows are cubes.
+    /// Otherwise images, `[N, C, H, W]` and `[N, H, W]`.
+    pub volumes: bool,
+}
+
+impl EmitOptions {
+    /// The number of spatial axes: 3 for volumes, 2 for images.
+    pub fn spatial_dims(&self) -> usize {
+        if self.volumes {
+            3
+        } else {
+            2
+        }
+    }
+
+    /// The logits' symbolic dimensions.
+    pub fn logits_dims(&self) -> &'static [&'static str] {
+        if self.volumes {
+            &["N", "C", "D", "H", "W"]
+        } else {
+            &["N", "C", "H", "W"]
+        }
+    }
+
+    /// The labels' symbolic dimensions.
+    pub fn labels_dims(&self) -> &'static [&'static str] {
+        if self.volumes {
+            &["N", "D", "H", "W"]
+        } else {
+            &["N", "H", "W"]
+        }
+    }
 }
 
 impl Default for EmitOptions {
     fn default() -> Self {
-        EmitOptions { curves: CurveSource::Baked, ignore_label: Some(DEFAULT_IGNORE_LABEL) }
+        EmitOptions { curves: CurveSource::Baked, ignore_label: Some(DEFAULT_IGNORE_LABEL), volumes: false }
     }
 }
 
@@ -103,7 +135,8 @@ fn slice(emitter: &mut Emitter, x: &str, shape: Shape, start: usize, end: Option
 fn count(emitter: &mut Emitter, x: &str, shape: Shape) -> String {
     match shape {
         Shape::ClassPixels(_) => {
-            let axes = emitter.ints(&[0, 2, 3], false);
+            let axes = emitter.count_axes();
+            let axes = emitter.ints(&axes, false);
             emitter.op("ReduceSum", &[x, &axes], vec![attr_int("keepdims", 0)])
         }
         _ => emitter.op("ReduceSum", &[x], vec![attr_int("keepdims", 0)]),
@@ -148,12 +181,12 @@ fn model(
     what: &str,
     options: &EmitOptions,
 ) -> ModelProto {
-    let mut logits = value_info("logits", DataType::FLOAT, &["N", "C", "H", "W"]);
+    let mut logits = value_info("logits", DataType::FLOAT, options.logits_dims());
     if let Some((classes, _)) = compiled.exact.weights_classes() {
         // Per-class weights fix the number of classes: a runtime rejects other logits.
         fix_dim(&mut logits, 1, classes);
     }
-    let mut inputs = vec![logits, value_info("labels", DataType::INT64, &["N", "H", "W"])];
+    let mut inputs = vec![logits, value_info("labels", DataType::INT64, options.labels_dims())];
     if options.curves == CurveSource::Input && what != "exact counts" {
         inputs.push(value_info("curves", DataType::FLOAT, &["curve_coordinates"]));
     }
@@ -189,6 +222,7 @@ fn model(
         ("losscc.source", compiled.program.main().text.clone()),
         ("losscc.sources", serde_json::to_string(&compiled.program.sources()).unwrap_or_default()),
         ("losscc.ignore_label", serde_json::to_string(&options.ignore_label).unwrap_or_default()),
+        ("losscc.spatial_dims", options.spatial_dims().to_string()),
         ("losscc.params", serde_json::to_string(&compiled.params).unwrap_or_default()),
         ("losscc.curves", serde_json::Value::Array(curves_json).to_string()),
     ];

@@ -2,31 +2,33 @@
 //!
 //! [`check`] accepts what users' training loops produce and turns it into a [`Batch`], the
 //! only form the back ends take:
-//! * logits `[N, C, H, W]` in float32 or float64, or float16 / bfloat16 (computed in
+//! * logits `[N, C, H, W]` (images) or `[N, C, D, H, W]` (volumes) in float32 or float64, or float16 / bfloat16 (computed in
 //!   float32; the gradient flows back to the half-precision tensor through the conversion);
-//! * labels `[N, H, W]` of any integer type (`uint8` and `int64` are the usual), moved to the
+//! * labels `[N, H, W]` (or `[N, D, H, W]`) of any integer type (`uint8` and `int64` are the usual), moved to the
 //!   logits' device as int64;
 //! * every logit finite, every label a class in `0..C` or the ignore label, enough classes
 //!   for the module's slices (exactly as many as its per-class weights), non-empty images.
 //!
 //! Every problem is one [`InputError`] sentence that says what is wrong and what to do.
 
-use compiler::ir::Module;
+use compiler::ir::{Module, Node};
 use tch::{Kind, Tensor};
 
 /// Bad inputs, each a single sentence that says what to do.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum InputError {
-    #[error("logits must have 4 dimensions [N, C, H, W], but they have shape {0:?}; add a batch dimension or check the layout")]
+    #[error("logits must be images [N, C, H, W] or volumes [N, C, D, H, W], but they have shape {0:?}; add a batch dimension or check the layout")]
     LogitsRank(Vec<i64>),
-    #[error("labels must have 3 dimensions [N, H, W], but they have shape {0:?}")]
-    LabelsRank(Vec<i64>),
-    #[error("logits of shape {logits:?} and labels of shape {labels:?} disagree on N, H or W; labels must be [N, H, W] for logits [N, C, H, W]")]
+    #[error("labels must have one dimension less than the logits ([N, H, W] for [N, C, H, W], [N, D, H, W] for [N, C, D, H, W]), but they have shape {labels:?} for logits {logits:?}")]
+    LabelsRank { logits: Vec<i64>, labels: Vec<i64> },
+    #[error("logits of shape {logits:?} and labels of shape {labels:?} disagree on N or the spatial sizes; labels must be the logits' shape without C")]
     ShapeMismatch { logits: Vec<i64>, labels: Vec<i64> },
     #[error("logits must be float32, float64, float16 or bfloat16, but they are {0:?}")]
     LogitsKind(Kind),
-    #[error("labels must be integer class indices (uint8, int32 or int64, say), but they are {0:?}")]
-    LabelsKind(Kind),
+    #[error("labels must be integer class indices {labels_shape} (uint8, int32 or int64, say) or soft labels, float probabilities of the logits' shape {logits:?}, but they are {kind:?} of shape {labels:?}", labels_shape = without_classes(.logits))]
+    LabelsKind { kind: Kind, labels: Vec<i64>, logits: Vec<i64> },
+    #[error("soft labels must be probabilities in [0, 1] that sum to 1 over the classes at each pixel (all 0 marks an ignored pixel; an ignore value such as 255 has no place in soft labels), but {values} values are outside [0, 1] and {pixels} pixels sum to neither 1 nor 0 (one of them: {example})")]
+    SoftLabels { values: i64, pixels: i64, example: f64 },
     #[error("the logits contain {0} non-finite values (NaN or infinity); check the network's output")]
     NonFinite(i64),
     #[error("label value {value} is neither a class in 0..{classes} nor the ignore label{} ({count} {})", ignore_text(.ignore), pixels_with_value(.count))]
@@ -36,6 +38,15 @@ pub enum InputError {
     Classes(String),
     #[error("an image must be at least 1x1 pixels, but the logits have shape {0:?}")]
     Empty(Vec<i64>),
+}
+
+/// The labels' shape for these logits: without the class axis.
+fn without_classes(logits: &[i64]) -> String {
+    let mut shape = logits.to_vec();
+    if shape.len() > 1 {
+        shape.remove(1);
+    }
+    format!("{shape:?}")
 }
 
 fn ignore_text(ignore: &Option<i64>) -> String {
@@ -57,21 +68,56 @@ fn pixels_with_value(count: &i64) -> &'static str {
 /// ignore label they were checked against. Back ends take nothing else.
 pub struct Batch<'a> {
     pub(crate) logits: &'a Tensor,
+    /// Class indices; for soft labels their argmax, [`SOFT_IGNORED`] where they are all 0.
     pub(crate) labels: &'a Tensor,
     pub(crate) ignore_label: Option<i64>,
+    /// Soft labels `[N, C, ...]` in the logits' kind, when the user gave probabilities: the
+    /// surrogate's `L` (and the cross-entropy's target) as they are.
+    pub(crate) soft_labels: Option<&'a Tensor>,
 }
+
+/// The class index that marks a pixel whose soft labels are all 0 (ignored), in the labels
+/// derived from soft labels.
+pub(crate) const SOFT_IGNORED: i64 = -1;
 
 /// Inputs converted as [`check`] needs them, owned; [`Checked::batch`] borrows a [`Batch`].
 pub(crate) struct Checked {
     logits: Tensor,
     labels: Tensor,
     ignore_label: Option<i64>,
+    soft_labels: Option<Tensor>,
 }
 
 impl Checked {
     pub(crate) fn batch(&self) -> Batch<'_> {
-        Batch { logits: &self.logits, labels: &self.labels, ignore_label: self.ignore_label }
+        Batch {
+            logits: &self.logits,
+            labels: &self.labels,
+            ignore_label: self.ignore_label,
+            soft_labels: self.soft_labels.as_ref(),
+        }
     }
+
+    /// Volumes `[N, C, D, H, W]` as images `[N, C, D·H, W]` (views: the gradient flows back
+    /// to the volume). Only for modules without windows or borders ([`has_windows`]), whose
+    /// every other operation is per pixel, so the 2-D back ends compute them exactly.
+    pub(crate) fn volumes_as_images(self) -> Checked {
+        if self.logits.dim() != 5 {
+            return self;
+        }
+        Checked {
+            logits: self.logits.flatten(2, 3),
+            labels: self.labels.flatten(1, 2),
+            ignore_label: self.ignore_label,
+            soft_labels: self.soft_labels.map(|soft| soft.flatten(2, 3)),
+        }
+    }
+}
+
+/// Whether a module looks at pixel neighbourhoods (`erode`, `dilate`, `boundary`, `border`),
+/// which differ between a volume and its slices laid end to end.
+pub(crate) fn has_windows(module: &Module) -> bool {
+    module.nodes.iter().any(|node| matches!(node, Node::Erode { .. } | Node::Dilate { .. } | Node::Border { .. }))
 }
 
 fn is_integer(kind: Kind) -> bool {
@@ -87,37 +133,30 @@ pub(crate) fn check(
 ) -> Result<Checked, InputError> {
     let ls = logits.size();
     let ys = labels.size();
-    if ls.len() != 4 {
+    if ls.len() != 4 && ls.len() != 5 {
         return Err(InputError::LogitsRank(ls));
     }
-    if ys.len() != 3 {
-        return Err(InputError::LabelsRank(ys));
+    if is_float(labels.kind()) && ys == ls {
+        return check_soft(logits, labels, module);
     }
-    if ls[0] != ys[0] || ls[2] != ys[1] || ls[3] != ys[2] {
+    if ys.len() + 1 != ls.len() {
+        return Err(InputError::LabelsRank { logits: ls, labels: ys });
+    }
+    if ls[0] != ys[0] || ls[2..] != ys[1..] {
         return Err(InputError::ShapeMismatch { logits: ls, labels: ys });
     }
     if ls.iter().any(|&d| d == 0) {
         return Err(InputError::Empty(ls));
     }
-    let logits = match logits.kind() {
-        Kind::Float | Kind::Double => logits.shallow_clone(),
-        Kind::Half | Kind::BFloat16 => logits.to_kind(Kind::Float),
-        other => return Err(InputError::LogitsKind(other)),
-    };
+    if !is_float(logits.kind()) {
+        return Err(InputError::LogitsKind(logits.kind()));
+    }
     if !is_integer(labels.kind()) {
-        return Err(InputError::LabelsKind(labels.kind()));
+        return Err(InputError::LabelsKind { kind: labels.kind(), labels: ys, logits: ls });
     }
     let classes = ls[1];
     module.check_classes(classes as usize).map_err(InputError::Classes)?;
-    // One pass for float32: a float64 sum of finite float32 values cannot overflow, so it is
-    // finite exactly when every logit is. Otherwise count the bad ones.
-    let surely_finite = logits.kind() == Kind::Float && logits.sum(Kind::Double).double_value(&[]).is_finite();
-    if !surely_finite {
-        let non_finite = logits.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
-        if non_finite > 0 {
-            return Err(InputError::NonFinite(non_finite));
-        }
-    }
+    let logits = checked_logits(logits)?;
     let labels = labels.to_device(logits.device()).to_kind(Kind::Int64);
     let outside = labels.lt(0).logical_or(&labels.ge(classes));
     let bad = match ignore_label {
@@ -129,5 +168,58 @@ pub(crate) fn check(
         let value = labels.masked_select(&bad).get(0).int64_value(&[]);
         return Err(InputError::LabelValue { value, classes, count, ignore: ignore_label });
     }
-    Ok(Checked { logits, labels, ignore_label })
+    Ok(Checked { logits, labels, ignore_label, soft_labels: None })
+}
+
+/// Logits in float32 or float64 (half precision computed in float32), every value finite.
+fn checked_logits(logits: &Tensor) -> Result<Tensor, InputError> {
+    let logits = match logits.kind() {
+        Kind::Float | Kind::Double => logits.shallow_clone(),
+        Kind::Half | Kind::BFloat16 => logits.to_kind(Kind::Float),
+        other => return Err(InputError::LogitsKind(other)),
+    };
+    // One pass for float32: a float64 sum of finite float32 values cannot overflow, so it is
+    // finite exactly when every logit is. Otherwise count the bad ones.
+    let surely_finite = logits.kind() == Kind::Float && logits.sum(Kind::Double).double_value(&[]).is_finite();
+    if !surely_finite {
+        let non_finite = logits.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+        if non_finite > 0 {
+            return Err(InputError::NonFinite(non_finite));
+        }
+    }
+    Ok(logits)
+}
+
+/// Soft labels: probabilities `[N, C, ...]` of the logits' shape, each pixel's summing to 1
+/// (or all 0: an ignored pixel). The class indices the exact metric uses are their argmax.
+fn check_soft(logits: &Tensor, labels: &Tensor, module: &Module) -> Result<Checked, InputError> {
+    let size = logits.size();
+    if size.iter().any(|&d| d == 0) {
+        return Err(InputError::Empty(size));
+    }
+    if !is_float(logits.kind()) {
+        return Err(InputError::LogitsKind(logits.kind()));
+    }
+    module.check_classes(size[1] as usize).map_err(InputError::Classes)?;
+    let logits = checked_logits(logits)?;
+    let soft = labels.to_device(logits.device()).to_kind(logits.kind());
+    let sums = soft.sum_dim_intlist([1i64].as_slice(), false, Kind::Double);
+    let out_of_range = soft.isfinite().logical_not().logical_or(&soft.lt(0.0)).logical_or(&soft.gt(1.0));
+    let bad_values = out_of_range.sum(Kind::Int64).int64_value(&[]);
+    let bad_sums = (&sums - 1.0).abs().gt(1e-3).logical_and(&sums.ne(0.0));
+    let bad_pixels = bad_sums.sum(Kind::Int64).int64_value(&[]);
+    if bad_values > 0 || bad_pixels > 0 {
+        let example = if bad_values > 0 {
+            soft.masked_select(&out_of_range).get(0).double_value(&[])
+        } else {
+            sums.masked_select(&bad_sums).get(0).double_value(&[])
+        };
+        return Err(InputError::SoftLabels { values: bad_values, pixels: bad_pixels, example });
+    }
+    let hard = soft.argmax(1, false).where_self(&sums.ne(0.0), &Tensor::from(SOFT_IGNORED).to_device(logits.device()));
+    Ok(Checked { logits, labels: hard, ignore_label: Some(SOFT_IGNORED), soft_labels: Some(soft) })
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
 }

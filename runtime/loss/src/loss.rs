@@ -219,6 +219,7 @@ impl Loss {
         self.fast_path
             && logits.device() == tch::Device::Cpu
             && logits.kind() == tch::Kind::Float
+            && (logits.dim() == 4 || (logits.dim() == 5 && !inputs::has_windows(&self.compiled.relaxed)))
             && self.plan(logits.size().get(1).copied().unwrap_or(0) as usize).is_some()
     }
 
@@ -231,10 +232,14 @@ impl Loss {
     /// The surrogate with its undefined flags and reported values.
     pub fn forward_detailed(&self, logits: &Tensor, labels: &Tensor) -> Result<Surrogate, LossError> {
         let module = &self.compiled.relaxed;
-        let checked = inputs::check(logits, labels, module, self.ignore_label)?;
+        let mut checked = inputs::check(logits, labels, module, self.ignore_label)?;
+        if !inputs::has_windows(module) {
+            checked = checked.volumes_as_images();
+        }
         let batch = checked.batch();
         if self.fast_path {
-            if let Some(fused_batch) = FusedBatch::new(&batch) {
+            // Volumes with windows take the reference path (3-D pooling is libtorch's).
+            if let Some(fused_batch) = FusedBatch::new(&batch).filter(|_| batch.logits.dim() == 4) {
                 if let Some(plan) = self.plan(logits.size()[1] as usize) {
                     return fused::surrogate(module, &self.params.curves, &plan, &fused_batch);
                 }

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
     pub metric: String,
-    pub shape: [i64; 4],
+    pub shape: Vec<i64>,
     pub device: String,
     pub iterations: usize,
     pub loss_ms: f64,
@@ -33,18 +33,33 @@ pub struct BenchReport {
     pub kernel_threads: String,
 }
 
-/// Deterministic blocky labels with an ignored band, like segmentation ground truth.
-pub fn bench_inputs(shape: [i64; 4], device: Device) -> (Tensor, Tensor) {
-    let [n, c, h, w] = shape;
+/// Deterministic blocky labels with an ignored band, like segmentation ground truth, for
+/// logits `[N, C, H, W]` or volumes `[N, C, D, H, W]`.
+pub fn bench_inputs(shape: &[i64], device: Device) -> (Tensor, Tensor) {
+    let (n, c) = (shape[0], shape[1]);
     tch::manual_seed(0);
-    let logits = Tensor::randn([n, c, h, w], (Kind::Float, device)) * 2.0;
-    let ys = Tensor::arange(h, (Kind::Int64, device)).view([1, h, 1]);
-    let xs = Tensor::arange(w, (Kind::Int64, device)).view([1, 1, w]);
-    let images = Tensor::arange(n, (Kind::Int64, device)).view([n, 1, 1]);
-    let labels = (ys.divide_scalar_mode(17, "floor") * 3 + xs.divide_scalar_mode(23, "floor") + images).remainder(c);
-    let band = (ys.remainder(17)).eq(0).logical_or(&xs.remainder(23).eq(0));
+    let logits = Tensor::randn(shape, (Kind::Float, device)) * 2.0;
+    let mut label_shape: Vec<i64> = vec![n];
+    label_shape.extend(&shape[2..]);
+    let rank = label_shape.len();
+    let axis = |axis: usize| {
+        let mut view = vec![1i64; rank];
+        view[axis] = label_shape[axis];
+        Tensor::arange(label_shape[axis], (Kind::Int64, device)).view(view.as_slice())
+    };
+    // Blocks of 17 (rows), 23 (columns) and 11 (depth) pixels, one pixel of each block's
+    // edge ignored.
+    let periods: Vec<(i64, i64)> = if rank == 4 { vec![(11, 5), (17, 3), (23, 1)] } else { vec![(17, 3), (23, 1)] };
+    let mut labels = axis(0);
+    let mut band = axis(0).zeros_like().to_kind(Kind::Bool);
+    for (k, (period, weight)) in periods.iter().enumerate() {
+        let at = axis(k + 1);
+        labels = labels + at.divide_scalar_mode(*period, "floor") * *weight;
+        band = band.logical_or(&at.remainder(*period).eq(0));
+    }
+    let labels = labels.remainder(c);
     let labels = labels.where_self(&band.logical_not(), &labels.full_like(DEFAULT_IGNORE_LABEL));
-    (logits, labels.expand([n, h, w], false).contiguous())
+    (logits, labels.expand(label_shape.as_slice(), false).contiguous())
 }
 
 fn high_water_mb() -> f64 {
@@ -70,7 +85,7 @@ fn sync(device: Device) {
 /// Time the loss and cross-entropy, forward and backward, `iterations` times each.
 pub fn run(
     loss: &Loss,
-    shape: [i64; 4],
+    shape: &[i64],
     device: Device,
     warmup: usize,
     iterations: usize,
@@ -120,7 +135,7 @@ pub fn run(
     let (loss_ms, ce_ms) = (median(loss_times), median(ce_times));
     Ok(BenchReport {
         metric: loss.compiled().exact.name.clone(),
-        shape,
+        shape: shape.to_vec(),
         device: format!("{device:?}"),
         iterations,
         loss_ms,
@@ -149,7 +164,7 @@ pub enum BenchDevice {
 #[derive(clap::Args)]
 pub struct Args {
     file: std::path::PathBuf,
-    /// Logits shape `N,C,H,W`.
+    /// Logits shape `N,C,H,W`, or `N,C,D,H,W` for volumes.
     #[arg(long, default_value = "4,21,256,256")]
     shape: String,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -175,12 +190,16 @@ pub fn run_command(args: Args) -> anyhow::Result<std::process::ExitCode> {
     let shape_text = &args.shape;
     let dims: Vec<i64> =
         shape_text.split(',').map(|d| d.trim().parse::<i64>()).collect::<Result<_, _>>().map_err(|_| {
-            anyhow::anyhow!("`--shape {shape_text}` must be four positive integers N,C,H,W, e.g. 4,21,256,256.")
+            anyhow::anyhow!(
+                "`--shape {shape_text}` must be four or five positive integers, N,C,H,W or N,C,D,H,W, e.g. 4,21,256,256."
+            )
         })?;
-    let shape: [i64; 4] = match dims.as_slice() {
-        [n, c, h, w] if dims.iter().all(|&d| d > 0) => [*n, *c, *h, *w],
-        _ => anyhow::bail!("`--shape {shape_text}` must be four positive integers N,C,H,W, e.g. 4,21,256,256."),
-    };
+    if !(dims.len() == 4 || dims.len() == 5) || dims.iter().any(|&d| d <= 0) {
+        anyhow::bail!(
+            "`--shape {shape_text}` must be four or five positive integers, N,C,H,W or N,C,D,H,W, e.g. 4,21,256,256."
+        );
+    }
+    let shape = dims;
     let device = match args.device {
         BenchDevice::Cpu => Device::Cpu,
         BenchDevice::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
@@ -190,7 +209,7 @@ pub fn run_command(args: Args) -> anyhow::Result<std::process::ExitCode> {
     };
     let mut loss = super::load_loss(&args.file, &overrides, args.params.as_deref())?;
     loss.set_fast_path(!args.reference);
-    let report = run(&loss, shape, device, args.warmup, args.iterations.max(1))?;
+    let report = run(&loss, &shape, device, args.warmup, args.iterations.max(1))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

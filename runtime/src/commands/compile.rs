@@ -46,6 +46,10 @@ pub struct Args {
     /// Print a readable listing of the graph.
     #[arg(long, value_enum)]
     emit: Option<OnnxEmit>,
+    /// A graph for volumes: logits `[N,C,D,H,W]` and labels `[N,D,H,W]`, with cubic windows
+    /// for `erode`, `dilate` and `boundary` (the default graph takes images `[N,C,H,W]`).
+    #[arg(long)]
+    volumes: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -56,6 +60,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let options = EmitOptions {
         curves: if args.curves_input { CurveSource::Input } else { CurveSource::Baked },
         ignore_label: loss.ignore_label(),
+        volumes: args.volumes,
     };
     let model = if args.exact {
         onnx::emit_exact(compiled, &options)?

@@ -68,10 +68,12 @@ pub(crate) struct FusedBatch<'a> {
 }
 
 impl<'a> FusedBatch<'a> {
-    /// The batch, when the fused kernel can read it (float32 logits on the CPU).
+    /// The batch, when the fused kernel can read it (float32 logits on the CPU, class-index
+    /// labels: soft labels take the reference path).
     pub(crate) fn new(batch: &'a Batch<'a>) -> Option<FusedBatch<'a>> {
         let logits = batch.logits;
-        (logits.device() == tch::Device::Cpu && logits.kind() == Kind::Float).then_some(FusedBatch { batch })
+        let readable = logits.device() == tch::Device::Cpu && logits.kind() == Kind::Float;
+        (readable && batch.soft_labels.is_none()).then_some(FusedBatch { batch })
     }
 }
 

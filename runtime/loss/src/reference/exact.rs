@@ -1,7 +1,7 @@
 //! The exact interpreter: an exact module up to its accumulators, on argmax predictions.
 
 use super::ignore_index;
-use super::tensors::{border, one_hot, pool_tensor, slice, valid, values};
+use super::tensors::{border, count_dims, one_hot, pool_tensor, slice, valid, values};
 use crate::error::LossError;
 use crate::inputs::Batch;
 use compiler::ir::{Handle, Node, Shape};
@@ -39,7 +39,9 @@ pub(crate) fn exact_counts(module: &ExactModule, batch: &Batch<'_>) -> Result<Ve
             Node::AnyClass(input) => Some(v(input).amax([1].as_slice(), true)),
             Node::Count(input) => {
                 let counted = match module.shape(*input) {
-                    Shape::ClassPixels(_) => v(input).sum_dim_intlist([0i64, 2, 3].as_slice(), false, Kind::Double),
+                    Shape::ClassPixels(_) => {
+                        v(input).sum_dim_intlist(count_dims(v(input)).as_slice(), false, Kind::Double)
+                    }
                     Shape::Pixels | Shape::Classes(_) | Shape::Scalar => v(input).sum(Kind::Double).reshape([1]),
                 };
                 out.push((handle, values::<f64>(&counted.to_device(tch::Device::Cpu))?));

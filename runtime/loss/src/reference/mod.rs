@@ -21,7 +21,7 @@ use compiler::curve::Curve;
 use compiler::ir::{DivGuard, Handle, Node, RootKind, Shape, SURROGATE_EPS};
 use compiler::RelaxedModule;
 use tch::{Reduction, Tensor};
-use tensors::{apply_curve, compare, one_hot, pool_tensor, slice, valid, zero_safe_div};
+use tensors::{apply_curve, compare, count_dims, one_hot, pool_tensor, slice, valid, zero_safe_div};
 
 /// The result of running a relaxed module.
 pub struct Surrogate {
@@ -77,7 +77,10 @@ pub(crate) fn run_nodes(
         let v = |h: &Handle| values[h.index()].as_ref().expect("operands come first");
         let value = match node {
             Node::Softmax => logits.softmax(1, kind),
-            Node::Labels => one_hot(labels, classes, kind, ignore),
+            Node::Labels => match batch.soft_labels {
+                Some(soft) => soft.to_kind(kind),
+                None => one_hot(labels, classes, kind, ignore),
+            },
             Node::Valid => valid(labels, kind, ignore),
             Node::Border { radius } => tensors::border(labels, kind, *radius),
             Node::Const(c) => Tensor::from(c.get()).to_kind(kind).to_device(logits.device()),
@@ -91,12 +94,14 @@ pub(crate) fn run_nodes(
             Node::AnyClass(input) => v(input).amax([1].as_slice(), true),
             Node::Slice { input, start, end } => slice(v(input), module.shape(*input), *start, *end),
             Node::Count(input) => match module.shape(*input) {
-                Shape::ClassPixels(_) => v(input).sum_dim_intlist([0i64, 2, 3].as_slice(), false, kind),
+                Shape::ClassPixels(_) => v(input).sum_dim_intlist(count_dims(v(input)).as_slice(), false, kind),
                 Shape::Pixels | Shape::Classes(_) | Shape::Scalar => v(input).sum(kind),
             },
-            Node::NllSum => {
-                logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, ignore_index(ignore), 0.0)
-            }
+            Node::NllSum => match batch.soft_labels {
+                // Soft labels: −Σ p·log softmax, summed over pixels (an ignored pixel's p is 0).
+                Some(soft) => -(logits.log_softmax(1, kind) * soft.to_kind(kind)).sum(kind),
+                None => logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Sum, ignore_index(ignore), 0.0),
+            },
             Node::Add(a, b) => v(a) + v(b),
             Node::Sub(a, b) => v(a) - v(b),
             Node::Mul(a, b) => v(a) * v(b),

@@ -9,9 +9,18 @@ use compiler::curve::Curve;
 use compiler::ir::{CmpOp, Shape};
 use tch::{Kind, Tensor};
 
-/// One-hot labels `[N, C, H, W]` of `kind`; pixels with the ignore label belong to no class.
+/// The dimensions a count sums over: every one but the classes' (`[0, 2, 3]` for images,
+/// `[0, 2, 3, 4]` for volumes).
+pub(crate) fn count_dims(x: &Tensor) -> Vec<i64> {
+    std::iter::once(0).chain(2..x.dim() as i64).collect()
+}
+
+/// One-hot labels `[N, C, ...]` of `kind` (images or volumes); pixels with the ignore label
+/// belong to no class.
 pub(crate) fn one_hot(labels: &Tensor, classes: i64, kind: Kind, ignore: Option<i64>) -> Tensor {
-    let range = Tensor::arange(classes, (Kind::Int64, labels.device())).view([1, classes, 1, 1]);
+    let mut shape = vec![1i64; labels.dim() + 1];
+    shape[1] = classes;
+    let range = Tensor::arange(classes, (Kind::Int64, labels.device())).view(shape.as_slice());
     let labels = labels.unsqueeze(1);
     let hot = labels.eq_tensor(&range);
     match ignore {
@@ -21,7 +30,7 @@ pub(crate) fn one_hot(labels: &Tensor, classes: i64, kind: Kind, ignore: Option<
     }
 }
 
-/// Valid pixels `[N, 1, H, W]` of `kind`.
+/// Valid pixels `[N, 1, ...]` of `kind`.
 pub(crate) fn valid(labels: &Tensor, kind: Kind, ignore: Option<i64>) -> Tensor {
     match ignore {
         Some(ignore) => labels.ne(ignore).unsqueeze(1).to_kind(kind),
@@ -29,17 +38,23 @@ pub(crate) fn valid(labels: &Tensor, kind: Kind, ignore: Option<i64>) -> Tensor 
     }
 }
 
-/// Pixels closer than `radius` to the image border, `[N, 1, H, W]` of `kind`.
+/// Pixels closer than `radius` to the image (or volume) border, `[N, 1, ...]` of `kind`:
+/// within `radius` of an edge along any spatial axis.
 pub(crate) fn border(labels: &Tensor, kind: Kind, radius: u32) -> Tensor {
     let size = labels.size();
-    let (n, h, w) = (size[0], size[1], size[2]);
     let r = radius as i64;
     let device = labels.device();
-    let ys = Tensor::arange(h, (Kind::Int64, device)).view([1, 1, h, 1]);
-    let xs = Tensor::arange(w, (Kind::Int64, device)).view([1, 1, 1, w]);
-    let rows = ys.lt(r).logical_or(&ys.ge(h - r));
-    let columns = xs.lt(r).logical_or(&xs.ge(w - r));
-    rows.logical_or(&columns).expand([n, 1, h, w], false).to_kind(kind)
+    let rank = size.len() + 1;
+    let mut near = Tensor::zeros([1i64; 1].repeat(rank).as_slice(), (Kind::Bool, device));
+    for (axis, &extent) in size.iter().enumerate().skip(1) {
+        let mut shape = vec![1i64; rank];
+        shape[axis + 1] = extent;
+        let at = Tensor::arange(extent, (Kind::Int64, device)).view(shape.as_slice());
+        near = near.logical_or(&at.lt(r).logical_or(&at.ge(extent - r)));
+    }
+    let mut out = size.clone();
+    out.insert(1, 1);
+    near.expand(out.as_slice(), false).to_kind(kind)
 }
 
 /// The values of a tensor as a flat vector, or the libtorch error as a [`LossError`].
@@ -48,8 +63,9 @@ pub(crate) fn values<T: tch::kind::Element + Copy>(tensor: &Tensor) -> Result<Ve
     Ok(Vec::<T>::try_from(&flat)?)
 }
 
-/// Square-window erosion (`erode`) or dilation of every `[H, W]` plane, the border counting
-/// as inside for erosion and outside for dilation. On the CPU in float32 the pooling kernels
+/// Square-window erosion (`erode`) or dilation of every `[H, W]` plane (cubic windows of
+/// every `[D, H, W]` volume for 5-D values), the border counting as inside for erosion and
+/// outside for dilation. On the CPU in float32 the pooling kernels
 /// of [`crate::kernels::pool`] compute it (with a gradient: each output's winner, then a
 /// differentiable gather, whose backward is one scatter-add as `max_pool2d`'s is); elsewhere
 /// two separable `max_pool2d` passes.
@@ -80,6 +96,15 @@ pub(crate) fn pool_tensor(x: &Tensor, radius: u32, erode: bool) -> Tensor {
     }
     let k = 2 * radius as i64 + 1;
     let r = radius as i64;
+    if x.dim() == 5 {
+        // A cubic window: three 1-D passes, one per spatial axis.
+        let dilate = |t: &Tensor| {
+            t.max_pool3d([k, 1, 1], [1, 1, 1], [r, 0, 0], [1, 1, 1], false)
+                .max_pool3d([1, k, 1], [1, 1, 1], [0, r, 0], [1, 1, 1], false)
+                .max_pool3d([1, 1, k], [1, 1, 1], [0, 0, r], [1, 1, 1], false)
+        };
+        return if erode { dilate(&x.neg()).neg() } else { dilate(x) };
+    }
     // A square window's maximum is the maximum of row maxima: two 1-D passes (2k reads per
     // pixel) instead of one 2-D pass (k² reads). max_pool2d pads with −∞: for dilation the
     // border is outside; erosion is the negated dilation of the negation, so there the
