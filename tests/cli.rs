@@ -117,7 +117,7 @@ fn bad_inputs_get_one_clear_sentence() {
                 good_logits(l);
                 npy::write_f32(y, &[1, 4, 4], vec![1.0; 16]).unwrap();
             }),
-            "but labels must be integer class indices",
+            "labels must be integer class indices [1, 4, 4] (uint8, int32 or int64, say) or soft labels",
         ),
         (
             "rank",

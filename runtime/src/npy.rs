@@ -54,8 +54,19 @@ pub fn read_logits(path: &Path) -> Result<Tensor, NpyError> {
     }
 }
 
-/// Read integer labels as int64.
+/// Read labels: integer class indices as int64, or soft labels (float32 / float64
+/// probabilities of the logits' shape) as float32.
 pub fn read_labels(path: &Path) -> Result<Tensor, NpyError> {
+    match ArrayD::<f32>::read_npy(open(path)?) {
+        Ok(array) => return Ok(to_tensor(array)),
+        Err(ReadNpyError::WrongDescriptor(_)) => {}
+        Err(error) => return Err(format_error(path, error)),
+    }
+    match ArrayD::<f64>::read_npy(open(path)?) {
+        Ok(array) => return Ok(to_tensor(array.mapv(|v| v as f32))),
+        Err(ReadNpyError::WrongDescriptor(_)) => {}
+        Err(error) => return Err(format_error(path, error)),
+    }
     macro_rules! attempt {
         ($t:ty) => {
             match ArrayD::<$t>::read_npy(open(path)?) {
@@ -80,7 +91,7 @@ pub fn read_labels(path: &Path) -> Result<Tensor, NpyError> {
             path: path.display().to_string(),
             found: found.to_string(),
             what: "labels",
-            expected: "integer class indices (int64 preferred; 255 = ignored)",
+            expected: "integer class indices (int64 preferred; 255 = ignored) or float soft labels",
         }),
         Err(error) => Err(format_error(path, error)),
     }

@@ -181,6 +181,63 @@ class GradientGraphTest(unittest.TestCase):
                 self.assertLess(abs(float(tract_loss) - tch_loss), tolerance)
                 close_gradient(self, tract_grad, tch_grad, 2e-5, f"{name} volumes in tract")
 
+    def test_soft_labels_in_onnx_runtime_onnx2torch_and_tract(self):
+        """Graphs compiled with `--soft-labels` take float32 probabilities of the logits' shape:
+        the loss and gradient equal `losscc eval` on the same soft labels (ONNX Runtime,
+        onnx2torch, tract), and the exact-count graph counts their argmax as the class-index
+        graph counts the argmax labels."""
+        rng = np.random.default_rng(12)
+        logits = rng.uniform(-3, 3, (2, 4, 9, 11)).astype(np.float32)
+        hard = rng.integers(0, 4, (2, 9, 11))
+        soft = np.moveaxis(np.eye(4, dtype=np.float32)[hard], -1, 1) * 0.8 + 0.05
+        ignored = rng.uniform(size=hard.shape) < 0.1
+        soft = soft * (~ignored)[:, None].astype(np.float32)
+        argmax = np.where(ignored, 255, hard).astype(np.int64)
+        np.save(self.tmp / "soft_logits.npy", logits)
+        np.save(self.tmp / "soft_labels.npy", soft)
+        for name, sets in (("miou_ce", []), ("biou", ["--set", "tol=1"])):
+            with self.subTest(metric=name):
+                path = ROOT / "examples" / f"{name}.metric"
+                grad_path = self.tmp / "soft_grad.npy"
+                out = json.loads(losscc("eval", path, "--logits", self.tmp / "soft_logits.npy", "--labels",
+                                        self.tmp / "soft_labels.npy", "--grad", grad_path, *sets))
+                tch_loss, tch_grad = out["loss"], np.load(grad_path)
+                graphs = {kind: self.tmp / f"{name}.soft.{kind}.onnx" for kind in ("loss", "grad", "exact")}
+                losscc("compile", path, "--soft-labels", "-o", graphs["loss"], *sets)
+                losscc("compile", path, "--soft-labels", "--grad", "-o", graphs["grad"], *sets)
+                losscc("compile", path, "--soft-labels", "--exact", "-o", graphs["exact"], *sets)
+                model = onnx.load(str(graphs["grad"]))
+                onnx.checker.check_model(model, full_check=True)
+                self.assertEqual(model.graph.input[1].type.tensor_type.elem_type, onnx.TensorProto.FLOAT)
+                tolerance = 1e-5 * max(abs(tch_loss), 1.0)
+                feeds = {"logits": logits, "labels": soft}
+                loss, grad = onnxruntime.InferenceSession(str(graphs["grad"])).run(None, feeds)
+                self.assertLess(abs(float(loss) - tch_loss), tolerance)
+                close_gradient(self, grad, tch_grad, 2e-5, f"{name} soft labels in ONNX Runtime")
+
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    module = convert(onnx.load(str(graphs["loss"])))
+                    x = torch.from_numpy(logits.copy()).requires_grad_(True)
+                    torch_loss = module(x, torch.from_numpy(soft))
+                    torch_loss.backward()
+                self.assertEqual([str(w.message) for w in caught], [])
+                self.assertLess(abs(torch_loss.item() - tch_loss), tolerance)
+                close_gradient(self, x.grad.numpy(), tch_grad, 2e-5, f"{name} soft labels through onnx2torch")
+
+                facts, (tract_loss, tract_grad) = tract_run(graphs["grad"], [logits, soft])
+                self.assertEqual(facts, ["N,C,H,W,f32", "N,C,H,W,f32"])
+                self.assertLess(abs(float(tract_loss) - tch_loss), tolerance)
+                close_gradient(self, tract_grad, tch_grad, 2e-5, f"{name} soft labels in tract")
+
+                hard_exact = self.tmp / f"{name}.hard.exact.onnx"
+                losscc("compile", path, "--exact", "-o", hard_exact, *sets)
+                ours = onnxruntime.InferenceSession(str(graphs["exact"])).run(None, feeds)
+                theirs = onnxruntime.InferenceSession(str(hard_exact)).run(None, {"logits": logits, "labels": argmax})
+                self.assertEqual(len(ours), len(theirs))
+                for a, b in zip(ours, theirs):
+                    np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+
     def test_jax_grad_equals_tch(self):
         rng = np.random.default_rng(8)
         for name, sets in [("miou", []), ("biou", ["tol=1"]), ("bf1", ["tol=1"]), ("miou_biou", []), ("dice", [])]:

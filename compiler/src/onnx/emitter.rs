@@ -83,6 +83,10 @@ pub(crate) struct Emitter {
     ignore_label: Option<i64>,
     /// Spatial axes of the inputs: 2 for images `[N, C, H, W]`, 3 for volumes.
     spatial: usize,
+    /// The `labels` input holds soft labels (probabilities of the logits' shape).
+    pub soft_labels: bool,
+    /// Labels are class sets of the argmax even for soft labels (the exact-count graph).
+    pub hard_labels: bool,
 }
 
 impl Emitter {
@@ -99,7 +103,17 @@ impl Emitter {
             shared: HashMap::new(),
             ignore_label,
             spatial,
+            soft_labels: false,
+            hard_labels: false,
         }
+    }
+
+    /// Soft labels' total per pixel, `[N, 1, ...]`: 1 at a labelled pixel, 0 at an ignored one.
+    fn label_mass(&mut self) -> String {
+        self.shared("label_mass", |this| {
+            let axes = this.ints(&[1], false);
+            this.op("ReduceSum", &["labels", &axes], vec![attr_int("keepdims", 1)])
+        })
     }
 
     /// The spatial axes of the logits: `[2, 3]` for images, `[2, 3, 4]` for volumes.
@@ -244,8 +258,15 @@ impl Emitter {
         })
     }
 
-    /// The labels as floats `[N, 1, H, W]`, to compare with [`Emitter::class_range`].
+    /// The labels as floats `[N, 1, H, W]`, to compare with [`Emitter::class_range`] (for soft
+    /// labels, their argmax; where they are all 0 the valid mask excludes the pixel).
     fn labels_float(&mut self) -> String {
+        if self.soft_labels {
+            return self.shared("labels1f", |this| {
+                let argmax = this.op("ArgMax", &["labels"], vec![attr_int("axis", 1), attr_int("keepdims", 1)]);
+                this.cast_float(&argmax)
+            });
+        }
         self.shared("labels1f", |this| {
             let labels = this.labels_unsqueezed();
             this.cast_float(&labels)
@@ -261,6 +282,13 @@ impl Emitter {
 
     /// Valid pixels as a boolean `[N, 1, H, W]` (every pixel without an ignore label).
     fn valid_mask(&mut self) -> Option<String> {
+        if self.soft_labels {
+            return Some(self.shared("valid_mask", |this| {
+                let mass = this.label_mass();
+                let half = this.float(0.5);
+                this.op("Greater", &[&mass, &half], vec![])
+            }));
+        }
         let ignore = self.ignore_label?;
         Some(self.shared("valid_mask", |this| {
             let labels = this.labels_unsqueezed();
@@ -272,6 +300,9 @@ impl Emitter {
 
     /// One-hot labels, float `[N, C, H, W]`; ignored pixels belong to no class.
     pub fn one_hot_labels(&mut self) -> String {
+        if self.soft_labels && !self.hard_labels {
+            return "labels".to_string();
+        }
         self.shared("onehot", |this| {
             let (labels, range) = (this.labels_float(), this.class_range());
             let equal = this.op("Equal", &[&labels, &range], vec![]);

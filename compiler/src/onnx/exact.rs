@@ -12,6 +12,8 @@ use onnx_protobuf::{ModelProto, StringStringEntryProto};
 pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelProto, OnnxError> {
     let module = &compiled.exact;
     let mut emitter = Emitter::new(options.ignore_label, options.spatial_dims());
+    emitter.soft_labels = options.soft_labels;
+    emitter.hard_labels = true;
     let mut values: Vec<Option<String>> = vec![None; module.len()];
     let mut outputs = Vec::new();
     let mut accumulators = Vec::new();

@@ -23,6 +23,7 @@ use onnx_protobuf::ModelProto;
 pub fn emit_gradient(compiled: &Compiled, curves: &[Curve], options: &EmitOptions) -> Result<ModelProto, OnnxError> {
     let program = grad::differentiate(&compiled.relaxed)?;
     let mut emitter = Emitter::new(options.ignore_label, options.spatial_dims());
+    emitter.soft_labels = options.soft_labels;
     let forward = forward(&mut emitter, compiled, curves, options.curves)?;
     let gradient = backward(&mut emitter, compiled, curves, options.curves, &program, &forward);
     emitter.output(&forward.loss, "loss", "the loss");

@@ -205,6 +205,7 @@ pub(crate) fn zero_safe_division(emitter: &mut Emitter, num: &str, den: &str) ->
 /// output `loss`.
 pub fn emit_loss(compiled: &Compiled, curves: &[Curve], options: &EmitOptions) -> Result<ModelProto, OnnxError> {
     let mut emitter = Emitter::new(options.ignore_label, options.spatial_dims());
+    emitter.soft_labels = options.soft_labels;
     let forward = forward(&mut emitter, compiled, curves, options.curves)?;
     emitter.output(&forward.loss, "loss", "the loss");
     let outputs = vec![value_info("loss", DataType::FLOAT, &[])];

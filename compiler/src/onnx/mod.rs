@@ -74,6 +74,10 @@ pub struct EmitOptions {
     /// Volumes: logits `[N, C, D, H, W]` and labels `[N, D, H, W]`, windows are cubes.
     /// Otherwise images, `[N, C, H, W]` and `[N, H, W]`.
     pub volumes: bool,
+    /// Soft labels: the `labels` input is float32 probabilities of the logits' shape (all 0
+    /// at an ignored pixel), used as they are by the surrogate and the cross-entropy; the
+    /// exact-count graph takes their argmax. Otherwise int64 class indices.
+    pub soft_labels: bool,
 }
 
 impl EmitOptions {
@@ -97,6 +101,9 @@ impl EmitOptions {
 
     /// The labels' symbolic dimensions.
     pub fn labels_dims(&self) -> &'static [&'static str] {
+        if self.soft_labels {
+            return self.logits_dims();
+        }
         if self.volumes {
             &["N", "D", "H", "W"]
         } else {
@@ -107,7 +114,12 @@ impl EmitOptions {
 
 impl Default for EmitOptions {
     fn default() -> Self {
-        EmitOptions { curves: CurveSource::Baked, ignore_label: Some(DEFAULT_IGNORE_LABEL), volumes: false }
+        EmitOptions {
+            curves: CurveSource::Baked,
+            ignore_label: Some(DEFAULT_IGNORE_LABEL),
+            volumes: false,
+            soft_labels: false,
+        }
     }
 }
 
@@ -186,7 +198,8 @@ fn model(
         // Per-class weights fix the number of classes: a runtime rejects other logits.
         fix_dim(&mut logits, 1, classes);
     }
-    let mut inputs = vec![logits, value_info("labels", DataType::INT64, options.labels_dims())];
+    let label_type = if options.soft_labels { DataType::FLOAT } else { DataType::INT64 };
+    let mut inputs = vec![logits, value_info("labels", label_type, options.labels_dims())];
     if options.curves == CurveSource::Input && what != "exact counts" {
         inputs.push(value_info("curves", DataType::FLOAT, &["curve_coordinates"]));
     }
@@ -223,6 +236,7 @@ fn model(
         ("losscc.sources", serde_json::to_string(&compiled.program.sources()).unwrap_or_default()),
         ("losscc.ignore_label", serde_json::to_string(&options.ignore_label).unwrap_or_default()),
         ("losscc.spatial_dims", options.spatial_dims().to_string()),
+        ("losscc.soft_labels", options.soft_labels.to_string()),
         ("losscc.params", serde_json::to_string(&compiled.params).unwrap_or_default()),
         ("losscc.curves", serde_json::Value::Array(curves_json).to_string()),
     ];

@@ -50,6 +50,10 @@ pub struct Args {
     /// for `erode`, `dilate` and `boundary` (the default graph takes images `[N,C,H,W]`).
     #[arg(long)]
     volumes: bool,
+    /// Take soft labels: `labels` is float32 probabilities of the logits' shape (all 0 at an
+    /// ignored pixel) instead of int64 class indices.
+    #[arg(long)]
+    soft_labels: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -61,6 +65,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         curves: if args.curves_input { CurveSource::Input } else { CurveSource::Baked },
         ignore_label: loss.ignore_label(),
         volumes: args.volumes,
+        soft_labels: args.soft_labels,
     };
     let model = if args.exact {
         onnx::emit_exact(compiled, &options)?
