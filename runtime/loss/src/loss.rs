@@ -214,7 +214,8 @@ impl Loss {
         self.fast_path
     }
 
-    /// Whether `forward` on these logits takes the fused kernel.
+    /// Whether `forward` on these logits takes the fused kernel (with class-index labels:
+    /// soft labels always take the reference path).
     pub fn uses_fused_kernel(&self, logits: &Tensor) -> bool {
         self.fast_path
             && logits.device() == tch::Device::Cpu
