@@ -515,5 +515,8 @@ fn soft_labels_are_used_as_given_and_one_hot_ones_equal_class_indices() {
     assert!(message.contains("an ignore value such as 255 has no place in soft labels"), "{message}");
     let message = dice.forward(&logits, &(&hot * 0.5)).unwrap_err().to_string();
     assert!(message.contains("sum to neither 1 nor 0 (one of them: 0.5)"), "{message}");
+    let multi_hot = (&hot + hot.roll([1], [1])).clamp(0.0, 1.0);
+    let message = dice.forward(&logits, &multi_hot).unwrap_err().to_string();
+    assert!(message.contains("one of them: 2)") && message.contains("multi-hot labels"), "{message}");
     assert_eq!(message.lines().count(), 1, "{message}");
 }

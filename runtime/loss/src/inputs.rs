@@ -27,7 +27,7 @@ pub enum InputError {
     LogitsKind(Kind),
     #[error("labels must be integer class indices {labels_shape} (uint8, int32 or int64, say) or soft labels, float probabilities of the logits' shape {logits:?}, but they are {kind:?} of shape {labels:?}", labels_shape = without_classes(.logits))]
     LabelsKind { kind: Kind, labels: Vec<i64>, logits: Vec<i64> },
-    #[error("soft labels must be probabilities in [0, 1] that sum to 1 over the classes at each pixel (all 0 marks an ignored pixel; an ignore value such as 255 has no place in soft labels), but {values} values are outside [0, 1] and {pixels} pixels sum to neither 1 nor 0 (one of them: {example})")]
+    #[error("soft labels must be probabilities in [0, 1] that sum to 1 over the classes at each pixel (all 0 marks an ignored pixel; an ignore value such as 255 has no place in soft labels), but {values} values are outside [0, 1] and {pixels} pixels sum to neither 1 nor 0 (one of them: {example}); multi-hot labels (several classes at a pixel) need a sigmoid metric, which losscc does not offer yet")]
     SoftLabels { values: i64, pixels: i64, example: f64 },
     #[error("the logits contain {0} non-finite values (NaN or infinity); check the network's output")]
     NonFinite(i64),
