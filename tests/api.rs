@@ -294,17 +294,7 @@ fn class_weights_weight_each_class_skip_undefined_ones_and_wrong_lengths_are_one
 /// the label with noise, so predictions have interiors and boundaries.
 fn volume(seed: u64, [n, c, d, h, w]: [i64; 5]) -> (Tensor, Tensor) {
     let mut rng = Rng(seed);
-    let labels: Vec<i64> = (0..n * d * h * w)
-        .map(|i| {
-            let (z, y, x) = ((i / (h * w)) % d, (i / w) % h, i % w);
-            if rng.next() < 0.1 {
-                255
-            } else {
-                (z / 3 + y / 4 + 2 * (x / 5) + i / (d * h * w)) % c
-            }
-        })
-        .collect();
-    let labels = Tensor::from_slice(&labels).view([n, d, h, w]);
+    let labels = common::volume_labels(&mut rng, [n, c, d, h, w], [3, 4, 5]);
     let noise: Vec<f32> = (0..n * c * d * h * w).map(|_| (rng.next() as f32 - 0.5) * 6.0).collect();
     let hot = labels.clamp(0, c - 1).one_hot(c).permute([0, 4, 1, 2, 3]).to_kind(Kind::Float);
     (Tensor::from_slice(&noise).view([n, c, d, h, w]) + hot * 2.5, labels)

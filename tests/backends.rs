@@ -385,18 +385,8 @@ fn volumes_agree_across_back_ends() {
         let [n, c, d, h, w] = [2i64, 4, 5, 7, 6];
         let mut rng = common::Rng(90 + index as u64);
         let logits: Vec<f32> = (0..n * c * d * h * w).map(|_| ((rng.next() * 2.0 - 1.0) * 3.0) as f32).collect();
-        let labels: Vec<i64> = (0..n * d * h * w)
-            .map(|i| {
-                let (z, y, x) = ((i / (h * w)) % d, (i / w) % h, i % w);
-                if rng.next() < 0.1 {
-                    255
-                } else {
-                    (z / 2 + y / 3 + 2 * (x / 3) + i / (d * h * w)) % c
-                }
-            })
-            .collect();
+        let labels = common::volume_labels(&mut rng, [n, c, d, h, w], [2, 3, 3]);
         let logits = Tensor::from_slice(&logits).reshape([n, c, d, h, w]);
-        let labels = Tensor::from_slice(&labels).reshape([n, d, h, w]);
 
         let (truth, truth_grad) = forward_backward(&mut loss, false, &logits.to_kind(Kind::Double), &labels).unwrap();
         let (_, single_grad) = forward_backward(&mut loss, false, &logits, &labels).unwrap();

@@ -61,3 +61,20 @@ impl Rng {
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+/// Blocky volume labels `[N, D, H, W]` for `C` classes: blocks of `depth × rows × columns`
+/// voxels (class `z/depth + y/rows + 2·(x/columns) + image`), a tenth of the voxels drawn
+/// as ignored (255) from `rng`.
+pub fn volume_labels(rng: &mut Rng, [n, c, d, h, w]: [i64; 5], [depth, rows, columns]: [i64; 3]) -> tch::Tensor {
+    let labels: Vec<i64> = (0..n * d * h * w)
+        .map(|i| {
+            let (z, y, x) = ((i / (h * w)) % d, (i / w) % h, i % w);
+            if rng.next() < 0.1 {
+                255
+            } else {
+                (z / depth + y / rows + 2 * (x / columns) + i / (d * h * w)) % c
+            }
+        })
+        .collect();
+    tch::Tensor::from_slice(&labels).view([n, d, h, w])
+}

@@ -81,6 +81,38 @@ class GradientGraphTest(unittest.TestCase):
                                 self.tmp / "labels.npy", "--params", params, "--grad", grad_path, *case.flags()))
         return out["loss"], np.load(grad_path)
 
+    def eval_reference(self, path, logits, labels, sets):
+        """`losscc eval`'s loss and gradient (tch) on these inputs."""
+        np.save(self.tmp / "eval_logits.npy", logits)
+        np.save(self.tmp / "eval_labels.npy", labels)
+        grad_path = self.tmp / "eval_grad.npy"
+        out = json.loads(losscc("eval", path, "--logits", self.tmp / "eval_logits.npy", "--labels",
+                                self.tmp / "eval_labels.npy", "--grad", grad_path, *sets))
+        return out["loss"], np.load(grad_path)
+
+    def agree_in_every_runtime(self, what, graphs, logits, labels, tch_loss, tch_grad, facts):
+        """The gradient graph in ONNX Runtime and tract (with input `facts`), and the loss graph
+        through onnx2torch without a warning, give tch's loss and gradient."""
+        tolerance = 1e-5 * max(abs(tch_loss), 1.0)
+        loss, grad = onnxruntime.InferenceSession(str(graphs["grad"])).run(None, {"logits": logits, "labels": labels})
+        self.assertLess(abs(float(loss) - tch_loss), tolerance)
+        close_gradient(self, grad, tch_grad, 2e-5, f"{what} in ONNX Runtime")
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = convert(onnx.load(str(graphs["loss"])))
+            x = torch.from_numpy(logits.copy()).requires_grad_(True)
+            torch_loss = module(x, torch.from_numpy(labels))
+            torch_loss.backward()
+        self.assertEqual([str(w.message) for w in caught], [])
+        self.assertLess(abs(torch_loss.item() - tch_loss), tolerance)
+        close_gradient(self, x.grad.numpy(), tch_grad, 2e-5, f"{what} through onnx2torch")
+
+        got_facts, (tract_loss, tract_grad) = tract_run(graphs["grad"], [logits, labels])
+        self.assertEqual(got_facts, facts)
+        self.assertLess(abs(float(tract_loss) - tch_loss), tolerance)
+        close_gradient(self, tract_grad, tch_grad, 2e-5, f"{what} in tract")
+
     def test_every_case_in_onnx_runtime_torch_and_tract(self):
         cases = corpus()
         self.assertGreaterEqual(len(cases), 20)
@@ -147,12 +179,7 @@ class GradientGraphTest(unittest.TestCase):
         for name, sets in (("dice", []), ("biou", ["--set", "tol=1"]), ("boundary_iou", ["--set", "d=1"])):
             with self.subTest(metric=name):
                 path = ROOT / "examples" / f"{name}.metric"
-                np.save(self.tmp / "volume_logits.npy", logits)
-                np.save(self.tmp / "volume_labels.npy", labels)
-                grad_path = self.tmp / "volume_grad.npy"
-                out = json.loads(losscc("eval", path, "--logits", self.tmp / "volume_logits.npy", "--labels",
-                                        self.tmp / "volume_labels.npy", "--grad", grad_path, *sets))
-                tch_loss, tch_grad = out["loss"], np.load(grad_path)
+                tch_loss, tch_grad = self.eval_reference(path, logits, labels, sets)
                 graphs = {kind: self.tmp / f"{name}.volumes.{kind}.onnx" for kind in ("loss", "grad")}
                 losscc("compile", path, "--volumes", "-o", graphs["loss"], *sets)
                 losscc("compile", path, "--volumes", "--grad", "-o", graphs["grad"], *sets)
@@ -160,26 +187,8 @@ class GradientGraphTest(unittest.TestCase):
                 onnx.checker.check_model(model, full_check=True)
                 dims = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
                 self.assertEqual(dims, ["N", "C", "D", "H", "W"])
-                tolerance = 1e-5 * max(abs(tch_loss), 1.0)
-                loss, grad = onnxruntime.InferenceSession(str(graphs["grad"])).run(
-                    None, {"logits": logits, "labels": labels})
-                self.assertLess(abs(float(loss) - tch_loss), tolerance)
-                close_gradient(self, grad, tch_grad, 2e-5, f"{name} volumes in ONNX Runtime")
-
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    module = convert(onnx.load(str(graphs["loss"])))
-                    x = torch.from_numpy(logits.copy()).requires_grad_(True)
-                    torch_loss = module(x, torch.from_numpy(labels))
-                    torch_loss.backward()
-                self.assertEqual([str(w.message) for w in caught], [])
-                self.assertLess(abs(torch_loss.item() - tch_loss), tolerance)
-                close_gradient(self, x.grad.numpy(), tch_grad, 2e-5, f"{name} volumes through onnx2torch")
-
-                facts, (tract_loss, tract_grad) = tract_run(graphs["grad"], [logits, labels])
-                self.assertEqual(facts, ["N,C,D,H,W,f32", "N,D,H,W,i64"])
-                self.assertLess(abs(float(tract_loss) - tch_loss), tolerance)
-                close_gradient(self, tract_grad, tch_grad, 2e-5, f"{name} volumes in tract")
+                self.agree_in_every_runtime(f"{name} volumes", graphs, logits, labels, tch_loss, tch_grad,
+                                            ["N,C,D,H,W,f32", "N,D,H,W,i64"])
 
     def test_soft_labels_in_onnx_runtime_onnx2torch_and_tract(self):
         """Graphs compiled with `--soft-labels` take float32 probabilities of the logits' shape:
@@ -193,15 +202,10 @@ class GradientGraphTest(unittest.TestCase):
         ignored = rng.uniform(size=hard.shape) < 0.1
         soft = soft * (~ignored)[:, None].astype(np.float32)
         argmax = np.where(ignored, 255, hard).astype(np.int64)
-        np.save(self.tmp / "soft_logits.npy", logits)
-        np.save(self.tmp / "soft_labels.npy", soft)
         for name, sets in (("miou_ce", []), ("biou", ["--set", "tol=1"])):
             with self.subTest(metric=name):
                 path = ROOT / "examples" / f"{name}.metric"
-                grad_path = self.tmp / "soft_grad.npy"
-                out = json.loads(losscc("eval", path, "--logits", self.tmp / "soft_logits.npy", "--labels",
-                                        self.tmp / "soft_labels.npy", "--grad", grad_path, *sets))
-                tch_loss, tch_grad = out["loss"], np.load(grad_path)
+                tch_loss, tch_grad = self.eval_reference(path, logits, soft, sets)
                 graphs = {kind: self.tmp / f"{name}.soft.{kind}.onnx" for kind in ("loss", "grad", "exact")}
                 losscc("compile", path, "--soft-labels", "-o", graphs["loss"], *sets)
                 losscc("compile", path, "--soft-labels", "--grad", "-o", graphs["grad"], *sets)
@@ -209,26 +213,9 @@ class GradientGraphTest(unittest.TestCase):
                 model = onnx.load(str(graphs["grad"]))
                 onnx.checker.check_model(model, full_check=True)
                 self.assertEqual(model.graph.input[1].type.tensor_type.elem_type, onnx.TensorProto.FLOAT)
-                tolerance = 1e-5 * max(abs(tch_loss), 1.0)
+                self.agree_in_every_runtime(f"{name} soft labels", graphs, logits, soft, tch_loss, tch_grad,
+                                            ["N,C,H,W,f32", "N,C,H,W,f32"])
                 feeds = {"logits": logits, "labels": soft}
-                loss, grad = onnxruntime.InferenceSession(str(graphs["grad"])).run(None, feeds)
-                self.assertLess(abs(float(loss) - tch_loss), tolerance)
-                close_gradient(self, grad, tch_grad, 2e-5, f"{name} soft labels in ONNX Runtime")
-
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    module = convert(onnx.load(str(graphs["loss"])))
-                    x = torch.from_numpy(logits.copy()).requires_grad_(True)
-                    torch_loss = module(x, torch.from_numpy(soft))
-                    torch_loss.backward()
-                self.assertEqual([str(w.message) for w in caught], [])
-                self.assertLess(abs(torch_loss.item() - tch_loss), tolerance)
-                close_gradient(self, x.grad.numpy(), tch_grad, 2e-5, f"{name} soft labels through onnx2torch")
-
-                facts, (tract_loss, tract_grad) = tract_run(graphs["grad"], [logits, soft])
-                self.assertEqual(facts, ["N,C,H,W,f32", "N,C,H,W,f32"])
-                self.assertLess(abs(float(tract_loss) - tch_loss), tolerance)
-                close_gradient(self, tract_grad, tch_grad, 2e-5, f"{name} soft labels in tract")
 
                 hard_exact = self.tmp / f"{name}.hard.exact.onnx"
                 losscc("compile", path, "--exact", "-o", hard_exact, *sets)

@@ -181,6 +181,17 @@ impl Emitter {
         name
     }
 
+    /// How many classes a `where:` mask selects, and that count but at least 1 (the divisor of
+    /// a filtered mean): built once per mask, shared by every mean with that filter and by
+    /// their gradients (tract fails to run a graph holding two copies).
+    pub fn mask_count(&mut self, mask: &str) -> (String, String) {
+        let selected =
+            self.shared(&format!("selected:{mask}"), |e| e.op("ReduceSum", &[mask], vec![attr_int("keepdims", 0)]));
+        let one = self.float(1.0);
+        let divisor = self.shared(&format!("max:{mask}"), |e| e.op("Max", &[&selected, &one], vec![]));
+        (selected, divisor)
+    }
+
     /// A float32 vector initializer: one number per class of a per-class value.
     pub fn floats(&mut self, values: &[f64]) -> String {
         let name = format!("const_v{}", self.initializers.len());

@@ -137,9 +137,7 @@ fn backward(
                     emitter.op("Div", &[&spread, &total], vec![])
                 }
                 Some(mask) => {
-                    let selected = emitter.op("ReduceSum", &[&v(mask)], vec![attr_int("keepdims", 0)]);
-                    let one = emitter.float(1.0);
-                    let denominator = emitter.op("Max", &[&selected, &one], vec![]);
+                    let (_, denominator) = emitter.mask_count(&v(mask));
                     let masked = emitter.op("Mul", &[&g(grad), &v(mask)], vec![]);
                     emitter.op("Div", &[&masked, &denominator], vec![])
                 }

@@ -90,20 +90,13 @@ pub(crate) fn forward(
                     let mask = v(mask);
                     let product = emitter.op("Mul", &[&v(value), &mask], vec![]);
                     let total = emitter.op("ReduceSum", &[&product], vec![attr_int("keepdims", 0)]);
-                    // Built once per mask: means that share a filter share its count (tract
-                    // fails to run a graph holding two copies of it).
-                    let selected = emitter.shared(&format!("selected:{mask}"), |e| {
-                        e.op("ReduceSum", &[&mask], vec![attr_int("keepdims", 0)])
-                    });
+                    let (selected, denominator) = emitter.mask_count(&mask);
                     let zero = emitter.float(0.0);
                     let any = emitter.shared(&format!("any:{mask}"), |e| e.op("Greater", &[&selected, &zero], vec![]));
                     flag = Some(match flag {
                         None => any,
                         Some(previous) => emitter.op("And", &[&previous, &any], vec![]),
                     });
-                    let one = emitter.float(1.0);
-                    let denominator =
-                        emitter.shared(&format!("max:{mask}"), |e| e.op("Max", &[&selected, &one], vec![]));
                     emitter.op("Div", &[&total, &denominator], vec![])
                 }
             },
