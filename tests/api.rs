@@ -54,7 +54,10 @@ fn labels_may_be_uint8_and_logits_half_precision() {
     let ints = logits.to_kind(Kind::Int64);
     assert!(matches!(loss.forward(&ints, &labels), Err(LossError::Input(InputError::LogitsKind(Kind::Int64)))));
     let float_labels = labels.to_kind(Kind::Float);
-    assert!(matches!(loss.forward(&logits, &float_labels), Err(LossError::Input(InputError::LabelsKind { kind: Kind::Float, .. }))));
+    assert!(matches!(
+        loss.forward(&logits, &float_labels),
+        Err(LossError::Input(InputError::LabelsKind { kind: Kind::Float, .. }))
+    ));
 }
 
 #[test]
@@ -263,7 +266,10 @@ fn class_weights_weight_each_class_skip_undefined_ones_and_wrong_lengths_are_one
         let x = logits.copy().set_requires_grad(true);
         let value = loss.forward(&x, &labels).unwrap();
         let expected = 1.0 - weighted_mean(&surrogate_per_class[skip..], &weights);
-        assert!((value.double_value(&[]) - expected).abs() < 1e-6, "background={background}: surrogate {value} vs {expected}");
+        assert!(
+            (value.double_value(&[]) - expected).abs() < 1e-6,
+            "background={background}: surrogate {value} vs {expected}"
+        );
         value.backward();
         assert!(bool::try_from(x.grad().isfinite().all()).unwrap());
         // Weighted differently from the plain mean, so the test can tell.
@@ -427,9 +433,10 @@ fn dice_and_biou_work_unchanged_on_volumes() {
         assert!(bool::try_from(x.grad().isfinite().all()).unwrap(), "{name}");
         assert_eq!(loss.uses_fused_kernel(&x), name == "dice", "{name}: which path");
         // The fused kernel on a volume equals the reference path.
-        let mut reference = Loss::from_file(&root().join(format!("examples/{name}.metric")), &Overrides::new().set("tol", 2))
-            .or_else(|_| Loss::from_file(&root().join(format!("examples/{name}.metric")), &Overrides::new()))
-            .unwrap();
+        let mut reference =
+            Loss::from_file(&root().join(format!("examples/{name}.metric")), &Overrides::new().set("tol", 2))
+                .or_else(|_| Loss::from_file(&root().join(format!("examples/{name}.metric")), &Overrides::new()))
+                .unwrap();
         reference.set_fast_path(false);
         let (a, b) = (loss.forward(logits, labels).unwrap(), reference.forward(logits, labels).unwrap());
         assert!((a.double_value(&[]) - b.double_value(&[])).abs() < 1e-6, "{name}: fast {a} vs reference {b}");
@@ -509,4 +516,184 @@ fn soft_labels_are_used_as_given_and_one_hot_ones_equal_class_indices() {
     let message = dice.forward(&logits, &multi_hot).unwrap_err().to_string();
     assert!(message.contains("one of them: 2)") && message.contains("multi-hot labels"), "{message}");
     assert_eq!(message.lines().count(), 1, "{message}");
+}
+
+/// Binary labels `[N, H, W]` of 0 and 1, a tenth ignored (255).
+fn binary_batch(seed: u64, n: i64, h: i64, w: i64) -> (Tensor, Tensor) {
+    let (logits, labels) = batch(seed, n, 2, h, w);
+    (logits.narrow(1, 0, 1).contiguous(), labels)
+}
+
+#[test]
+fn sigmoid_metrics_threshold_each_channel_and_misuse_is_one_sentence() {
+    let example = |name: &str, overrides: Overrides| {
+        Loss::from_file(&root().join(format!("examples/{name}.metric")), &overrides).unwrap()
+    };
+    let sum = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
+
+    // Binary Dice: exact on `sigmoid > t`, surrogate (identity curves) on the sigmoid itself.
+    let (logits, labels) = binary_batch(61, 2, 12, 13);
+    let valid = labels.ne(255).unsqueeze(1).to_kind(Kind::Double);
+    let y = labels.eq(1).unsqueeze(1).to_kind(Kind::Double);
+    for threshold in [0.5, 0.7] {
+        let dice = example("binary_dice", Overrides::new().set("threshold", threshold));
+        assert!(!dice.uses_fused_kernel(&logits), "sigmoid metrics take the reference path");
+        let p = logits.to_kind(Kind::Double).sigmoid().gt(threshold).to_kind(Kind::Double);
+        let expected = 2.0 * sum(&(&p * &y * &valid)) / (sum(&(&p * &valid)) + sum(&y));
+        let mut evaluator = dice.evaluator();
+        evaluator.add_batch(&logits.narrow(0, 0, 1), &labels.narrow(0, 0, 1)).unwrap();
+        evaluator.add_batch(&logits.narrow(0, 1, 1), &labels.narrow(0, 1, 1)).unwrap();
+        let got = evaluator.finish().unwrap().value;
+        assert!((got - expected).abs() < 1e-12, "threshold {threshold}: exact {got} vs {expected}");
+    }
+    let s = logits.to_kind(Kind::Double).sigmoid();
+    let soft_dice = 2.0 * sum(&(&s * &y * &valid)) / (sum(&(&s * &valid)) + sum(&y) + 1e-8);
+    let dice = example("binary_dice", Overrides::new());
+    let got = dice.forward(&logits, &labels).unwrap().double_value(&[]);
+    assert!((got - (1.0 - soft_dice)).abs() < 1e-6, "surrogate {got} vs {}", 1.0 - soft_dice);
+
+    // Dice + BCE: `ce` is PyTorch's BCEWithLogitsLoss over the valid pixels.
+    let bce = logits.to_kind(Kind::Double).binary_cross_entropy_with_logits::<&Tensor>(
+        &y,
+        Some(&valid),
+        None,
+        tch::Reduction::Sum,
+    );
+    let expected = (1.0 - soft_dice) + sum(&bce) / sum(&valid);
+    let got = example("dice_bce", Overrides::new()).forward(&logits, &labels).unwrap().double_value(&[]);
+    assert!((got - expected).abs() < 1e-6, "dice + bce {got} vs {expected}");
+
+    // Multi-label IoU: multi-hot labels, the ignore value in one channel ignores the pixel.
+    let (logits, classes) = batch(62, 2, 3, 11, 12);
+    let mut rng = Rng(63);
+    let hot: Vec<f32> = (0..2 * 3 * 11 * 12).map(|_| if rng.next() < 0.4 { 1.0 } else { 0.0 }).collect();
+    let ignored = classes.eq(255).unsqueeze(1);
+    let multi = Tensor::from_slice(&hot).view([2, 3, 11, 12]);
+    let multi = multi.where_self(
+        &ignored.logical_not().logical_or(&Tensor::from_slice(&[false, true, false]).view([1, 3, 1, 1]).logical_not()),
+        &Tensor::from(255.0f32),
+    );
+    let valid = ignored.logical_not().to_kind(Kind::Double);
+    let y = multi.eq(1.0).to_kind(Kind::Double) * &valid;
+    let p = logits.gt(0.0).to_kind(Kind::Double);
+    let dims = [0i64, 2, 3];
+    let inter = (&p * &y * &valid).sum_dim_intlist(dims.as_slice(), false, Kind::Double);
+    let union = ((&p + &y).clamp_max(1.0) * &valid).sum_dim_intlist(dims.as_slice(), false, Kind::Double);
+    let expected = (inter / union).mean(Kind::Double).double_value(&[]);
+    let iou = example("multilabel_iou", Overrides::new());
+    for labels in [multi.shallow_clone(), multi.to_kind(Kind::Uint8)] {
+        let mut evaluator = iou.evaluator();
+        evaluator.add_batch(&logits, &labels).unwrap();
+        let got = evaluator.finish().unwrap().value;
+        assert!((got - expected).abs() < 1e-12, "{:?} multi-hot labels: {got} vs {expected}", labels.kind());
+    }
+
+    // Class indices with several channels are one-hot targets: the same as one-hot labels.
+    let one_hot = classes.where_self(&classes.ne(255), &Tensor::from(0i64)).one_hot(3).permute([0, 3, 1, 2]);
+    let one_hot = one_hot.to_kind(Kind::Float).where_self(&ignored.logical_not(), &Tensor::from(255.0f32));
+    let by_index = iou.forward(&logits, &classes).unwrap().double_value(&[]);
+    let by_hot = iou.forward(&logits, &one_hot).unwrap().double_value(&[]);
+    assert!((by_index - by_hot).abs() < 1e-6, "indices {by_index} vs one-hot {by_hot}");
+
+    // Misuse, one sentence each.
+    let (logits, labels) = binary_batch(64, 1, 6, 7);
+    let twos = labels.where_self(&labels.ne(1), &Tensor::from(2i64));
+    let message = dice.forward(&logits, &twos).unwrap_err().to_string();
+    assert!(
+        message.contains("binary labels, 0 (background) and 1 (foreground)") && message.contains("value"),
+        "{message}"
+    );
+    let (logits, _) = batch(65, 1, 3, 6, 7);
+    let message =
+        iou.forward(&logits, &(&multi.narrow(0, 0, 1).narrow(2, 0, 6).narrow(3, 0, 7) * 2.0)).unwrap_err().to_string();
+    assert!(message.contains("one target per channel, in [0, 1]") && message.contains("(one of them: 2)"), "{message}");
+    let miou = example("miou", Overrides::new());
+    let message = miou
+        .forward(&logits, &multi.narrow(0, 0, 1).narrow(2, 0, 6).narrow(3, 0, 7).to_kind(Kind::Uint8))
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("multi-hot") && message.contains("`with sigmoid = true`"), "{message}");
+    for message in [message] {
+        assert_eq!(message.lines().count(), 1, "{message}");
+    }
+}
+
+#[test]
+fn per_image_metrics_average_each_images_own_metric_and_skip_undefined_images() {
+    let body = "let dice = 2 * count(P & L & V) / (count(P & V) + count(L));\n    mean(dice, where: count(L) > 0)";
+    let mut per_image = Loss::from_source(
+        "per.metric",
+        &format!("metric d with per_image = true {{\n    {body}\n}}\n"),
+        &Overrides::new(),
+    )
+    .unwrap();
+    let mut dataset =
+        Loss::from_source("whole.metric", &format!("metric d {{\n    {body}\n}}\n"), &Overrides::new()).unwrap();
+    let (logits, labels) = batch(71, 4, 3, 10, 12);
+    // Image 0 is predicted nearly right, the others at random, so pooling differs from
+    // averaging images.
+    let right = labels.narrow(0, 0, 1).clamp_max(2).one_hot(3).permute([0, 3, 1, 2]).to_kind(Kind::Float) * 6.0;
+    let logits = Tensor::cat(&[right, logits.narrow(0, 1, 3)], 0);
+    // Image 2 has no valid pixel: no class is labelled, so its Dice is undefined.
+    let labels = labels.index_fill(0, &Tensor::from_slice(&[2i64]), 255);
+    // Image 1 is mostly ignored: pooled counts barely see it, the mean over images does.
+    let _ = labels.narrow(0, 1, 1).narrow(1, 0, 8).fill_(255);
+    let image = |t: &Tensor, i: i64| t.narrow(0, i, 1);
+
+    // Exact: the mean over the images whose own metric is defined.
+    let mut own = Vec::new();
+    for i in 0..4 {
+        let mut evaluator = dataset.evaluator();
+        evaluator.add_batch(&image(&logits, i), &image(&labels, i)).unwrap();
+        own.push(evaluator.finish().unwrap().value);
+    }
+    assert!(own[2].is_nan() && own.iter().filter(|v| v.is_nan()).count() == 1, "{own:?}");
+    let expected = own.iter().filter(|v| !v.is_nan()).sum::<f64>() / 3.0;
+    let mut whole = per_image.evaluator();
+    whole.add_batch(&logits, &labels).unwrap();
+    let got = whole.finish().unwrap().value;
+    assert!((got - expected).abs() < 1e-12, "per image {got} vs {expected}");
+    // Batches of any size give the same, and the sums all-reduce like counts.
+    let (mut first, mut second) = (per_image.evaluator(), per_image.evaluator());
+    first.add_batch(&logits.narrow(0, 0, 1), &labels.narrow(0, 0, 1)).unwrap();
+    second.add_batch(&logits.narrow(0, 1, 3), &labels.narrow(0, 1, 3)).unwrap();
+    let mut merged = first.clone();
+    merged.merge(&second).unwrap();
+    assert!((merged.finish().unwrap().value - expected).abs() < 1e-12);
+    let summed: Vec<f64> = first.counts().iter().zip(second.counts()).map(|(a, b)| a + b).collect();
+    first.set_counts(&summed).unwrap();
+    assert!((first.finish().unwrap().value - expected).abs() < 1e-12);
+    // The dataset-level metric differs: images are not pooled.
+    let mut pooled = dataset.evaluator();
+    pooled.add_batch(&logits, &labels).unwrap();
+    assert!((pooled.finish().unwrap().value - expected).abs() > 1e-2, "per image equals pooled: {own:?}");
+
+    // Surrogate: each image's loss by itself, averaged over the defined images; the
+    // gradient is theirs, on the fused kernel and on the reference path.
+    for fast in [true, false] {
+        per_image.set_fast_path(fast);
+        dataset.set_fast_path(fast);
+        let x = logits.copy().set_requires_grad(true);
+        let value = per_image.forward(&x, &labels).unwrap();
+        value.backward();
+        let mut expected = 0.0;
+        let expected_grad = logits.zeros_like();
+        for i in [0i64, 1, 3] {
+            let xi = image(&logits, i).copy().set_requires_grad(true);
+            let part = dataset.forward(&xi, &image(&labels, i)).unwrap();
+            part.backward();
+            expected += part.double_value(&[]) / 3.0;
+            expected_grad.narrow(0, i, 1).copy_(&(xi.grad() / 3.0));
+        }
+        let undefined = dataset.forward_detailed(&image(&logits, 2), &image(&labels, 2)).unwrap();
+        assert!(!undefined.defined, "the all-ignored image is undefined");
+        assert!(
+            (value.double_value(&[]) - expected).abs() < 1e-6,
+            "fast={fast}: {} vs {expected}",
+            value.double_value(&[])
+        );
+        let gap = (x.grad() - &expected_grad).abs().max().double_value(&[]);
+        assert!(gap < 1e-7, "fast={fast}: gradient off by {gap:e}");
+        assert_eq!(x.grad().narrow(0, 2, 1).abs().sum(Kind::Double).double_value(&[]), 0.0);
+    }
 }

@@ -129,10 +129,64 @@ pub struct Evaluation {
 pub enum FinishError {
     #[error("no values were accumulated for {0} (no batch was evaluated)")]
     Missing(Handle),
+    #[error(transparent)]
+    Accumulate(AccumulateError),
 }
 
-/// Evaluate the module's root (and reports) from accumulated sums.
+impl Accumulator {
+    /// For a per-image module ([`crate::ir::Module::per_image`]): add one image's results,
+    /// finished from that image's own counts (`image`, an accumulator of one image): its
+    /// value where it is defined, and each report's entries where they are defined. The sums
+    /// sit beside the module's nodes (keys past its last handle), so they merge, flatten and
+    /// all-reduce like counts.
+    pub fn add_image(&mut self, module: &ExactModule, image: &Accumulator) -> Result<(), FinishError> {
+        let evaluation = finish_counts(module, image)?;
+        let defined = |x: f64| if x.is_nan() { (0.0, 0.0) } else { (x, 1.0) };
+        let (value, ok) = defined(evaluation.value);
+        self.add(image_key(module, 0), &[value, ok]).map_err(FinishError::Accumulate)?;
+        for (index, report) in module.reports.iter().enumerate() {
+            let Some((_, entries)) = evaluation.reports.iter().find(|(name, _)| name == &report.name) else { continue };
+            let entries = entries.as_vec();
+            let mut sums: Vec<f64> = entries.iter().map(|&x| defined(x).0).collect();
+            sums.extend(entries.iter().map(|&x| defined(x).1));
+            self.add(image_key(module, 1 + index), &sums).map_err(FinishError::Accumulate)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where [`Accumulator::add_image`] keeps its sums: keys past the module's last node.
+fn image_key(module: &ExactModule, index: usize) -> Handle {
+    crate::ir::handle_from_index(module.len() + index)
+}
+
+/// Evaluate the module's root (and reports) from accumulated sums: for a per-image module,
+/// the mean over images of each image's value (NaN when no image's is defined), and of each
+/// report entry over the images where it is defined.
 pub fn finish(module: &ExactModule, accumulated: &Accumulator) -> Result<Evaluation, FinishError> {
+    if !module.per_image {
+        return finish_counts(module, accumulated);
+    }
+    let mean = |sum: f64, n: f64| if n > 0.0 { sum / n } else { f64::NAN };
+    let root = accumulated.get(image_key(module, 0)).ok_or(FinishError::Missing(image_key(module, 0)))?;
+    let value = mean(root[0], root[1]);
+    let mut reports = Vec::new();
+    for (index, report) in module.reports.iter().enumerate() {
+        let Some(sums) = accumulated.get(image_key(module, 1 + index)) else { continue };
+        let k = sums.len() / 2;
+        let entries: Vec<f64> = (0..k).map(|i| mean(sums[i], sums[k + i])).collect();
+        let entry = match module.shape(report.value) {
+            Shape::Classes(_) => Value::Classes(entries),
+            _ => Value::Scalar(entries.first().copied().unwrap_or(f64::NAN)),
+        };
+        reports.push((report.name.clone(), entry));
+    }
+    Ok(Evaluation { value, reports })
+}
+
+/// Evaluate the module's root (and reports) from one set of accumulated counts (a dataset's,
+/// or for a per-image module one image's).
+pub fn finish_counts(module: &ExactModule, accumulated: &Accumulator) -> Result<Evaluation, FinishError> {
     let mut values: Vec<Option<Value>> = vec![None; module.len()];
     for handle in module.handles() {
         let get = |h: Handle| values[h.index()].clone();

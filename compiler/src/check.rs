@@ -7,7 +7,7 @@
 //! values are known.
 
 use crate::program::{Program, SourceId};
-use grammar::ast::{self, BinaryOp, ExprKind, Item, Literal, ParamType, Span, UnaryOp};
+use grammar::ast::{self, BinaryOp, ExprKind, Item, Literal, OptionValue, ParamType, Span, UnaryOp};
 use grammar::{suggest, Diagnostic};
 use std::collections::HashMap;
 use std::fmt;
@@ -177,27 +177,7 @@ impl<'p> Checker<'p> {
             }
             scope.names.push((&param.name.name, kind));
         }
-        for option in &definition.options {
-            match (option.key.name.as_str(), &option.value) {
-                ("pieces", Literal::Int(n)) if (1..=16).contains(n) => {}
-                ("pieces", _) => self.error(
-                    "E0204",
-                    "`pieces` must be an integer from 1 to 16",
-                    option.value_span,
-                    "the number of Bézier pieces per curve",
-                ),
-                (other, _) => {
-                    let mut diagnostic = Diagnostic::error(
-                        "E0205",
-                        format!("unknown option `{other}`"),
-                        option.key.span,
-                        "not an option",
-                    );
-                    diagnostic = diagnostic.with_help("the only option is `pieces = N` (Bézier pieces per curve)");
-                    self.diagnostics.push(diagnostic);
-                }
-            }
-        }
+        self.options(definition, &scope);
         for binding in &definition.lets {
             let kind = self.expr(&binding.value, &scope);
             if is_reserved(&binding.name.name) {
@@ -233,6 +213,90 @@ impl<'p> Checker<'p> {
                 diagnostic = diagnostic.with_help("count pixels with `count(...)`, then reduce over classes");
             }
             self.diagnostics.push(diagnostic);
+        }
+    }
+
+    /// The `with` options: `pieces = N`, `sigmoid = true|false`, `threshold = t`. A value may
+    /// name a parameter of the right type (`threshold = t` with `t: float`); a parameter's
+    /// value is checked when it is known, in lowering.
+    fn options(&mut self, definition: &ast::Definition, scope: &Scope) {
+        let parameter = |value: &OptionValue| match value {
+            OptionValue::Name(name) => Some(scope.lookup(&name.name)),
+            OptionValue::Literal(_) => None,
+        };
+        let mut sigmoid_set = false;
+        let mut threshold_span = None;
+        for option in &definition.options {
+            let value = &option.value;
+            match option.key.name.as_str() {
+                "pieces" => {
+                    if !matches!(value, OptionValue::Literal(Literal::Int(n)) if (1..=16).contains(n)) {
+                        self.error(
+                            "E0204",
+                            "`pieces` must be an integer from 1 to 16",
+                            option.value_span,
+                            "the number of Bézier pieces per curve",
+                        )
+                    }
+                }
+                "sigmoid" => match (value, parameter(value)) {
+                    (OptionValue::Literal(Literal::Bool(on)), _) => sigmoid_set |= *on,
+                    (_, Some(Some(Kind::Bool))) => sigmoid_set = true,
+                    _ => self.error(
+                        "E0207",
+                        "`sigmoid` must be `true` or `false`, or the name of a `bool` parameter",
+                        option.value_span,
+                        "sigmoid per channel (true) or softmax over classes (false)",
+                    ),
+                },
+                "per_image" => match (value, parameter(value)) {
+                    (OptionValue::Literal(Literal::Bool(_)), _) | (_, Some(Some(Kind::Bool))) => {}
+                    _ => self.error(
+                        "E0250",
+                        "`per_image` must be `true` or `false`, or the name of a `bool` parameter",
+                        option.value_span,
+                        "the metric of each image, averaged over images (true) or of the whole dataset (false)",
+                    ),
+                },
+                "threshold" => {
+                    threshold_span = Some(option.key.span);
+                    let ok = match (value, parameter(value)) {
+                        (OptionValue::Literal(Literal::Float(t)), _) => *t > 0.0 && *t < 1.0,
+                        (_, Some(Some(Kind::Float))) => true,
+                        _ => false,
+                    };
+                    if !ok {
+                        self.error(
+                            "E0208",
+                            "`threshold` must be a number strictly between 0 and 1, or the name of a `float` parameter",
+                            option.value_span,
+                            "exact mode predicts a channel where its sigmoid exceeds this",
+                        )
+                    }
+                }
+                other => {
+                    let mut diagnostic = Diagnostic::error(
+                        "E0205",
+                        format!("unknown option `{other}`"),
+                        option.key.span,
+                        "not an option",
+                    );
+                    let help = "the options are `pieces = N` (Bézier pieces per curve), `sigmoid = true` (a sigmoid per channel instead of a softmax over classes), `threshold = 0.5` (where exact sigmoid predictions start) and `per_image = true` (the metric of each image, averaged over images)";
+                    diagnostic = match suggest(other, ["pieces", "sigmoid", "threshold", "per_image"]) {
+                        Some(name) => diagnostic.with_help(format!("did you mean `{name}`? {help}")),
+                        None => diagnostic.with_help(help),
+                    };
+                    self.diagnostics.push(diagnostic);
+                }
+            }
+        }
+        if let (Some(span), false) = (threshold_span, sigmoid_set) {
+            self.error(
+                "E0209",
+                "`threshold` applies only to sigmoid predictions",
+                span,
+                "add `sigmoid = true`, or remove the threshold (softmax predictions take the argmax)",
+            );
         }
     }
 

@@ -170,11 +170,14 @@ pub struct CurveId(pub u32);
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Node {
     // ---- inputs ----
-    /// Exact predicted class sets: one-hot of `argmax(logits)` over classes.
+    /// Exact predicted class sets: one-hot of `argmax(logits)` over classes, or for
+    /// [`Predictions::Sigmoid`] the channels whose sigmoid exceeds the threshold.
     Pred,
-    /// Surrogate predicted class sets: `softmax(logits)` over classes.
+    /// Surrogate predicted class sets: `softmax(logits)` over classes, or for
+    /// [`Predictions::Sigmoid`] `sigmoid(logits)` per channel.
     Softmax,
-    /// Label class sets: one-hot of the labels; ignored pixels belong to no class.
+    /// Label class sets: one-hot of the labels (soft labels as they are; for
+    /// [`Predictions::Sigmoid`], the labels of each channel); ignored pixels belong to no class.
     Labels,
     /// Valid (not ignored) pixels.
     Valid,
@@ -246,7 +249,8 @@ pub enum Node {
     // ---- accumulators ----
     /// Sum over batch and pixels: per class for class sets, one number for pixel sets.
     Count(Handle),
-    /// Sum over valid pixels of the cross-entropy `-log softmax(logits)[label]`.
+    /// Sum over valid pixels of the cross-entropy `-log softmax(logits)[label]`; for
+    /// [`Predictions::Sigmoid`], of the binary cross-entropy averaged over channels.
     NllSum,
 
     // ---- arithmetic on numbers (also on pixel tensors in relaxed modules) ----
@@ -377,6 +381,41 @@ pub enum Mode {
     Relaxed,
 }
 
+/// How predictions are made from the logits (`with sigmoid = true` in a definition).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum Predictions {
+    /// Classes exclude each other: `P` is `softmax(logits)` over classes, exactly the
+    /// one-hot of the argmax; labels are class indices (or soft labels). The default.
+    Softmax,
+    /// Channels are independent (binary or multi-label): `P` is `sigmoid(logits)` per
+    /// channel, exactly `sigmoid(logits) > threshold`; labels are `{0, 1}` per channel.
+    Sigmoid { threshold: f64 },
+}
+
+impl Predictions {
+    pub fn is_sigmoid(self) -> bool {
+        matches!(self, Predictions::Sigmoid { .. })
+    }
+
+    /// The logit above which exact sigmoid predictions hold: `ln(t / (1 − t))`, so that
+    /// `logit > cut` exactly when `sigmoid(logit) > t` (0 for the default 0.5).
+    pub fn logit_cut(self) -> Option<f64> {
+        match self {
+            Predictions::Softmax => None,
+            Predictions::Sigmoid { threshold } => Some((threshold / (1.0 - threshold)).ln()),
+        }
+    }
+}
+
+impl fmt::Display for Predictions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Predictions::Softmax => write!(f, "softmax"),
+            Predictions::Sigmoid { threshold } => write!(f, "sigmoid (threshold {threshold})"),
+        }
+    }
+}
+
 /// What the root value means for the loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum RootKind {
@@ -411,6 +450,12 @@ pub struct Module {
     pub min_classes: usize,
     /// Bézier pieces per curve for curves outside any [`Node::Scope`].
     pub pieces: usize,
+    /// How `P` (and `L`, `V` and `ce`) read the inputs.
+    pub predictions: Predictions,
+    /// The metric of each image, averaged over images (`with per_image = true`): counts sum
+    /// over one image's pixels, everything above them is per image, and the root is the mean
+    /// over images (exact mode: over images where it is defined).
+    pub per_image: bool,
 }
 
 impl Module {
@@ -526,6 +571,8 @@ impl Builder {
         reports: Vec<Report>,
         min_classes: usize,
         pieces: usize,
+        predictions: Predictions,
+        per_image: bool,
     ) -> Module {
         Module {
             name,
@@ -539,6 +586,8 @@ impl Builder {
             reports,
             min_classes,
             pieces,
+            predictions,
+            per_image,
         }
     }
 }

@@ -7,9 +7,11 @@
 //! (see [`crate::ir::Builder`]), which is the compiler's common-subexpression elimination.
 
 use crate::check::FileDiagnostics;
-use crate::ir::{Builder, ClassRange, CmpOp, DivGuard, Float, Handle, Mode, Module, Node, Report, RootKind, Shape};
+use crate::ir::{
+    Builder, ClassRange, CmpOp, DivGuard, Float, Handle, Mode, Module, Node, Predictions, Report, RootKind, Shape,
+};
 use crate::program::{Program, SourceId};
-use grammar::ast::{self, BinaryOp, ExprKind, Literal, ParamType, Span, UnaryOp};
+use grammar::ast::{self, BinaryOp, ExprKind, Literal, OptionValue, ParamType, Span, UnaryOp};
 use grammar::{suggest, Diagnostic};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -168,8 +170,15 @@ pub fn lower_definition(
     overrides: &[(String, String)],
 ) -> Result<Module, LowerError> {
     let params = resolve_params(definition, overrides)?;
-    let mut lowering =
-        Lowering { program, builder: Builder::default(), diagnostics: Vec::new(), min_classes: 1, source: 0 };
+    let mut lowering = Lowering {
+        program,
+        builder: Builder::default(),
+        diagnostics: Vec::new(),
+        min_classes: 1,
+        source: 0,
+        term_predictions: Vec::new(),
+        term_per_image: Vec::new(),
+    };
     let pieces = definition_pieces(definition);
     let mut env: Vec<(String, Value)> = params.iter().map(|(k, v)| (k.clone(), param_value(k, v.clone()))).collect();
     for binding in &definition.lets {
@@ -178,6 +187,8 @@ pub fn lower_definition(
     }
     let root_value = lowering.expr(&definition.body, &env, None);
     let root = lowering.to_node(root_value, definition.body.span);
+    let predictions = lowering.predictions(definition, &env);
+    let per_image = lowering.per_image(definition, &env);
     if !lowering.diagnostics.is_empty() {
         let mut by_file: BTreeMap<SourceId, Vec<Diagnostic>> = BTreeMap::new();
         for (source, diagnostic) in lowering.diagnostics {
@@ -208,6 +219,8 @@ pub fn lower_definition(
         reports,
         min_classes,
         pieces,
+        predictions,
+        per_image,
     ))
 }
 
@@ -221,7 +234,7 @@ fn definition_pieces(definition: &ast::Definition) -> usize {
         .options
         .iter()
         .find_map(|o| match (o.key.name.as_str(), &o.value) {
-            ("pieces", Literal::Int(n)) if *n >= 1 => Some(*n as usize),
+            ("pieces", OptionValue::Literal(Literal::Int(n))) if *n >= 1 => Some(*n as usize),
             _ => None,
         })
         .unwrap_or(DEFAULT_PIECES)
@@ -262,7 +275,10 @@ enum Value {
     Float(f64),
     Bool(bool),
     /// The per-class weights of the `floats` parameter `param` (one value: every class).
-    Weights { values: Vec<f64>, param: String },
+    Weights {
+        values: Vec<f64>,
+        param: String,
+    },
     Node(Handle),
     /// Already reported.
     Error,
@@ -291,9 +307,136 @@ struct Lowering<'p> {
     diagnostics: Vec<(SourceId, Diagnostic)>,
     min_classes: usize,
     source: SourceId,
+    /// The predictions of each metric term of a loss, with the term's name and call span.
+    term_predictions: Vec<(Predictions, String, Span)>,
+    /// Whether each metric term of a loss is per image, with the term's name and call span.
+    term_per_image: Vec<(bool, String, Span)>,
+}
+
+/// The predictions a definition's options ask for, with parameter values known: `None` when
+/// it sets no `sigmoid` option; otherwise the mode, or the diagnostic for a threshold outside
+/// `(0, 1)` given by a parameter.
+fn option_predictions(
+    definition: &ast::Definition,
+    env: &[(String, Value)],
+) -> Result<Option<Predictions>, Diagnostic> {
+    let lookup = |value: &OptionValue| -> Option<Value> {
+        match value {
+            OptionValue::Literal(Literal::Bool(b)) => Some(Value::Bool(*b)),
+            OptionValue::Literal(Literal::Float(v)) => Some(Value::Float(*v)),
+            OptionValue::Literal(Literal::Int(v)) => Some(Value::Float(*v as f64)),
+            OptionValue::Name(name) => env.iter().rev().find(|(n, _)| n == &name.name).map(|(_, v)| v.clone()),
+        }
+    };
+    let option = |key: &str| definition.options.iter().find(|o| o.key.name == key);
+    let Some(sigmoid) = option("sigmoid") else { return Ok(None) };
+    if !matches!(lookup(&sigmoid.value), Some(Value::Bool(true))) {
+        return Ok(Some(Predictions::Softmax));
+    }
+    let threshold = match option("threshold") {
+        None => 0.5,
+        Some(setting) => match lookup(&setting.value) {
+            Some(Value::Float(t)) if t > 0.0 && t < 1.0 => t,
+            Some(Value::Float(t)) => {
+                return Err(Diagnostic::error(
+                    "E0310",
+                    format!("the sigmoid threshold must be strictly between 0 and 1, but it is {t}"),
+                    setting.value_span,
+                    "from this parameter",
+                )
+                .with_help(format!(
+                    "set it with `--set {}=0.5`, for example",
+                    grammar::format::format_option_value(&setting.value)
+                )))
+            }
+            _ => 0.5,
+        },
+    };
+    Ok(Some(Predictions::Sigmoid { threshold }))
+}
+
+/// Whether a definition's options ask for a per-image metric (`None` when they do not say).
+fn option_per_image(definition: &ast::Definition, env: &[(String, Value)]) -> Option<bool> {
+    let setting = definition.options.iter().find(|o| o.key.name == "per_image")?;
+    Some(match &setting.value {
+        OptionValue::Literal(Literal::Bool(b)) => *b,
+        OptionValue::Name(name) => {
+            matches!(env.iter().rev().find(|(n, _)| n == &name.name), Some((_, Value::Bool(true))))
+        }
+        OptionValue::Literal(_) => false,
+    })
 }
 
 impl<'p> Lowering<'p> {
+    /// Whether the definition is per image: its own option, else its metric terms', which
+    /// must all agree (and agree with the option); dataset-level when nothing says otherwise.
+    fn per_image(&mut self, definition: &ast::Definition, env: &[(String, Value)]) -> bool {
+        let own = option_per_image(definition, env);
+        let mut chosen = own.map(|p| (p, None::<(String, Span)>));
+        let describe = |per_image: bool| if per_image { "per image" } else { "over the dataset" };
+        for (term, name, span) in std::mem::take(&mut self.term_per_image) {
+            match &chosen {
+                None => chosen = Some((term, Some((name, span)))),
+                Some((first, _)) if *first == term => {}
+                Some((first, origin)) => {
+                    let first_text = match origin {
+                        Some((other, _)) => format!("term `{other}` is {}", describe(*first)),
+                        None => format!("this loss is {}", describe(*first)),
+                    };
+                    let mut diagnostic = Diagnostic::error(
+                        "E0312",
+                        format!("metric term `{name}` is {}, but {first_text}", describe(term)),
+                        span,
+                        describe(term).to_string(),
+                    )
+                    .with_help("a loss averages its terms one way: give the metrics the same `per_image` option");
+                    if let Some((_, other_span)) = origin {
+                        diagnostic = diagnostic.with_secondary(*other_span, describe(*first).to_string());
+                    }
+                    self.error(diagnostic);
+                }
+            }
+        }
+        chosen.map(|(p, _)| p).unwrap_or(false)
+    }
+
+    /// The definition's predictions: its own options, else those of its metric terms, which
+    /// must all agree (and agree with the options); softmax when nothing says otherwise.
+    fn predictions(&mut self, definition: &ast::Definition, env: &[(String, Value)]) -> Predictions {
+        let own = match option_predictions(definition, env) {
+            Ok(own) => own,
+            Err(diagnostic) => {
+                self.error(diagnostic);
+                return Predictions::Softmax;
+            }
+        };
+        let mut chosen = own.map(|p| (p, None::<(String, Span)>));
+        for (term, name, span) in std::mem::take(&mut self.term_predictions) {
+            match &chosen {
+                None => chosen = Some((term, Some((name, span)))),
+                Some((first, _)) if *first == term => {}
+                Some((first, origin)) => {
+                    let first_text = match origin {
+                        Some((other, _)) => format!("term `{other}` has {first} predictions"),
+                        None => format!("this loss declares {first} predictions"),
+                    };
+                    let mut diagnostic = Diagnostic::error(
+                        "E0311",
+                        format!("metric term `{name}` has {term} predictions, but {first_text}"),
+                        span,
+                        format!("{term} predictions"),
+                    )
+                    .with_help("every term of a loss reads the same logits the same way: give the metrics the same `sigmoid` and `threshold` options");
+                    if let Some((_, other_span)) = origin {
+                        diagnostic = diagnostic.with_secondary(*other_span, format!("{first} predictions"));
+                    }
+                    self.error(diagnostic);
+                }
+            }
+        }
+        chosen.map(|(p, _)| p).unwrap_or(Predictions::Softmax)
+    }
+
     fn error(&mut self, diagnostic: Diagnostic) -> Value {
         self.diagnostics.push((self.source, diagnostic));
         Value::Error
@@ -748,7 +891,8 @@ impl<'p> Lowering<'p> {
         let weight_node = if values.len() == 1 {
             let weight = values[0];
             if is_mean || weight == 1.0 {
-                let node = if is_mean { Node::Mean { value: input, filter } } else { Node::Sum { value: input, filter } };
+                let node =
+                    if is_mean { Node::Mean { value: input, filter } } else { Node::Sum { value: input, filter } };
                 return self.add(node, Shape::Scalar, span);
             }
             self.builder.constant(weight, weights_span, "lower.weights")
@@ -831,6 +975,18 @@ impl<'p> Lowering<'p> {
             }
         }
         let term_name = callee.name.clone();
+        match option_predictions(definition, &term_env) {
+            Ok(predictions) => {
+                self.term_predictions.push((predictions.unwrap_or(Predictions::Softmax), term_name.clone(), span))
+            }
+            Err(diagnostic) => {
+                let outer = self.source;
+                self.source = source;
+                self.error(diagnostic);
+                self.source = outer;
+            }
+        }
+        self.term_per_image.push((option_per_image(definition, &term_env).unwrap_or(false), term_name.clone(), span));
         let term = TermScope { name: term_name.clone(), pieces: definition_pieces(definition) };
         let outer_source = self.source;
         self.source = source;

@@ -25,6 +25,12 @@ pub fn dump(module: &Module, manifest: Option<&Manifest>) -> String {
         "module {} ({:?}, {:?}, min classes {})",
         module.name, module.mode, module.root_kind, module.min_classes
     );
+    if module.predictions.is_sigmoid() {
+        let _ = writeln!(out, "predictions: {}", module.predictions);
+    }
+    if module.per_image {
+        let _ = writeln!(out, "per image");
+    }
     for handle in module.handles() {
         let node = module.node(handle);
         let operands: Vec<String> = node.operands().iter().map(|h| h.to_string()).collect();

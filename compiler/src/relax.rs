@@ -179,6 +179,8 @@ pub fn relax(exact: &ExactModule) -> Result<RelaxedModule, Invalid> {
         reports,
         exact.min_classes,
         exact.pieces,
+        exact.predictions,
+        exact.per_image,
     );
     RelaxedModule::new(relaxed, manifest)
 }

@@ -221,7 +221,17 @@ mod tests {
         let mixed = builder.add(Node::Add(count, labels), Shape::Classes(ClassRange::ALL), span(), "test");
         let mean = builder.add(Node::Mean { value: labels, filter: None }, Shape::Scalar, span(), "test");
         let root = builder.add(Node::Add(mean, mean), Shape::Scalar, span(), "test");
-        let module = builder.finish("bad".into(), Mode::Exact, RootKind::Metric, root, vec![], 1, 2);
+        let module = builder.finish(
+            "bad".into(),
+            Mode::Exact,
+            RootKind::Metric,
+            root,
+            vec![],
+            1,
+            2,
+            crate::ir::Predictions::Softmax,
+            false,
+        );
         let errors = validate(&module, None);
         assert!(
             errors.iter().any(|e| e.starts_with(&format!("{mixed}:")) && e.contains("mixes a pixel tensor")),
@@ -247,7 +257,17 @@ mod tests {
         );
         let and = builder.add(Node::And(labels, sliced), Shape::ClassPixels(ClassRange::ALL), span(), "test");
         let count = builder.add(Node::Count(and), Shape::Scalar, span(), "test");
-        let module = builder.finish("bad".into(), Mode::Exact, RootKind::Metric, count, vec![], 2, 2);
+        let module = builder.finish(
+            "bad".into(),
+            Mode::Exact,
+            RootKind::Metric,
+            count,
+            vec![],
+            2,
+            2,
+            crate::ir::Predictions::Softmax,
+            false,
+        );
         let errors = validate(&module, None);
         assert!(errors.iter().any(|e| e.starts_with(&format!("{and}:")) && e.contains("combines")), "{errors:?}");
         assert!(

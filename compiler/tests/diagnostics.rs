@@ -60,6 +60,34 @@ const CASES: &[(&str, &str, usize)] = &[
     ("duplicate_definition", "metric a {\n    mean(count(P & L) / count(L))\n}\n\nmetric a {\n    mean(count(L))\n}\n", 1),
     ("unknown_option", "metric m with piece = 2 {\n    mean(count(P & L) / count(L))\n}\n", 1),
     ("pieces_out_of_range", "metric m with pieces = 0 {\n    mean(count(P & L) / count(L))\n}\n", 1),
+    ("sigmoid_not_boolean", "metric m with sigmoid = 1 {\n    mean(count(P & L) / count(L))\n}\n", 1),
+    (
+        "threshold_out_of_range",
+        "metric m with sigmoid = true, threshold = 1.5 {\n    mean(count(P & L) / count(L))\n}\n",
+        1,
+    ),
+    ("threshold_without_sigmoid", "metric m with threshold = 0.3 {\n    mean(count(P & L) / count(L))\n}\n", 1),
+    (
+        "threshold_parameter_not_float",
+        "metric m(t: int = 1) with sigmoid = true, threshold = t {\n    mean(count(P & L) / count(L))\n}\n",
+        1,
+    ),
+    (
+        "threshold_parameter_out_of_range",
+        "metric m(t: float = 1.5) with sigmoid = true, threshold = t {\n    mean(count(P & L) / count(L))\n}\n",
+        1,
+    ),
+    ("per_image_not_boolean", "metric m with per_image = 2 {\n    mean(count(P & L) / count(L))\n}\n", 1),
+    (
+        "loss_terms_disagree_on_per_image",
+        "metric d with per_image = true {\n    mean(2 * count(P & L) / (count(P) + count(L)))\n}\n\nmetric miou {\n    mean(count(P & L & V) / count((P | L) & V))\n}\n\nloss l {\n    (1 - d()) + (1 - miou())\n}\n",
+        1,
+    ),
+    (
+        "loss_terms_disagree_on_predictions",
+        "metric bdice with sigmoid = true {\n    mean(2 * count(P & L) / (count(P) + count(L)))\n}\n\nmetric miou {\n    mean(count(P & L & V) / count((P | L) & V))\n}\n\nloss l {\n    (1 - bdice()) + (1 - miou())\n}\n",
+        1,
+    ),
     (
         "metric_term_with_unknown_parameter",
         "metric biou(tol: int = 5) {\n    mean(count(P & dilate(L, tol)) / count(L))\n}\n\nloss l {\n    1 - biou(tolerance: 3)\n}\n",

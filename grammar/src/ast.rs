@@ -89,13 +89,32 @@ pub enum ParamType {
     Floats,
 }
 
-/// `key = literal` after `with`.
+/// `key = value` after `with`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OptionSetting {
     pub key: Ident,
-    pub value: Literal,
+    pub value: OptionValue,
     pub value_span: Span,
     pub span: Span,
+}
+
+/// An option's value: a literal, or the name of one of the definition's parameters (so that
+/// `--set` can change it, as in `with sigmoid = true, threshold = t`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum OptionValue {
+    Literal(Literal),
+    Name(Ident),
+}
+
+impl OptionValue {
+    /// The literal, when the value is one.
+    pub fn literal(&self) -> Option<&Literal> {
+        match self {
+            OptionValue::Literal(literal) => Some(literal),
+            OptionValue::Name(_) => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

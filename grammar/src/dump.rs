@@ -71,7 +71,7 @@ fn dump_definition(out: &mut String, keyword: &str, definition: &Definition) {
             out,
             "  with {} = {} @{}..{}",
             option.key.name,
-            format_literal(&option.value),
+            crate::format::format_option_value(&option.value),
             option.span.start,
             option.span.end
         );

@@ -22,7 +22,7 @@
 
 use std::fmt::Write;
 
-use crate::ast::{Definition, Expr, ExprKind, File, Ident, Item, Let, Literal, ParamType, Span};
+use crate::ast::{Definition, Expr, ExprKind, File, Ident, Item, Let, Literal, OptionValue, ParamType, Span};
 
 const INDENT: &str = "    ";
 
@@ -64,6 +64,14 @@ pub fn format_literal(literal: &Literal) -> String {
         // `.0` or exponent on integral values, so `1.0` stays a float.
         Literal::Float(value) => format!("{value:?}"),
         Literal::Bool(value) => value.to_string(),
+    }
+}
+
+/// An option's value as written: a literal or a parameter's name.
+pub fn format_option_value(value: &OptionValue) -> String {
+    match value {
+        OptionValue::Literal(literal) => format_literal(literal),
+        OptionValue::Name(name) => name.name.clone(),
     }
 }
 
@@ -111,7 +119,7 @@ fn definition_text(out: &mut String, keyword: &str, definition: &Definition) {
             if index > 0 {
                 out.push_str(", ");
             }
-            let _ = write!(out, "{} = {}", option.key.name, format_literal(&option.value));
+            let _ = write!(out, "{} = {}", option.key.name, format_option_value(&option.value));
         }
     }
     out.push_str(" {\n");

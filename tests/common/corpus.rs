@@ -18,6 +18,8 @@ pub struct Case {
     pub ignore: Option<i64>,
     pub ignored: f64,
     pub sets: Vec<(String, String)>,
+    /// Labels are 0 and 1 whatever C is (a one-channel sigmoid metric's binary labels).
+    pub binary: bool,
 }
 
 impl Case {
@@ -34,6 +36,7 @@ impl Case {
             ignore: Some(255),
             ignored: 0.1,
             sets: Vec::new(),
+            binary: false,
         };
         for line in text.lines().take_while(|l| l.starts_with('#') && !l.starts_with("##")) {
             if let Some(rest) = line.strip_prefix("# corpus:") {
@@ -48,6 +51,7 @@ impl Case {
                         "scale" => case.scale = value.parse().unwrap(),
                         "ignore" => case.ignore = if value == "none" { None } else { Some(value.parse().unwrap()) },
                         "ignored" => case.ignored = value.parse().unwrap(),
+                        "labels" => case.binary = value == "binary",
                         other => panic!("{}: unknown corpus key `{other}`", case.path.display()),
                     }
                 }
@@ -65,19 +69,20 @@ impl Case {
         Overrides::from(self.sets.as_slice())
     }
 
-    /// Float32 logits uniform in `[-scale, scale]` and blocky labels, `ignored` of them
-    /// carrying the ignore label, for `shape`.
+    /// Float32 logits uniform in `[-scale, scale]` and blocky labels (classes `0..C`, or 0
+    /// and 1 for `labels=binary`), `ignored` of them carrying the ignore label, for `shape`.
     pub fn inputs(&self, shape: [i64; 4]) -> (Tensor, Tensor) {
         let [n, c, h, w] = shape;
         let mut rng = Rng(self.seed | 1);
         let logits: Vec<f32> = (0..n * c * h * w).map(|_| ((rng.next() * 2.0 - 1.0) * self.scale) as f32).collect();
         let (bh, bw) = (1 + (rng.next() * 4.0) as i64, 2 + (rng.next() * 4.0) as i64);
+        let classes = if self.binary { 2 } else { c };
         let labels: Vec<i64> = (0..n * h * w)
             .map(|i| {
                 let (image, y, x) = (i / (h * w), (i / w) % h, i % w);
                 match self.ignore {
                     Some(ignore) if rng.next() < self.ignored => ignore,
-                    _ => (y / bh + 2 * (x / bw) + image) % c,
+                    _ => (y / bh + 2 * (x / bw) + image) % classes,
                 }
             })
             .collect();

@@ -45,6 +45,7 @@ class Case:
         self.scale = 3.0
         self.ignore = 255
         self.ignored = 0.1
+        self.binary = False
         self.sets = []
         for line in path.read_text().splitlines():
             if not line.startswith("#") or line.startswith("##"):
@@ -62,6 +63,8 @@ class Case:
                         self.ignore = None if value == "none" else int(value)
                     elif key == "ignored":
                         self.ignored = float(value)
+                    elif key == "labels":
+                        self.binary = value == "binary"
             elif line.startswith("# set:"):
                 self.sets = line[len("# set:"):].split()
 
@@ -79,7 +82,8 @@ class Case:
         logits = rng.uniform(-self.scale, self.scale, size=shape).astype(np.float32)
         ys, xs = np.mgrid[0:h, 0:w]
         bh, bw = rng.integers(1, 5), rng.integers(2, 6)
-        labels = np.stack([(ys // bh + 2 * (xs // bw) + i) % c for i in range(n)]).astype(np.int64)
+        classes = 2 if self.binary else c
+        labels = np.stack([(ys // bh + 2 * (xs // bw) + i) % classes for i in range(n)]).astype(np.int64)
         if self.ignore is not None:
             labels[rng.random(labels.shape) < self.ignored] = self.ignore
         return logits, labels
@@ -135,10 +139,9 @@ class CorpusThroughOnnxTest(unittest.TestCase):
     def test_every_case(self):
         cases = corpus()
         self.assertGreaterEqual(len(cases), 20)
-        rng = np.random.default_rng(11)
         for case in cases:
             with self.subTest(case=case.name):
-                model_path, params = self.compile_case(case, rng)
+                model_path, params = self.compile_case(case, np.random.default_rng(case.seed + 11))
                 model = onnx.load(str(model_path))
                 onnx.checker.check_model(model, full_check=True)
                 self.assertEqual(model.opset_import[0].version, 17)

@@ -3,6 +3,7 @@
 //! graph values (so curves are emitted by the one definition in [`crate::curve::math`]).
 
 use crate::curve::math::CurveOps;
+use crate::ir::Predictions;
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::tensor_shape_proto::Dimension;
@@ -87,6 +88,14 @@ pub(crate) struct Emitter {
     pub soft_labels: bool,
     /// Labels are class sets of the argmax even for soft labels (the exact-count graph).
     pub hard_labels: bool,
+    /// Softmax over classes, or a sigmoid per channel: how `P`, `L`, `V` and `ce` read the
+    /// inputs. With a sigmoid, `labels` is either class indices (one-hot; `{0, 1}` for a
+    /// one-channel, binary model), or (with `soft_labels`) per-channel targets of the logits'
+    /// shape, where the ignore value in any channel marks the pixel ignored.
+    pub predictions: Predictions,
+    /// A per-image module: per-class numbers are `[N, C]` and numbers `[N, 1]` (one row per
+    /// image) instead of `[C]` and `[]`; counts sum over each image's pixels only.
+    pub per_image: bool,
 }
 
 impl Emitter {
@@ -105,6 +114,54 @@ impl Emitter {
             spatial,
             soft_labels: false,
             hard_labels: false,
+            predictions: Predictions::Softmax,
+            per_image: false,
+        }
+    }
+
+    /// The axis of a value's classes: 1 for pixel sets `[N, C, ...]` and for a per-image
+    /// module's per-class numbers `[N, C]`, else 0.
+    pub fn class_axis(&self, shape: crate::ir::Shape) -> i64 {
+        use crate::ir::Shape;
+        match shape {
+            Shape::ClassPixels(_) => 1,
+            Shape::Classes(_) | Shape::Scalar if self.per_image => 1,
+            Shape::Pixels | Shape::Classes(_) | Shape::Scalar => 0,
+        }
+    }
+
+    /// `op` (`ReduceSum`, `ReduceMean`) of per-class numbers over their classes: to a number
+    /// (`[]`, or `[N, 1]` per image).
+    pub fn over_classes(&mut self, op: &str, x: &str) -> String {
+        if !self.per_image {
+            return self.op(op, &[x], vec![attr_int("keepdims", 0)]);
+        }
+        if op == "ReduceSum" {
+            // Opset 17: ReduceSum takes its axes as an input, the others as an attribute.
+            let axes = self.ints(&[1], false);
+            return self.op(op, &[x, &axes], vec![attr_int("keepdims", 1)]);
+        }
+        self.op(op, &[x], vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)])
+    }
+
+    /// The sum of a pixel tensor `[N, C, ...]` to a number: `[]`, or `[N, 1]` per image.
+    pub fn pixel_total(&mut self, x: &str) -> String {
+        if !self.per_image {
+            return self.op("ReduceSum", &[x], vec![attr_int("keepdims", 0)]);
+        }
+        let axes: Vec<i64> = (1..self.rank() as i64).collect();
+        let axes = self.ints(&axes, false);
+        let summed = self.op("ReduceSum", &[x, &axes], vec![attr_int("keepdims", 1)]);
+        let rows = self.ints(&[0, -1], false);
+        self.op("Reshape", &[&summed, &rows], vec![])
+    }
+
+    /// The axes a count sums over: the batch (not per image) and the spatial axes.
+    pub fn count_axes_of_module(&self) -> Vec<i64> {
+        if self.per_image {
+            self.spatial_axes()
+        } else {
+            self.count_axes()
         }
     }
 
@@ -185,8 +242,7 @@ impl Emitter {
     /// a filtered mean): built once per mask, shared by every mean with that filter and by
     /// their gradients (tract fails to run a graph holding two copies).
     pub fn mask_count(&mut self, mask: &str) -> (String, String) {
-        let selected =
-            self.shared(&format!("selected:{mask}"), |e| e.op("ReduceSum", &[mask], vec![attr_int("keepdims", 0)]));
+        let selected = self.shared(&format!("selected:{mask}"), |e| e.over_classes("ReduceSum", mask));
         let one = self.float(1.0);
         let divisor = self.shared(&format!("max:{mask}"), |e| e.op("Max", &[&selected, &one], vec![]));
         (selected, divisor)
@@ -293,6 +349,18 @@ impl Emitter {
 
     /// Valid pixels as a boolean `[N, 1, H, W]` (every pixel without an ignore label).
     fn valid_mask(&mut self) -> Option<String> {
+        if self.soft_labels && self.predictions.is_sigmoid() {
+            // Per-channel targets: a pixel is ignored where any channel holds the ignore value.
+            let ignore = self.ignore_label?;
+            return Some(self.shared("valid_mask", |this| {
+                let ignore = this.float(ignore as f64);
+                let equal = this.op("Equal", &["labels", &ignore], vec![]);
+                let equal = this.cast_float(&equal);
+                let any = this.op("ReduceMax", &[&equal], vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)]);
+                let half = this.float(0.5);
+                this.op("Less", &[&any, &half], vec![])
+            }));
+        }
         if self.soft_labels {
             return Some(self.shared("valid_mask", |this| {
                 let mass = this.label_mass();
@@ -311,6 +379,9 @@ impl Emitter {
 
     /// One-hot labels, float `[N, C, H, W]`; ignored pixels belong to no class.
     pub fn one_hot_labels(&mut self) -> String {
+        if self.predictions.is_sigmoid() {
+            return self.channel_labels();
+        }
         if self.soft_labels && !self.hard_labels {
             return "labels".to_string();
         }
@@ -325,10 +396,53 @@ impl Emitter {
         })
     }
 
+    /// The labels of a sigmoid model's channels, float `[N, C, H, W]`, 0 at ignored pixels:
+    /// per-channel targets as they are (above 0.5 for the exact-count graph), or class
+    /// indices one-hot (for one channel, the foreground `labels == 1`).
+    fn channel_labels(&mut self) -> String {
+        let key = if self.soft_labels && self.hard_labels { "channel_labels_hard" } else { "channel_labels" };
+        self.shared(key, |this| {
+            let set = if this.soft_labels {
+                if this.hard_labels {
+                    let half = this.float(0.5);
+                    this.op("Greater", &["labels", &half], vec![])
+                } else {
+                    let valid = this.valid();
+                    return this.op("Mul", &["labels", &valid], vec![]);
+                }
+            } else {
+                // Class indices: class `c` sets channel `c` (one-hot), except that with one
+                // channel (binary) the foreground `1` sets it: the range shifts by one when
+                // C = 1, which the graph learns from the logits' shape.
+                let (labels, range) = (this.labels_float(), this.class_range());
+                let highest = this.op("ReduceMax", &[&range], vec![attr_int("keepdims", 1)]);
+                let zero = this.float(0.0);
+                let single = this.op("Equal", &[&highest, &zero], vec![]);
+                let shift = this.cast_float(&single);
+                let channels = this.op("Add", &[&range, &shift], vec![]);
+                this.op("Equal", &[&labels, &channels], vec![])
+            };
+            let set = match this.valid_mask() {
+                Some(valid) => this.op("And", &[&set, &valid], vec![]),
+                None => set,
+            };
+            this.cast_float(&set)
+        })
+    }
+
     /// Valid pixels, float `[N, 1, H, W]`.
     pub fn valid(&mut self) -> String {
         self.shared("valid", |this| match this.valid_mask() {
             Some(valid) => this.cast_float(&valid),
+            None if this.soft_labels => {
+                // Per-channel targets without an ignore value: every pixel, `[N, 1, ...]`.
+                let zero = this.float(0.0);
+                let zeros = this.op("Mul", &["logits", &zero], vec![]);
+                let axes = this.ints(&[1], false);
+                let plane = this.op("ReduceSum", &[&zeros, &axes], vec![attr_int("keepdims", 1)]);
+                let one = this.float(1.0);
+                this.op("Add", &[&plane, &one], vec![])
+            }
             None => {
                 let labels = this.labels_unsqueezed();
                 let zero = this.ints(&[0], true);

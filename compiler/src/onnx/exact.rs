@@ -13,6 +13,8 @@ pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelPro
     let module = &compiled.exact;
     let mut emitter = Emitter::new(options.ignore_label, options.spatial_dims());
     emitter.soft_labels = options.soft_labels;
+    emitter.predictions = compiled.exact.predictions;
+    emitter.per_image = compiled.exact.per_image;
     emitter.hard_labels = true;
     let mut values: Vec<Option<String>> = vec![None; module.len()];
     let mut outputs = Vec::new();
@@ -26,6 +28,11 @@ pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelPro
         let pixel = matches!(module.shape(handle), Shape::Pixels | Shape::ClassPixels(_));
         let v = |h: &Handle| values[h.index()].clone().expect("pixel operands come first");
         let out = match node {
+            Node::Pred if module.predictions.is_sigmoid() => {
+                let cut = emitter.float(module.predictions.logit_cut().unwrap_or(0.0));
+                let above = emitter.op("Greater", &["logits", &cut], vec![]);
+                Some(emitter.cast_float(&above))
+            }
             Node::Pred => {
                 let argmax = emitter.op("ArgMax", &["logits"], vec![attr_int("axis", 1), attr_int("keepdims", 1)]);
                 let argmax = emitter.cast_float(&argmax);
@@ -65,9 +72,22 @@ pub fn emit_exact(compiled: &Compiled, options: &EmitOptions) -> Result<ModelPro
                 };
                 let name = format!("count_{}", handle.index());
                 let doc = emitter.origin.clone();
-                emitter.output(&summed, &name, &doc);
                 let per_class = matches!(module.shape(handle), Shape::Classes(_));
-                outputs.push(value_info(&name, DataType::FLOAT, if per_class { &["C_out"] } else { &[] }));
+                // Per image, one row per image: `[N, C]`, or `[N]` for a number.
+                let summed = if module.per_image && !per_class {
+                    let flat = emitter.ints(&[-1], false);
+                    emitter.op("Reshape", &[&summed, &flat], vec![])
+                } else {
+                    summed
+                };
+                emitter.output(&summed, &name, &doc);
+                let dims: &[&str] = match (module.per_image, per_class) {
+                    (false, true) => &["C_out"],
+                    (false, false) => &[],
+                    (true, true) => &["N", "C_out"],
+                    (true, false) => &["N"],
+                };
+                outputs.push(value_info(&name, DataType::FLOAT, dims));
                 accumulators.push(serde_json::json!({"output": name, "node": handle.index(), "per_class": per_class}));
                 None
             }

@@ -8,7 +8,7 @@
 //! and tract both run.
 
 use super::emitter::{attr_int, value_info, Emitter};
-use super::loss::{forward, guarded_denominator, input_pieces, zero_safe_division, Forward};
+use super::loss::{forward, guarded_denominator, image_weights, input_pieces, zero_safe_division, Forward};
 use super::{model, CurveSource, EmitOptions, OnnxError};
 use crate::curve::math::{self, Piece, Strategy};
 use crate::curve::Curve;
@@ -24,6 +24,8 @@ pub fn emit_gradient(compiled: &Compiled, curves: &[Curve], options: &EmitOption
     let program = grad::differentiate(&compiled.relaxed)?;
     let mut emitter = Emitter::new(options.ignore_label, options.spatial_dims());
     emitter.soft_labels = options.soft_labels;
+    emitter.predictions = compiled.exact.predictions;
+    emitter.per_image = compiled.exact.per_image;
     let forward = forward(&mut emitter, compiled, curves, options.curves)?;
     let gradient = backward(&mut emitter, compiled, curves, options.curves, &program, &forward);
     emitter.output(&forward.loss, "loss", "the loss");
@@ -57,12 +59,19 @@ fn backward(
                     RootKind::Metric => -1.0,
                     RootKind::Loss => 1.0,
                 });
-                match &forward.defined[root.index()] {
-                    Some(ok) => {
-                        let zero = emitter.float(0.0);
-                        emitter.op("Where", &[ok, &sign, &zero], vec![])
+                if emitter.per_image {
+                    // The loss is a mean over the (defined) images: each image's share.
+                    let root_value = v(root);
+                    let weights = image_weights(emitter, &root_value, forward.defined[root.index()].as_deref());
+                    emitter.op("Mul", &[&weights, &sign], vec![])
+                } else {
+                    match &forward.defined[root.index()] {
+                        Some(ok) => {
+                            let zero = emitter.float(0.0);
+                            emitter.op("Where", &[ok, &sign, &zero], vec![])
+                        }
+                        None => sign,
                     }
-                    None => sign,
                 }
             }
             GradNode::Add(a, b) => emitter.op("Add", &[&g(a), &g(b)], vec![]),
@@ -89,6 +98,7 @@ fn backward(
             GradNode::Spread { grad, input } => {
                 let dims = emitter.op("Shape", &[&v(input)], vec![]);
                 let grad = match module.shape(*input) {
+                    Shape::ClassPixels(_) | Shape::Pixels if emitter.per_image => per_pixel(emitter, &g(grad)),
                     Shape::ClassPixels(_) => {
                         let target = class_column(emitter);
                         let target = emitter.ints(&target, false);
@@ -132,7 +142,7 @@ fn backward(
                     let one = emitter.float(1.0);
                     let zeros = emitter.op("Mul", &[&v(value), &zero], vec![]);
                     let ones = emitter.op("Add", &[&zeros, &one], vec![]);
-                    let total = emitter.op("ReduceSum", &[&ones], vec![attr_int("keepdims", 0)]);
+                    let total = emitter.over_classes("ReduceSum", &ones);
                     let spread = emitter.op("Mul", &[&ones, &g(grad)], vec![]);
                     emitter.op("Div", &[&spread, &total], vec![])
                 }
@@ -157,6 +167,31 @@ fn backward(
                 }
                 None => g(grad),
             },
+            GradNode::Softmax { grad, softmax } if emitter.predictions.is_sigmoid() => {
+                // d sigmoid(x) = s (1 − s) dx, channel by channel.
+                let s = v(softmax);
+                let one = emitter.float(1.0);
+                let complement = emitter.op("Sub", &[&one, &s], vec![]);
+                let slope = emitter.op("Mul", &[&s, &complement], vec![]);
+                emitter.op("Mul", &[&slope, &g(grad)], vec![])
+            }
+            GradNode::NllSum { grad } if emitter.predictions.is_sigmoid() => {
+                // The channel mean of the binary cross-entropy: (sigmoid(x) − y) / C per channel.
+                let s = emitter.op("Sigmoid", &["logits"], vec![]);
+                let targets = emitter.one_hot_labels();
+                let difference = emitter.op("Sub", &[&s, &targets], vec![]);
+                let valid = emitter.valid();
+                let masked = emitter.op("Mul", &[&difference, &valid], vec![]);
+                let zero = emitter.float(0.0);
+                let zeros = emitter.op("Mul", &["logits", &zero], vec![]);
+                let one = emitter.float(1.0);
+                let ones = emitter.op("Add", &[&zeros, &one], vec![]);
+                let axes = emitter.ints(&[1], false);
+                let channels = emitter.op("ReduceSum", &[&ones, &axes], vec![attr_int("keepdims", 1)]);
+                let scaled = emitter.op("Div", &[&masked, &channels], vec![]);
+                let grad = per_pixel(emitter, &g(grad));
+                emitter.op("Mul", &[&scaled, &grad], vec![])
+            }
             GradNode::Softmax { grad, softmax } => {
                 let p = v(softmax);
                 let product = emitter.op("Mul", &[&p, &g(grad)], vec![]);
@@ -171,7 +206,8 @@ fn backward(
                 let valid = emitter.valid();
                 let difference = emitter.op("Sub", &[&p, &one_hot], vec![]);
                 let masked = emitter.op("Mul", &[&difference, &valid], vec![]);
-                emitter.op("Mul", &[&masked, &g(grad)], vec![])
+                let grad = per_pixel(emitter, &g(grad));
+                emitter.op("Mul", &[&masked, &grad], vec![])
             }
             GradNode::Zeros => {
                 let zero = emitter.float(0.0);
@@ -190,7 +226,7 @@ fn reduce_to(emitter: &mut Emitter, grad: &str, from: Shape, to: Shape) -> Strin
             let axes = emitter.ints(&[1], false);
             emitter.op("ReduceSum", &[grad, &axes], vec![attr_int("keepdims", 1)])
         }
-        (Shape::Classes(_), Shape::Scalar) => emitter.op("ReduceSum", &[grad], vec![attr_int("keepdims", 0)]),
+        (Shape::Classes(_), Shape::Scalar) => emitter.over_classes("ReduceSum", grad),
         _ => grad.to_string(),
     }
 }
@@ -262,6 +298,19 @@ fn unpool(emitter: &mut Emitter, z: &str, grad: &str, r: i64) -> String {
     grad
 }
 
+/// A per-image number `[N, 1]` or per-class numbers `[N, C]` as `[N, 1 or C, 1, 1]` (rank of
+/// the logits), to scale pixel tensors image by image; a dataset-level number as it is.
+fn per_pixel(emitter: &mut Emitter, grad: &str) -> String {
+    if !emitter.per_image {
+        return grad.to_string();
+    }
+    let mut dims = vec![1i64; emitter.rank()];
+    dims[0] = 0;
+    dims[1] = -1;
+    let dims = emitter.ints(&dims, false);
+    emitter.op("Reshape", &[grad, &dims], vec![])
+}
+
 /// `[1, -1, 1, 1]` (or `[1, -1, 1, 1, 1]` for volumes): per-class numbers as a class axis.
 fn class_column(emitter: &Emitter) -> Vec<i64> {
     let mut dims = vec![1i64; emitter.rank()];
@@ -274,10 +323,7 @@ fn class_column(emitter: &Emitter) -> Vec<i64> {
 /// times a mask rather than a `Pad` with computed pads, which tract cannot type when C is
 /// symbolic.
 fn unslice(emitter: &mut Emitter, grad: &str, input: &str, shape: Shape, start: usize) -> String {
-    let axis = match shape {
-        Shape::ClassPixels(_) => 1,
-        Shape::Pixels | Shape::Classes(_) | Shape::Scalar => 0,
-    };
+    let axis = emitter.class_axis(shape);
     let at = emitter.ints(&[axis], true);
     let input_dims = emitter.op("Shape", &[input], vec![]);
     let classes = emitter.op("Gather", &[&input_dims, &at], vec![attr_int("axis", 0)]);
@@ -299,7 +345,7 @@ fn unslice(emitter: &mut Emitter, grad: &str, input: &str, shape: Shape, start: 
     let outside = emitter.op("Or", &[&below, &above], vec![]);
     let inside = emitter.op("Not", &[&outside], vec![]);
     let mask = emitter.cast_float(&inside);
-    let mask = if axis == 1 {
+    let mask = if matches!(shape, Shape::ClassPixels(_)) {
         let dims = class_column(emitter);
         let dims = emitter.ints(&dims, false);
         emitter.op("Reshape", &[&mask, &dims], vec![])

@@ -47,6 +47,7 @@ pub(crate) fn forward(
             flag = Some(emitter.op("And", &[&previous, other], vec![]));
         }
         let out = match node {
+            Node::Softmax if emitter.predictions.is_sigmoid() => emitter.op("Sigmoid", &["logits"], vec![]),
             Node::Softmax => emitter.op("Softmax", &["logits"], vec![attr_int("axis", 1)]),
             Node::Labels => emitter.one_hot_labels(),
             Node::Valid => emitter.valid(),
@@ -85,11 +86,11 @@ pub(crate) fn forward(
             Node::Neg(a) => emitter.op("Neg", &[&v(a)], vec![]),
             Node::Compare { op, lhs, rhs } => compare(emitter, *op, &v(lhs), &v(rhs)),
             Node::Mean { value, filter } => match filter {
-                None => emitter.op("ReduceMean", &[&v(value)], vec![attr_int("keepdims", 0)]),
+                None => emitter.over_classes("ReduceMean", &v(value)),
                 Some(mask) => {
                     let mask = v(mask);
                     let product = emitter.op("Mul", &[&v(value), &mask], vec![]);
-                    let total = emitter.op("ReduceSum", &[&product], vec![attr_int("keepdims", 0)]);
+                    let total = emitter.over_classes("ReduceSum", &product);
                     let (selected, denominator) = emitter.mask_count(&mask);
                     let zero = emitter.float(0.0);
                     let any = emitter.shared(&format!("any:{mask}"), |e| e.op("Greater", &[&selected, &zero], vec![]));
@@ -105,7 +106,7 @@ pub(crate) fn forward(
                     None => v(value),
                     Some(mask) => emitter.op("Mul", &[&v(value), &v(mask)], vec![]),
                 };
-                emitter.op("ReduceSum", &[&product], vec![attr_int("keepdims", 0)])
+                emitter.over_classes("ReduceSum", &product)
             }
             Node::Term { value, .. } => match flag.take() {
                 None => emitter.op("Identity", &[&v(value)], vec![]),
@@ -144,7 +145,33 @@ pub(crate) fn forward(
             emitter.op("Where", &[ok, &loss, &nothing], vec![])
         }
     };
+    // Per image: the mean of the images' losses, over the images where it is defined.
+    let loss = if emitter.per_image { image_mean(emitter, &loss, root_defined.as_deref()) } else { loss };
     Ok(Forward { values, defined, loss })
+}
+
+/// The mean of per-image values `[N, 1]` over the images where `defined` (`[N, 1]` bool)
+/// holds, 0 when it holds nowhere; over every image without it.
+fn image_mean(emitter: &mut Emitter, values: &str, defined: Option<&str>) -> String {
+    let weights = image_weights(emitter, values, defined);
+    let weighted = emitter.op("Mul", &[values, &weights], vec![]);
+    emitter.op("ReduceSum", &[&weighted], vec![attr_int("keepdims", 0)])
+}
+
+/// Each image's share of a per-image mean (`[N, 1]`): `1 / images` for the images where
+/// `defined` holds (all of them without it), 0 elsewhere. It is also the gradient's seed.
+pub(crate) fn image_weights(emitter: &mut Emitter, values: &str, defined: Option<&str>) -> String {
+    let zero = emitter.float(0.0);
+    let one = emitter.float(1.0);
+    let zeros = emitter.op("Mul", &[values, &zero], vec![]);
+    let ones = emitter.op("Add", &[&zeros, &one], vec![]);
+    let counted = match defined {
+        Some(ok) => emitter.op("Where", &[ok, &ones, &zeros], vec![]),
+        None => ones,
+    };
+    let images = emitter.op("ReduceSum", &[&counted], vec![attr_int("keepdims", 0)]);
+    let divisor = emitter.op("Max", &[&images, &one], vec![]);
+    emitter.op("Div", &[&counted, &divisor], vec![])
 }
 
 /// The curve pieces read from the `curves` input at `offset` (flat control points).
@@ -199,6 +226,8 @@ pub(crate) fn zero_safe_division(emitter: &mut Emitter, num: &str, den: &str) ->
 pub fn emit_loss(compiled: &Compiled, curves: &[Curve], options: &EmitOptions) -> Result<ModelProto, OnnxError> {
     let mut emitter = Emitter::new(options.ignore_label, options.spatial_dims());
     emitter.soft_labels = options.soft_labels;
+    emitter.predictions = compiled.exact.predictions;
+    emitter.per_image = compiled.exact.per_image;
     let forward = forward(&mut emitter, compiled, curves, options.curves)?;
     emitter.output(&forward.loss, "loss", "the loss");
     let outputs = vec![value_info("loss", DataType::FLOAT, &[])];

@@ -36,7 +36,7 @@ pub use loss::emit_loss;
 use crate::curve::Curve;
 use crate::ir::{CmpOp, Shape, DEFAULT_IGNORE_LABEL};
 use crate::Compiled;
-use emitter::{attr_int, fix_dim, value_info, Emitter};
+use emitter::{attr_int, attr_ints, fix_dim, value_info, Emitter};
 use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::{GraphProto, Message, ModelProto, OperatorSetIdProto, StringStringEntryProto, ValueInfoProto};
 use protobuf::MessageField;
@@ -127,10 +127,7 @@ impl Default for EmitOptions {
 /// make onnx2torch index with a list, which PyTorch deprecates). Indices up to C come from the
 /// value's own shape, so C stays symbolic.
 fn slice(emitter: &mut Emitter, x: &str, shape: Shape, start: usize, end: Option<usize>) -> String {
-    let axis = match shape {
-        Shape::ClassPixels(_) => 1,
-        Shape::Pixels | Shape::Classes(_) | Shape::Scalar => 0,
-    };
+    let axis = emitter.class_axis(shape);
     let indices = match end {
         Some(end) => emitter.ints(&(start as i64..end as i64).collect::<Vec<_>>(), false),
         None => {
@@ -147,20 +144,44 @@ fn slice(emitter: &mut Emitter, x: &str, shape: Shape, start: usize, end: Option
 fn count(emitter: &mut Emitter, x: &str, shape: Shape) -> String {
     match shape {
         Shape::ClassPixels(_) => {
-            let axes = emitter.count_axes();
+            let axes = emitter.count_axes_of_module();
             let axes = emitter.ints(&axes, false);
             emitter.op("ReduceSum", &[x, &axes], vec![attr_int("keepdims", 0)])
         }
-        _ => emitter.op("ReduceSum", &[x], vec![attr_int("keepdims", 0)]),
+        _ => emitter.pixel_total(x),
     }
 }
 
 fn nll_sum(emitter: &mut Emitter) -> String {
+    if emitter.predictions.is_sigmoid() {
+        return bce_sum(emitter);
+    }
     let log_probabilities = emitter.op("LogSoftmax", &["logits"], vec![attr_int("axis", 1)]);
     let one_hot = emitter.one_hot_labels();
     let picked = emitter.op("Mul", &[&log_probabilities, &one_hot], vec![]);
-    let total = emitter.op("ReduceSum", &[&picked], vec![attr_int("keepdims", 0)]);
+    let total = emitter.pixel_total(&picked);
     emitter.op("Neg", &[&total], vec![])
+}
+
+/// The binary cross-entropy of a sigmoid model, averaged over channels and summed over valid
+/// pixels: `max(x, 0) − x·y + log(1 + exp(−|x|))` (stable for any logit `x`).
+fn bce_sum(emitter: &mut Emitter) -> String {
+    let targets = emitter.one_hot_labels();
+    let zero = emitter.float(0.0);
+    let positive = emitter.op("Max", &["logits", &zero], vec![]);
+    let product = emitter.op("Mul", &["logits", &targets], vec![]);
+    let linear = emitter.op("Sub", &[&positive, &product], vec![]);
+    let magnitude = emitter.op("Abs", &["logits"], vec![]);
+    let negated = emitter.op("Neg", &[&magnitude], vec![]);
+    let exponential = emitter.op("Exp", &[&negated], vec![]);
+    let one = emitter.float(1.0);
+    let shifted = emitter.op("Add", &[&exponential, &one], vec![]);
+    let logarithm = emitter.op("Log", &[&shifted], vec![]);
+    let elementwise = emitter.op("Add", &[&linear, &logarithm], vec![]);
+    let per_pixel = emitter.op("ReduceMean", &[&elementwise], vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)]);
+    let valid = emitter.valid();
+    let masked = emitter.op("Mul", &[&per_pixel, &valid], vec![]);
+    emitter.pixel_total(&masked)
 }
 
 fn compare(emitter: &mut Emitter, op: CmpOp, a: &str, b: &str) -> String {
@@ -237,6 +258,8 @@ fn model(
         ("losscc.ignore_label", serde_json::to_string(&options.ignore_label).unwrap_or_default()),
         ("losscc.spatial_dims", options.spatial_dims().to_string()),
         ("losscc.soft_labels", options.soft_labels.to_string()),
+        ("losscc.predictions", predictions_metadata(compiled.exact.predictions)),
+        ("losscc.per_image", compiled.exact.per_image.to_string()),
         ("losscc.params", serde_json::to_string(&compiled.params).unwrap_or_default()),
         ("losscc.curves", serde_json::Value::Array(curves_json).to_string()),
     ];
@@ -252,6 +275,16 @@ fn model(
             .collect(),
         doc_string: format!("{what} compiled by losscc"),
         ..Default::default()
+    }
+}
+
+/// `softmax`, or `sigmoid` with its threshold, as JSON.
+fn predictions_metadata(predictions: crate::ir::Predictions) -> String {
+    match predictions {
+        crate::ir::Predictions::Softmax => serde_json::json!({ "kind": "softmax" }).to_string(),
+        crate::ir::Predictions::Sigmoid { threshold } => {
+            serde_json::json!({ "kind": "sigmoid", "threshold": threshold }).to_string()
+        }
     }
 }
 

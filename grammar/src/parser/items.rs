@@ -390,7 +390,7 @@ impl<'a> Parser<'a> {
         Ok((rest, param))
     }
 
-    /// `with key = literal {, key = literal}` (a trailing `,` before `{` is allowed).
+    /// `with key = value {, key = value}`, each value a literal or a parameter's name (a trailing `,` before `{` is allowed).
     pub(super) fn options(&mut self, with: Lexeme<'a>) -> PResult<'a, Vec<OptionSetting>> {
         let mut options = Vec::new();
         let mut i = with.after;
@@ -409,7 +409,17 @@ impl<'a> Parser<'a> {
                 }
                 return failure(diagnostic);
             }
-            let (rest, (value, value_span)) = self.literal_value(equals.after)?;
+            let value_start = self.lexeme(equals.after);
+            let (rest, (value, value_span)) = match value_start.tok {
+                Tok::Ident(word) if word != "true" && word != "false" && !is_keyword(word) => {
+                    let name = Ident { name: word.to_string(), span: value_start.span };
+                    (value_start.after, (OptionValue::Name(name), value_start.span))
+                }
+                _ => {
+                    let (rest, (literal, span)) = self.literal_value(equals.after)?;
+                    (rest, (OptionValue::Literal(literal), span))
+                }
+            };
             options.push(OptionSetting { span: key.span.to(value_span), key, value, value_span });
             let comma = self.lexeme(rest);
             if comma.tok != Tok::Punct(",") {

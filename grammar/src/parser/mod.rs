@@ -53,8 +53,8 @@ use nom::sequence::{pair, preceded, tuple};
 use nom::IResult;
 
 use crate::ast::{
-    Arg, BinaryOp, Definition, Expr, ExprKind, File, Ident, Item, Let, Literal, OptionSetting, Param, ParamType, Span,
-    UnaryOp, UseItem,
+    Arg, BinaryOp, Definition, Expr, ExprKind, File, Ident, Item, Let, Literal, OptionSetting, OptionValue, Param,
+    ParamType, Span, UnaryOp, UseItem,
 };
 use crate::diagnostic::{codes, suggest, Diagnostic};
 

@@ -1,7 +1,7 @@
 //! Checks shared by the integration tests: every span in a parsed tree covers exactly the
 //! text of its node.
 
-use grammar::ast::{Expr, ExprKind, File, Ident, Item, Literal};
+use grammar::ast::{Expr, ExprKind, File, Ident, Item, Literal, OptionValue};
 use grammar::format::format_param_type;
 
 /// Panics with a description of the first span that does not cover its node's text.
@@ -31,7 +31,14 @@ pub fn check_spans(source: &str, file: &File) {
                 }
                 for option in &definition.options {
                     ident(&option.key);
-                    check_literal(text(option.value_span.start, option.value_span.end), &option.value);
+                    let value_text = text(option.value_span.start, option.value_span.end);
+                    match &option.value {
+                        OptionValue::Literal(literal) => check_literal(value_text, literal),
+                        OptionValue::Name(name) => {
+                            ident(name);
+                            assert_eq!(value_text, name.name, "an option naming a parameter");
+                        }
+                    }
                     assert_eq!((option.span.start, option.span.end), (option.key.span.start, option.value_span.end));
                 }
                 for binding in &definition.lets {

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use tch::Tensor;
 
 /// Accumulates exact counts over batches; the metric is computed once, at [`Evaluator::finish`].
+/// For a per-image metric (`with per_image = true`) it accumulates each image's metric
+/// instead, and the result is their mean over the images where it is defined.
 ///
 /// An evaluator owns what it needs (it does not borrow the [`crate::Loss`] it came from), so
 /// it can be kept per epoch, reset, or sent to another thread. For a multi-process trainer,
@@ -41,11 +43,21 @@ impl Evaluator {
                 return Err(LossError::ClassCount { expected, got: classes });
             }
         }
-        let counts = exact_counts(module, &checked.batch())?;
         // Add into a copy, so a failure leaves the evaluator as it was.
         let mut accumulated = self.accumulated.clone();
-        for (node, values) in counts {
-            accumulated.add(node, &values)?;
+        if module.per_image {
+            // Each image's metric from its own counts; the sums of those are accumulated.
+            for image in 0..logits.size()[0] {
+                let mut counts = Accumulator::default();
+                for (node, values) in exact_counts(module, &checked.image(image).batch())? {
+                    counts.add(node, &values)?;
+                }
+                accumulated.add_image(module, &counts).map_err(|_| LossError::NoBatch)?;
+            }
+        } else {
+            for (node, values) in exact_counts(module, &checked.batch())? {
+                accumulated.add(node, &values)?;
+            }
         }
         accumulated.batches += 1;
         self.accumulated = accumulated;

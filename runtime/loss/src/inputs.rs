@@ -27,8 +27,14 @@ pub enum InputError {
     LogitsKind(Kind),
     #[error("labels must be integer class indices {labels_shape} (uint8, int32 or int64, say) or soft labels, float probabilities of the logits' shape {logits:?}, but they are {kind:?} of shape {labels:?}", labels_shape = without_classes(.logits))]
     LabelsKind { kind: Kind, labels: Vec<i64>, logits: Vec<i64> },
-    #[error("soft labels must be probabilities in [0, 1] that sum to 1 over the classes at each pixel (all 0 marks an ignored pixel; an ignore value such as 255 has no place in soft labels), but {values} values are outside [0, 1] and {pixels} pixels sum to neither 1 nor 0 (one of them: {example}); multi-hot labels (several classes at a pixel) need a sigmoid metric, which losscc does not offer yet")]
+    #[error("soft labels must be probabilities in [0, 1] that sum to 1 over the classes at each pixel (all 0 marks an ignored pixel; an ignore value such as 255 has no place in soft labels), but {values} values are outside [0, 1] and {pixels} pixels sum to neither 1 nor 0 (one of them: {example}); multi-hot labels (several classes at a pixel) need a sigmoid metric: declare it `with sigmoid = true`")]
     SoftLabels { values: i64, pixels: i64, example: f64 },
+    #[error("a sigmoid metric's labels of the logits' shape hold one target per channel, in [0, 1] (0 and 1 for multi-hot labels) or the ignore label{} at ignored pixels, but {count} values are neither (one of them: {example})", ignore_text(.ignore))]
+    ChannelLabels { count: i64, example: f64, ignore: Option<i64> },
+    #[error("a sigmoid metric with one channel takes binary labels, 0 (background) and 1 (foreground){}, but {count} {} (one of them: {value}); for several classes give the logits one channel per class", ignore_or(.ignore), pixels_with_value(.count))]
+    BinaryLabels { value: i64, count: i64, ignore: Option<i64> },
+    #[error("integer labels of the logits' shape {0:?} are multi-hot (a 0/1 per class), which a softmax metric cannot read: declare the metric `with sigmoid = true` for multi-label predictions, or give class indices without C (or float soft labels)")]
+    MultiHotForSoftmax(Vec<i64>),
     #[error("the logits contain {0} non-finite values (NaN or infinity); check the network's output")]
     NonFinite(i64),
     #[error("label value {value} is neither a class in 0..{classes} nor the ignore label{} ({count} {})", ignore_text(.ignore), pixels_with_value(.count))]
@@ -53,6 +59,13 @@ fn ignore_text(ignore: &Option<i64>) -> String {
     match ignore {
         Some(value) => format!(" {value}"),
         None => " (there is none: every label must be a class)".into(),
+    }
+}
+
+fn ignore_or(ignore: &Option<i64>) -> String {
+    match ignore {
+        Some(value) => format!(" or the ignore label {value}"),
+        None => String::new(),
     }
 }
 
@@ -98,6 +111,17 @@ impl Checked {
         }
     }
 
+    /// Image `index` of the batch alone (views of one image, `[1, ...]`): a per-image
+    /// metric evaluates each image by itself.
+    pub(crate) fn image(&self, index: i64) -> Checked {
+        Checked {
+            logits: self.logits.narrow(0, index, 1),
+            labels: self.labels.narrow(0, index, 1),
+            ignore_label: self.ignore_label,
+            soft_labels: self.soft_labels.as_ref().map(|soft| soft.narrow(0, index, 1)),
+        }
+    }
+
     /// Volumes `[N, C, D, H, W]` as images `[N, C, D·H, W]` (views: the gradient flows back
     /// to the volume). Only for modules without windows or borders ([`has_windows`]), whose
     /// every other operation is per pixel, so the 2-D back ends compute them exactly.
@@ -136,8 +160,14 @@ pub(crate) fn check(
     if ls.len() != 4 && ls.len() != 5 {
         return Err(InputError::LogitsRank(ls));
     }
+    if module.predictions.is_sigmoid() && ys == ls {
+        return check_channel_labels(logits, labels, module, ignore_label);
+    }
     if is_float(labels.kind()) && ys == ls {
         return check_soft(logits, labels, module);
+    }
+    if is_integer(labels.kind()) && ys == ls {
+        return Err(InputError::MultiHotForSoftmax(ys));
     }
     if ys.len() + 1 != ls.len() {
         return Err(InputError::LabelsRank { logits: ls, labels: ys });
@@ -163,12 +193,74 @@ pub(crate) fn check(
         Some(ignore) => outside.logical_and(&labels.ne(ignore)),
         None => outside,
     };
+    let binary = module.predictions.is_sigmoid() && classes == 1;
+    let bad = if binary {
+        // One sigmoid channel: labels 0 and 1, the foreground being 1.
+        let outside = labels.lt(0).logical_or(&labels.gt(1));
+        match ignore_label {
+            Some(ignore) => outside.logical_and(&labels.ne(ignore)),
+            None => outside,
+        }
+    } else {
+        bad
+    };
     let count = bad.sum(Kind::Int64).int64_value(&[]);
     if count > 0 {
         let value = labels.masked_select(&bad).get(0).int64_value(&[]);
+        if binary {
+            return Err(InputError::BinaryLabels { value, count, ignore: ignore_label });
+        }
         return Err(InputError::LabelValue { value, classes, count, ignore: ignore_label });
     }
+    if module.predictions.is_sigmoid() {
+        // Per-channel targets: class `c` sets channel `c` (one-hot), or for one channel the
+        // foreground `1` sets it. Ignored pixels set none.
+        let targets = if binary {
+            labels.eq(1).unsqueeze(1).to_kind(logits.kind())
+        } else {
+            one_hot(&labels, classes, logits.kind(), ignore_label)
+        };
+        return Ok(Checked { logits, labels, ignore_label, soft_labels: Some(targets) });
+    }
     Ok(Checked { logits, labels, ignore_label, soft_labels: None })
+}
+
+/// Labels of the logits' shape for a sigmoid metric: one target per channel in `[0, 1]`
+/// (multi-hot `{0, 1}`, or soft), or the ignore label, which marks the whole pixel ignored.
+fn check_channel_labels(
+    logits: &Tensor,
+    labels: &Tensor,
+    module: &Module,
+    ignore_label: Option<i64>,
+) -> Result<Checked, InputError> {
+    let size = logits.size();
+    if size.iter().any(|&d| d == 0) {
+        return Err(InputError::Empty(size));
+    }
+    if !is_float(logits.kind()) {
+        return Err(InputError::LogitsKind(logits.kind()));
+    }
+    if !is_float(labels.kind()) && !is_integer(labels.kind()) {
+        return Err(InputError::LabelsKind { kind: labels.kind(), labels: labels.size(), logits: size });
+    }
+    module.check_classes(size[1] as usize).map_err(InputError::Classes)?;
+    let logits = checked_logits(logits)?;
+    let values = labels.to_device(logits.device()).to_kind(Kind::Double);
+    let ignored_value = match ignore_label {
+        Some(ignore) => values.eq(ignore as f64),
+        None => values.zeros_like().to_kind(Kind::Bool),
+    };
+    let in_range = values.ge(0.0).logical_and(&values.le(1.0));
+    let bad = in_range.logical_not().logical_and(&ignored_value.logical_not());
+    let count = bad.sum(Kind::Int64).int64_value(&[]);
+    if count > 0 {
+        let example = values.masked_select(&bad).get(0).double_value(&[]);
+        return Err(InputError::ChannelLabels { count, example, ignore: ignore_label });
+    }
+    let ignored = ignored_value.any_dim(1, false);
+    let targets = values.where_self(&ignored.unsqueeze(1).logical_not(), &values.zeros_like()).to_kind(logits.kind());
+    let marks = ignored.to_kind(Kind::Int64) * SOFT_IGNORED;
+    Ok(Checked { logits, labels: marks, ignore_label: Some(SOFT_IGNORED), soft_labels: Some(targets) })
 }
 
 /// Logits in float32 or float64 (half precision computed in float32), every value finite.
@@ -218,6 +310,21 @@ fn check_soft(logits: &Tensor, labels: &Tensor, module: &Module) -> Result<Check
     }
     let hard = soft.argmax(1, false).where_self(&sums.ne(0.0), &Tensor::from(SOFT_IGNORED).to_device(logits.device()));
     Ok(Checked { logits, labels: hard, ignore_label: Some(SOFT_IGNORED), soft_labels: Some(soft) })
+}
+
+/// One-hot labels `[N, C, ...]` of `kind` (images or volumes); pixels with the ignore label
+/// belong to no class.
+pub(crate) fn one_hot(labels: &Tensor, classes: i64, kind: Kind, ignore: Option<i64>) -> Tensor {
+    let mut shape = vec![1i64; labels.dim() + 1];
+    shape[1] = classes;
+    let range = Tensor::arange(classes, (Kind::Int64, labels.device())).view(shape.as_slice());
+    let labels = labels.unsqueeze(1);
+    let hot = labels.eq_tensor(&range);
+    match ignore {
+        // An ignore label inside `0..C` must still mark no class.
+        Some(ignore) if (0..classes).contains(&ignore) => hot.logical_and(&labels.ne(ignore)).to_kind(kind),
+        _ => hot.to_kind(kind),
+    }
 }
 
 fn is_float(kind: Kind) -> bool {

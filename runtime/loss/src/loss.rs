@@ -215,7 +215,7 @@ impl Loss {
     }
 
     /// Whether `forward` on these logits takes the fused kernel (with class-index labels:
-    /// soft labels always take the reference path).
+    /// soft labels, and sigmoid metrics, always take the reference path).
     pub fn uses_fused_kernel(&self, logits: &Tensor) -> bool {
         self.fast_path
             && logits.device() == tch::Device::Cpu
@@ -226,6 +226,10 @@ impl Loss {
 
     /// The fused kernel's program, when the module has one worth running (some curve).
     fn plan(&self, classes: usize) -> Option<fused::plan::FusedPlan> {
+        // Sigmoid predictions take the reference path: the kernel's stages are softmax's.
+        if self.compiled.relaxed.predictions.is_sigmoid() {
+            return None;
+        }
         fused::plan::FusedPlan::new(&self.compiled.relaxed, &self.params.curves, classes)
             .filter(|plan| plan.has_curves())
     }
@@ -237,6 +241,47 @@ impl Loss {
         if !inputs::has_windows(module) {
             checked = checked.volumes_as_images();
         }
+        if module.per_image {
+            return self.per_image(&checked);
+        }
+        self.surrogate(&checked)
+    }
+
+    /// The surrogate of a per-image metric: each image's loss from that image alone, averaged
+    /// over the images where it is defined (an image whose filtered mean selects no class
+    /// adds nothing); reported values are means over images.
+    fn per_image(&self, checked: &inputs::Checked) -> Result<Surrogate, LossError> {
+        let images = checked.batch().logits.size()[0];
+        let parts: Vec<Surrogate> =
+            (0..images).map(|image| self.surrogate(&checked.image(image))).collect::<Result<_, _>>()?;
+        let defined: Vec<&Surrogate> = parts.iter().filter(|part| part.defined).collect();
+        let mean = |values: Vec<Tensor>| Tensor::stack(&values, 0).mean_dim(0, false, values[0].kind());
+        let (loss, value) = if defined.is_empty() {
+            (&parts[0].loss * 0.0, &parts[0].value * 0.0)
+        } else {
+            (
+                mean(defined.iter().map(|part| part.loss.shallow_clone()).collect()),
+                mean(defined.iter().map(|part| part.value.shallow_clone()).collect()),
+            )
+        };
+        let mut undefined_terms: Vec<String> = parts.iter().flat_map(|part| part.undefined_terms.clone()).collect();
+        undefined_terms.sort();
+        undefined_terms.dedup();
+        let reports = parts[0]
+            .reports
+            .iter()
+            .enumerate()
+            .map(|(index, (name, _))| {
+                (name.clone(), mean(parts.iter().map(|part| part.reports[index].1.shallow_clone()).collect()))
+            })
+            .collect();
+        Ok(Surrogate { loss, value, defined: !defined.is_empty(), undefined_terms, reports })
+    }
+
+    /// The surrogate of one batch (for a per-image metric, of one image).
+    fn surrogate(&self, checked: &inputs::Checked) -> Result<Surrogate, LossError> {
+        let module = &self.compiled.relaxed;
+        let logits = checked.batch().logits;
         let batch = checked.batch();
         if self.fast_path {
             // Volumes with windows take the reference path (3-D pooling is libtorch's).

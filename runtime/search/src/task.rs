@@ -213,14 +213,13 @@ fn proxy_reward(
     let device_name = format!("{device:?}");
     let loss = candidate_loss(config, task)?;
     let target = target_metric(config)?;
-    let dataset: Dataset =
-        trainer::load_dataset(
-            config.dataset.folder.as_deref(),
-            config.dataset.classes,
-            config.dataset.ignore_label,
-            &config.dataset.synthetic,
-        )
-            .map_err(|e| Failure::new(e.to_string()))?;
+    let dataset: Dataset = trainer::load_dataset(
+        config.dataset.folder.as_deref(),
+        config.dataset.classes,
+        config.dataset.ignore_label,
+        &config.dataset.synthetic,
+    )
+    .map_err(|e| Failure::new(e.to_string()))?;
     let train = trainer::TrainConfig { seed: config.seed, ..config.train.clone() };
     let total = train.iters;
     let trained =

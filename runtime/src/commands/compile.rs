@@ -51,7 +51,8 @@ pub struct Args {
     #[arg(long)]
     volumes: bool,
     /// Take soft labels: `labels` is float32 probabilities of the logits' shape (all 0 at an
-    /// ignored pixel) instead of int64 class indices.
+    /// ignored pixel) instead of int64 class indices; for a sigmoid metric, per-channel
+    /// targets (multi-hot 0/1, the ignore label in any channel ignoring the pixel).
     #[arg(long)]
     soft_labels: bool,
 }

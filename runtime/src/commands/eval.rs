@@ -16,7 +16,7 @@ pub struct Args {
     /// Logits, float32 `[N,C,H,W]` in .npy.
     #[arg(long)]
     logits: PathBuf,
-    /// Labels in .npy: int64 class indices `[N,H,W]` (255 = ignored), or float soft labels of the logits' shape.
+    /// Labels in .npy: class indices `[N,H,W]` (255 = ignored), float soft labels of the logits' shape, or for a sigmoid metric multi-hot labels of the logits' shape.
     #[arg(long)]
     labels: PathBuf,
     /// Curve parameters (losscc format or the published `control_points` layout).

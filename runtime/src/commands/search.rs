@@ -189,7 +189,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         EvaluatorSpec::Proxy => {
             let dataset = proxy.dataset()?;
             let mut needs = vec![(file.display().to_string(), loss.compiled().relaxed.check_classes(dataset.classes))];
-            needs.extend(target_loss.iter().map(|t| (target_name.clone(), t.compiled().exact.check_classes(dataset.classes))));
+            needs.extend(
+                target_loss.iter().map(|t| (target_name.clone(), t.compiled().exact.check_classes(dataset.classes))),
+            );
             for (what, fits) in needs {
                 if let Err(problem) = fits {
                     anyhow::bail!("`{what}` does not fit the data ({} classes): {problem}", dataset.classes);

@@ -22,8 +22,15 @@ pub(crate) fn exact_counts(module: &ExactModule, batch: &Batch<'_>) -> Result<Ve
         let node = module.node(handle);
         let v = |h: &Handle| values_of[h.index()].as_ref().expect("pixel operands come first");
         let value = match node {
-            Node::Pred => Some(one_hot(&logits.argmax(1, false), classes, set_kind, None)),
-            Node::Labels => Some(one_hot(labels, classes, set_kind, ignore)),
+            Node::Pred => Some(match module.predictions.logit_cut() {
+                Some(cut) => logits.gt(cut).to_kind(set_kind),
+                None => one_hot(&logits.argmax(1, false), classes, set_kind, None),
+            }),
+            Node::Labels => Some(match (module.predictions.is_sigmoid(), batch.soft_labels) {
+                // Per-channel targets (0 at ignored pixels), above one half.
+                (true, Some(targets)) => targets.gt(0.5).to_kind(set_kind),
+                _ => one_hot(labels, classes, set_kind, ignore),
+            }),
             Node::Valid => Some(valid(labels, set_kind, ignore)),
             Node::Border { radius } => Some(border(labels, set_kind, *radius)),
             Node::CurveTag { input, .. } | Node::Scope { input, .. } => Some(v(input).shallow_clone()),
@@ -45,6 +52,14 @@ pub(crate) fn exact_counts(module: &ExactModule, batch: &Batch<'_>) -> Result<Ve
                     Shape::Pixels | Shape::Classes(_) | Shape::Scalar => v(input).sum(Kind::Double).reshape([1]),
                 };
                 out.push((handle, values::<f64>(&counted.to_device(tch::Device::Cpu))?));
+                None
+            }
+            Node::NllSum if module.predictions.is_sigmoid() => {
+                let targets = batch.soft_labels.expect("sigmoid inputs carry per-channel targets");
+                let logits = logits.to_kind(Kind::Double);
+                let hard = targets.gt(0.5).to_kind(Kind::Double);
+                let nll = super::bce_sum(&logits, &hard, &valid(labels, Kind::Double, ignore));
+                out.push((handle, values::<f64>(&nll.to_device(tch::Device::Cpu))?));
                 None
             }
             Node::NllSum => {

@@ -58,6 +58,7 @@ pub(crate) fn run_nodes(
     let classes = logits.size()[1];
     let kind = logits.kind();
     let ignore = batch.ignore_label;
+    let sigmoid = module.predictions.is_sigmoid();
     let mut values: Vec<Option<Tensor>> = Vec::with_capacity(module.len());
     let mut undefined: Vec<bool> = Vec::with_capacity(module.len());
     let mut undefined_terms = Vec::new();
@@ -76,6 +77,7 @@ pub(crate) fn run_nodes(
         }
         let v = |h: &Handle| values[h.index()].as_ref().expect("operands come first");
         let value = match node {
+            Node::Softmax if sigmoid => logits.sigmoid(),
             Node::Softmax => logits.softmax(1, kind),
             Node::Labels => match batch.soft_labels {
                 Some(soft) => soft.to_kind(kind),
@@ -97,6 +99,10 @@ pub(crate) fn run_nodes(
                 Shape::ClassPixels(_) => v(input).sum_dim_intlist(count_dims(v(input)).as_slice(), false, kind),
                 Shape::Pixels | Shape::Classes(_) | Shape::Scalar => v(input).sum(kind),
             },
+            Node::NllSum if sigmoid => {
+                let targets = batch.soft_labels.expect("sigmoid inputs carry per-channel targets");
+                bce_sum(logits, &targets.to_kind(kind), &valid(labels, kind, ignore))
+            }
             Node::NllSum => match batch.soft_labels {
                 // Soft labels: −Σ p·log softmax, summed over pixels (an ignored pixel's p is 0).
                 Some(soft) => -(logits.log_softmax(1, kind) * soft.to_kind(kind)).sum(kind),
@@ -150,6 +156,13 @@ pub(crate) fn run_nodes(
         undefined.push(is_undefined);
     }
     NodeValues { values, undefined, undefined_terms }
+}
+
+/// The binary cross-entropy of a sigmoid model, averaged over channels and summed over the
+/// `valid` pixels (`[N, 1, ...]`): what `ce` means for sigmoid predictions.
+pub(crate) fn bce_sum(logits: &Tensor, targets: &Tensor, valid: &Tensor) -> Tensor {
+    let elementwise = logits.binary_cross_entropy_with_logits::<Tensor>(targets, None, None, Reduction::None);
+    (elementwise.mean_dim([1i64].as_slice(), true, logits.kind()) * valid).sum(logits.kind())
 }
 
 /// The `ignore_index` for libtorch's cross-entropy: the ignore label (libtorch skips it even

@@ -3,6 +3,7 @@
 //! [`compiler::curve::math`] on libtorch tensors.
 
 use crate::error::LossError;
+pub(crate) use crate::inputs::one_hot;
 use crate::kernels::pool;
 use compiler::curve::math::{self, CurveOps, Piece, Strategy};
 use compiler::curve::Curve;
@@ -13,21 +14,6 @@ use tch::{Kind, Tensor};
 /// `[0, 2, 3, 4]` for volumes).
 pub(crate) fn count_dims(x: &Tensor) -> Vec<i64> {
     std::iter::once(0).chain(2..x.dim() as i64).collect()
-}
-
-/// One-hot labels `[N, C, ...]` of `kind` (images or volumes); pixels with the ignore label
-/// belong to no class.
-pub(crate) fn one_hot(labels: &Tensor, classes: i64, kind: Kind, ignore: Option<i64>) -> Tensor {
-    let mut shape = vec![1i64; labels.dim() + 1];
-    shape[1] = classes;
-    let range = Tensor::arange(classes, (Kind::Int64, labels.device())).view(shape.as_slice());
-    let labels = labels.unsqueeze(1);
-    let hot = labels.eq_tensor(&range);
-    match ignore {
-        // An ignore label inside `0..C` must still mark no class.
-        Some(ignore) if (0..classes).contains(&ignore) => hot.logical_and(&labels.ne(ignore)).to_kind(kind),
-        _ => hot.to_kind(kind),
-    }
 }
 
 /// Valid pixels `[N, 1, ...]` of `kind`.
