@@ -64,7 +64,8 @@ demo: build
 		"BIoU identity"=out/train-biou-identity.json "BIoU searched"=out/train-biou-searched.json
 	@echo "search report: out/search-biou/report.md (plots: reward.svg, curves.svg)"
 
-# Regenerate docs/results.md: searches for mIoU, BIoU, BF1, then every loss over 3 seeds (CPU, ~25 min).
+# Regenerate docs/results.md: searches for every target, every loss over 3 seeds, PPO against random
+# search over 3 search seeds, and the transfer to a PyTorch U-Net (CPU, ~40 min).
 results: build
 	$(VENV)/bin/python scripts/results.py --losscc $(LOSSCC) --seeds 3 --out out/results --doc docs/results.md
 

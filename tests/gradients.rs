@@ -98,17 +98,26 @@ fn check_gradient(
             (numeric - analytic).abs() <= tolerance,
             "{name}: d loss / d logit[{index}] {analytic:e} vs finite difference {numeric:e} (tolerance {tolerance:e})"
         );
-        if numeric.abs() > 10.0 * absolute {
+        // Clearly above the differences' own rounding: a derivative that is really there
+        // (a sigmoid metric's are small, every channel of every pixel weighing a little).
+        if numeric.abs() > 3.0 * absolute {
             nonzero += 1;
         }
     }
     nonzero
 }
 
+/// A seed from a file's name (FNV-1a).
+fn name_seed(path: &Path) -> u64 {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
 #[test]
 fn gradients_match_finite_differences_on_the_reference_path() {
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
     for path in examples() {
+        // Each example its own stream: adding an example changes no other one's draws.
+        let mut rng = Rng(0x5eed_1234_abcd_0001 ^ name_seed(&path));
         let mut loss = example_loss(&path);
         loss.set_params(random_params(&loss, &mut rng)).unwrap();
         loss.set_fast_path(false);
@@ -126,8 +135,9 @@ fn gradients_match_finite_differences_on_the_reference_path() {
 /// curvature over the step.
 #[test]
 fn gradients_match_finite_differences_on_the_fused_path() {
-    let mut rng = Rng(0x5eed_1234_abcd_0002);
     for path in examples() {
+        // Each example its own stream: adding an example changes no other one's draws.
+        let mut rng = Rng(0x5eed_1234_abcd_0002 ^ name_seed(&path));
         let mut loss = example_loss(&path);
         loss.set_params(random_params(&loss, &mut rng)).unwrap();
         let (logits, labels) = inputs(&mut rng, 2, 4, 7, 8, 2.0);

@@ -311,6 +311,7 @@ fn ppo_config() -> SearchConfig {
         adam_steps: 60,
         adam_lr: 0.2,
         baseline: Baseline::Mu,
+        policy: losscc_search::config::Policy::Ppo,
         seed: 0,
         train: TrainConfig::default(),
         data: String::new(),
@@ -318,6 +319,7 @@ fn ppo_config() -> SearchConfig {
         threads_per_model: 1,
         device: "cpu".into(),
         target_sources: Vec::new(),
+        target_overrides: Vec::new(),
         dataset: losscc_search::config::DatasetSpec {
             folder: None,
             classes: None,

@@ -7,8 +7,8 @@ candidate's loss from LOSSCC_ONNX and the seed from LOSSCC_SEED, trains, and wri
     losscc search examples/biou.metric --target biou \\
         --trainer "python3 examples/python/train_segmentation.py --data voc --steps 300"
 
-It also runs on its own (`--loss LOSS.onnx --result OUT.json`), or with `--loss ce` for the
-cross-entropy baseline. The reward is the mean IoU on the hold-out split (`holdout.txt`, else
+It also runs on its own (`--loss LOSS.onnx --result OUT.json`), or with `--loss ce` or
+`--loss lovasz` for the cross-entropy and Lovász-softmax baselines. The reward is the mean IoU on the hold-out split (`holdout.txt`, else
 `val.txt`), computed here with a confusion matrix; `--metric FILE.metric` instead asks losscc
 for any metric of its library (`losscc eval` on the saved hold-out logits; the `losscc`
 binary is `$LOSSCC_BIN`, else the one on PATH). `--save-logits DIR` keeps the test split's
@@ -103,6 +103,32 @@ def losscc_metric(metric, logits, labels):
     return 0.0 if value is None else float(value)
 
 
+def lovasz_softmax(logits, labels):
+    """Lovász-softmax (Berman et al., CVPR 2018) over the batch's valid pixels, averaged over
+    the classes present in the labels: for each class, the sorted errors `|fg − p|` dotted
+    with the gradient of the Lovász extension of the Jaccard loss."""
+    classes = logits.shape[1]
+    probabilities = logits.softmax(1).permute(0, 2, 3, 1).reshape(-1, classes)
+    labels = labels.reshape(-1)
+    valid = labels != IGNORE
+    probabilities, labels = probabilities[valid], labels[valid]
+    losses = []
+    for c in range(classes):
+        foreground = (labels == c).float()
+        if foreground.sum() == 0:
+            continue
+        errors = (foreground - probabilities[:, c]).abs()
+        errors, order = torch.sort(errors, descending=True)
+        sorted_foreground = foreground[order]
+        total = sorted_foreground.sum()
+        intersection = total - sorted_foreground.cumsum(0)
+        union = total + (1 - sorted_foreground).cumsum(0)
+        jaccard = 1 - intersection / union
+        jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+        losses.append(torch.dot(errors, jaccard))
+    return torch.stack(losses).mean() if losses else logits.sum() * 0
+
+
 def predict(net, images):
     net.eval()
     with torch.no_grad():
@@ -112,7 +138,8 @@ def predict(net, images):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a VOC-layout folder (scripts/make_voc.py writes one)")
-    parser.add_argument("--loss", default=os.environ.get("LOSSCC_ONNX"), help="an ONNX loss, or `ce` [default: $LOSSCC_ONNX]")
+    parser.add_argument("--loss", default=os.environ.get("LOSSCC_ONNX"),
+                        help="an ONNX loss, or `ce` / `lovasz` [default: $LOSSCC_ONNX]")
     parser.add_argument("--result", default=os.environ.get("LOSSCC_RESULT"), help="where to write {\"reward\": ...}")
     parser.add_argument("--seed", type=int, default=int(os.environ.get("LOSSCC_SEED", "0")))
     parser.add_argument("--steps", type=int, default=300)
@@ -124,7 +151,7 @@ def main():
     parser.add_argument("--save-logits", type=Path, help="write the test split's logits and labels here (.npy)")
     args = parser.parse_args()
     if args.loss is None:
-        sys.exit("no loss: pass --loss LOSS.onnx (or `ce`), or run under `losscc search --trainer`")
+        sys.exit("no loss: pass --loss LOSS.onnx (or `ce`, `lovasz`), or run under `losscc search --trainer`")
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -134,6 +161,8 @@ def main():
     classes = int(max(train_y[train_y != IGNORE].max(), held[1][held[1] != IGNORE].max())) + 1
     if args.loss == "ce":
         loss_fn = lambda logits, labels: F.cross_entropy(logits, labels, ignore_index=IGNORE)  # noqa: E731
+    elif args.loss == "lovasz":
+        loss_fn = lovasz_softmax
     else:
         from onnx2torch import convert
         loss_fn = convert(onnx.load(args.loss))

@@ -47,6 +47,18 @@ pub enum Baseline {
     Mean,
 }
 
+/// How μ moves between rounds.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Auto Seg-Loss's PPO2 update of μ from each round's advantages.
+    #[default]
+    Ppo,
+    /// No update: every round draws from the starting policy (random search around the
+    /// start curves with the same σ), the baseline PPO must beat at an equal budget.
+    Random,
+}
+
 /// Everything that determines a search's result; saved as `OUT/config.json` and compared on
 /// `--resume`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,6 +77,9 @@ pub struct SearchConfig {
     pub adam_steps: usize,
     pub adam_lr: f64,
     pub baseline: Baseline,
+    /// PPO, or random search at the same budget (configs from before the option are PPO).
+    #[serde(default)]
+    pub policy: Policy,
     pub seed: u64,
     /// Proxy training of every candidate (its `seed` is the search's seed).
     pub train: TrainConfig,
@@ -79,6 +94,10 @@ pub struct SearchConfig {
     pub device: String,
     /// The target metric's files, as for the loss (empty for a built-in metric).
     pub target_sources: Vec<SourceRecord>,
+    /// Parameter values of a target metric file: the loss's `--set`s when the target is the
+    /// searched file itself, else `--target-set`.
+    #[serde(default)]
+    pub target_overrides: Vec<(String, String)>,
     /// How to load the proxy task's data (with the proxy evaluator).
     pub dataset: DatasetSpec,
     /// How candidates are rewarded.

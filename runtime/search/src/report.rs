@@ -43,7 +43,19 @@ pub fn write(
     plot_curves(&dir.join("curves.svg"), outcome, curve_names).map_err(|e| format!("cannot draw curves.svg: {e}"))?;
     let mut text = String::new();
     let _ = writeln!(text, "# losscc search: `{}` for `{}`\n", config.file, config.target);
-    let _ = writeln!(
+    if config.policy == crate::config::Policy::Random {
+        let _ = writeln!(
+            text,
+            "Random search over {} search variables (no policy update: every round draws from the starting policy, σ = {}): {} rounds × {} samples, baseline `{}`, seed {}.",
+            outcome.final_mu.len(),
+            config.sigma,
+            config.rounds,
+            config.samples,
+            serde_json::to_value(config.baseline).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            config.seed
+        );
+    } else {
+        let _ = writeln!(
         text,
         "PPO over {} search variables: {} rounds × {} samples (σ = {}, clip ε = {}, {} Adam steps at lr {}, baseline `{}`), seed {}.",
         outcome.final_mu.len(),
@@ -56,6 +68,7 @@ pub fn write(
         serde_json::to_value(config.baseline).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
         config.seed
     );
+    }
     let _ = writeln!(
         text,
         "Proxy: {} iterations, batch {}, {}×{} crops, SGD lr {} (poly), width {}. Data: {data}. Reward: exact `{}` on the hold-out split.\n",

@@ -20,7 +20,7 @@
 //!   the result an uninterrupted run has. Resuming with more `--rounds` extends a search;
 //! * `best.params.json` is the candidate with the highest reward (earliest on ties).
 
-use crate::config::{config_difference, Baseline, EvaluatorSpec, SearchConfig};
+use crate::config::{config_difference, Baseline, EvaluatorSpec, Policy, SearchConfig};
 use crate::executor::{Attempt, Control, Executor, Report};
 use crate::journal::{self, io_error, Candidate, Entry, Failed, Journal, Paths, Submitted};
 use crate::policy::{logit, ppo_update, sigmoid, truncated_normal, Layout};
@@ -295,7 +295,9 @@ impl Search<'_> {
             ));
             rounds.push(summary);
             let samples: Vec<Vec<f64>> = finished.iter().map(|c| c.u.clone()).collect();
-            mu_x = ppo_update(&mu_x, &samples, &advantages, &self.config);
+            if self.config.policy == Policy::Ppo {
+                mu_x = ppo_update(&mu_x, &samples, &advantages, &self.config);
+            }
             all.extend(finished);
             all_failed.extend(failed);
         }

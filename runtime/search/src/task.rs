@@ -236,8 +236,8 @@ fn target_metric(config: &SearchConfig) -> Result<Loss, Failure> {
     if let Some(metric) = trainer::standard_metric(&config.target) {
         return Ok(metric);
     }
-    let loss =
-        Loss::from_file(Path::new(&config.target), &Overrides::new()).map_err(|e| Failure::new(e.to_string()))?;
+    let overrides = Overrides::from(config.target_overrides.as_slice());
+    let loss = Loss::from_file(Path::new(&config.target), &overrides).map_err(|e| Failure::new(e.to_string()))?;
     let now = SearchConfig { target_sources: loss.compiled().program.sources(), ..config.clone() };
     if let Some(what) = config_difference(config, &now) {
         return Err(Failure::new(format!("{what}; resume with the files the search started with")));

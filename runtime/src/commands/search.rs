@@ -9,9 +9,9 @@ use crate::progress::SearchBars;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use compiler::ir::RootKind;
-use losscc_loss::{Loss, Overrides};
+use losscc_loss::Loss;
 use losscc_proxy::trainer;
-use losscc_search::config::{Baseline, DatasetSpec, EvaluatorSpec, Preset, SearchConfig};
+use losscc_search::config::{Baseline, DatasetSpec, EvaluatorSpec, Policy, Preset, SearchConfig};
 use losscc_search::executor::local::Local;
 use losscc_search::executor::slurm::Slurm;
 use losscc_search::executor::Executor;
@@ -36,6 +36,15 @@ pub enum PresetArg {
 pub enum BaselineArg {
     Mu,
     Mean,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+pub enum PolicyArg {
+    /// PPO2 updates of μ after every round (Auto Seg-Loss).
+    Ppo,
+    /// No updates: every round draws from the starting policy (random search, the baseline
+    /// PPO must beat at an equal budget).
+    Random,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -74,6 +83,9 @@ pub struct Args {
     resume: bool,
     #[arg(long, value_enum, default_value = "mu")]
     baseline: BaselineArg,
+    /// How μ moves between rounds: PPO, or not at all (random search at the same budget).
+    #[arg(long, value_enum, default_value = "ppo")]
+    policy: PolicyArg,
     /// Standard deviation of the policy (fixed).
     #[arg(long, default_value_t = 0.2)]
     sigma: f64,
@@ -91,6 +103,10 @@ pub struct Args {
     params: Option<PathBuf>,
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
+    /// A parameter of a --target metric file (as --set is for FILE; a target that is FILE
+    /// itself takes FILE's --set values).
+    #[arg(long = "target-set", value_name = "NAME=VALUE", requires = "target")]
+    target_set: Vec<String>,
     /// Where candidates run.
     #[arg(long, value_enum, default_value = "local")]
     executor: ExecutorArg,
@@ -148,13 +164,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(command) => EvaluatorSpec::Trainer { command: command.clone() },
         None => EvaluatorSpec::Proxy,
     };
+    let target_overrides = parse_sets(&args.target_set)?;
     let (target_name, target_loss) = match (&args.target, &evaluator) {
         (_, EvaluatorSpec::Trainer { .. }) => ("the trainer command's reward".to_string(), None),
         (Some(name), EvaluatorSpec::Proxy) => match trainer::standard_metric(name) {
+            Some(_) if !args.target_set.is_empty() => anyhow::bail!(
+                "--target-set sets parameters of a metric file, but `{name}` is the built-in metric with its defaults; pass its file instead (--target examples/{name}.metric)"
+            ),
             Some(metric) => (name.to_string(), Some(metric)),
             None if Path::new(name).exists() => {
                 let path = std::path::absolute(name)?.display().to_string();
-                (path.clone(), Some(load_loss(Path::new(&path), &Overrides::new(), None)?))
+                (path.clone(), Some(load_loss(Path::new(&path), &target_overrides, None)?))
             }
             None => anyhow::bail!(
                 "--target `{name}` is neither a built-in metric (miou, fwiou, macc, gacc, biou, bf1) nor a metric file"
@@ -234,6 +254,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
             BaselineArg::Mu => Baseline::Mu,
             BaselineArg::Mean => Baseline::Mean,
         },
+        policy: match args.policy {
+            PolicyArg::Ppo => Policy::Ppo,
+            PolicyArg::Random => Policy::Random,
+        },
         seed: args.seed,
         train: config_train,
         data,
@@ -242,6 +266,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
         device: if device == tch::Device::Cpu { "cpu".into() } else { "cuda".into() },
         target_sources: match &target_loss {
             Some(target) if trainer::standard_metric(&target_name).is_none() => target.compiled().program.sources(),
+            _ => Vec::new(),
+        },
+        target_overrides: match (&args.target, &target_loss) {
+            (None, Some(_)) => overrides.pairs().to_vec(),
+            (Some(_), Some(_)) if trainer::standard_metric(&target_name).is_none() => target_overrides.pairs().to_vec(),
             _ => Vec::new(),
         },
         dataset: dataset_spec,

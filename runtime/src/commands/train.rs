@@ -41,6 +41,11 @@ pub struct Args {
     /// Seed of the network's initial weights and of the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also report this metric file's exact value, with parameters after a colon
+    /// (`examples/bf1.metric:tol=2`, several as `:a=1,b=2`); the JSON key is the text given
+    /// after the file's stem (`bf1:tol=2`). Repeatable.
+    #[arg(long = "metric", value_name = "FILE[:NAME=VALUE,...]")]
+    metric: Vec<String>,
     #[command(flatten)]
     proxy: ProxyArgs,
 }
@@ -67,8 +72,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
         (None, None) => anyhow::bail!("give a metric file to train with, or --loss ce|dice|lovasz"),
     };
     let dataset = proxy.dataset()?;
-    let metrics: Vec<Loss> =
+    let mut metrics: Vec<Loss> =
         trainer::STANDARD_METRICS.iter().map(|(name, _)| trainer::standard_metric(name).expect("built in")).collect();
+    let mut names: Vec<String> = trainer::STANDARD_METRICS.iter().map(|(name, _)| name.to_string()).collect();
+    for spec in &args.metric {
+        let (file, sets) = spec.split_once(':').unwrap_or((spec.as_str(), ""));
+        let sets: Vec<String> = sets.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let metric = load_loss(std::path::Path::new(file), &parse_sets(&sets)?, None)?;
+        if metric.compiled().exact.root_kind != compiler::ir::RootKind::Metric {
+            anyhow::bail!("--metric `{file}` is a loss; report metrics (higher is better)");
+        }
+        if let Err(problem) = metric.compiled().exact.check_classes(dataset.classes) {
+            anyhow::bail!("--metric `{file}` does not fit the data ({} classes): {problem}", dataset.classes);
+        }
+        let stem = std::path::Path::new(file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        names.push(if sets.is_empty() { stem } else { format!("{stem}:{}", sets.join(",")) });
+        metrics.push(metric);
+    }
     if let Objective::Compiled(loss) = &objective {
         if let Err(problem) = loss.compiled().relaxed.check_classes(dataset.classes) {
             anyhow::bail!("`{name}` does not fit the data ({} classes): {problem}", dataset.classes);
@@ -81,8 +101,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let training_seconds = started.elapsed().as_secs_f64();
     let values = trained.evaluate(&dataset.test, &metrics.iter().collect::<Vec<_>>())?;
     let mut out = serde_json::Map::new();
-    for ((metric, _), value) in trainer::STANDARD_METRICS.iter().zip(&values) {
-        out.insert(metric.to_string(), json_number(*value));
+    for (metric, value) in names.iter().zip(&values) {
+        out.insert(metric.clone(), json_number(*value));
     }
     out.insert("loss".into(), json!(name));
     if let Some(params) = &args.params {
