@@ -1,6 +1,6 @@
 """Write a VOC-layout folder of synthetic scenes, unlike losscc's built-in ones.
 
-    python3 scripts/make_voc.py OUT [--train 96] [--val 48] [--holdout 24] [--size 64] [--seed 0]
+    python3 scripts/make_voc.py OUT [--train 96] [--val 48] [--holdout 24] [--size 64] [--noise 28] [--seed 0]
 
 The scenes are "microscopy"-like: a smooth, vignetted background with speckle noise, and
 three foreground classes drawn on it — ellipses (cells), long curved bands (fibres) and
@@ -25,7 +25,7 @@ CLASSES = ["background", "cell", "fibre", "debris"]
 COLOURS = np.array([[40, 44, 52], [200, 120, 170], [90, 200, 210], [230, 210, 90]], dtype=np.float32)
 
 
-def scene(rng, size):
+def scene(rng, size, noise=28.0):
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
     label = np.zeros((size, size), dtype=np.uint8)
     # Fibres first (they lie under cells), then cells, then debris on top.
@@ -61,7 +61,7 @@ def scene(rng, size):
     image += (label[..., None] == 2) * 20.0 * np.sin(xs * 1.7 + ys * 0.4)[..., None]
     vignette = 1.0 - 0.35 * (((xs - size / 2) ** 2 + (ys - size / 2) ** 2) / (size / 2) ** 2)
     image *= vignette[..., None]
-    image += rng.normal(0.0, 28.0, image.shape)
+    image += rng.normal(0.0, noise, image.shape)
     image = np.clip(image, 0, 255).astype(np.uint8)
     # A one-pixel ignored band outside every object, as in VOC.
     band = np.zeros_like(label, dtype=bool)
@@ -88,6 +88,8 @@ def main():
     parser.add_argument("--holdout", type=int, default=24)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=28.0,
+                        help="standard deviation of the pixel noise (0-255 scale); larger is harder")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -97,7 +99,7 @@ def main():
         names = []
         for index in range(count):
             name = f"{split}_{index:04d}"
-            image, label = scene(rng, args.size)
+            image, label = scene(rng, args.size, args.noise)
             Image.fromarray(image).save(args.out / "JPEGImages" / f"{name}.jpg", quality=92)
             palette_png(label, args.out / "SegmentationClass" / f"{name}.png")
             names.append(name)

@@ -241,3 +241,79 @@ fn resume_notices_a_changed_used_file() {
     args.push("--resume");
     fails_with(&args, &["different settings", "iou.metric` changed since the search started"]);
 }
+
+fn history_lines(dir: &Path) -> Vec<Value> {
+    read(&dir.join("history.jsonl")).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn random_search_keeps_mu_where_it_started_and_ppo_moves_it() {
+    let (ppo, random) = (scratch("policy-ppo"), scratch("policy-random"));
+    for (out, policy) in [(&ppo, "ppo"), (&random, "random")] {
+        let output = search(out, &["--policy", policy]);
+        assert!(output.status.success(), "{policy}: {}", text(&output.stderr));
+    }
+    let mu = |dir: &Path, round: u64| -> Vec<f64> {
+        let lines = history_lines(dir);
+        let line = lines.iter().find(|l| l["round"] == round && l["sample"] == 0).expect("μ's line");
+        line["u"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+    };
+    assert_eq!(mu(&random, 0), mu(&random, 1), "random search moved μ");
+    assert_ne!(mu(&ppo, 0), mu(&ppo, 1), "PPO left μ where it was");
+    // The first round is the same draw under both policies (same seed, no update yet).
+    let first = |dir: &Path| -> Vec<f64> {
+        history_lines(dir).iter().filter(|l| l["round"] == 0).map(|l| l["reward"].as_f64().unwrap()).collect()
+    };
+    assert_eq!(first(&ppo), first(&random));
+    assert!(read(&random.join("report.md")).contains("Random search"));
+    assert!(read(&ppo.join("report.md")).contains("PPO over"));
+}
+
+#[test]
+fn a_target_metric_takes_its_parameters() {
+    // The loss (BIoU at tol 2) and its first candidate are the same; only the reward's
+    // tolerance differs, so μ's reward must differ.
+    let (own, other) = (scratch("target-own"), scratch("target-other"));
+    let biou = example("biou.metric");
+    let single = ["--rounds", "1", "--samples", "2"];
+    let output = search(&own, &single);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let mut extra = vec!["--target", biou.as_str(), "--target-set", "tol=5"];
+    extra.extend_from_slice(&single);
+    let output = search(&other, &extra);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let reward = |dir: &Path| history_lines(dir)[0]["reward"].as_f64().unwrap();
+    assert!((reward(&own) - reward(&other)).abs() > 1e-6, "tol 2 and tol 5 gave the same reward {}", reward(&own));
+    let config: Value = serde_json::from_str(&read(&own.join("config.json"))).unwrap();
+    assert_eq!(config["target_overrides"], serde_json::json!([["tol", "2"]]));
+    // A built-in target has no file to set parameters of.
+    fails_with(
+        &[
+            "search",
+            biou.as_str(),
+            "--target",
+            "bf1",
+            "--target-set",
+            "tol=1",
+            "--out",
+            &scratch("target-bad").display().to_string(),
+        ],
+        &["--target-set", "examples/bf1.metric"],
+    );
+}
+
+#[test]
+fn train_reports_more_metrics_with_their_parameters() {
+    let bf1 = format!("{}:tol=1", example("bf1.metric"));
+    let mut args = vec!["train", "--loss", "ce", "--iters", "6", "--batch", "4", "--metric", bf1.as_str()];
+    args.extend_from_slice(&SMALL_DATA);
+    let output = losscc(&args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let strict = json["bf1:tol=1"].as_f64().unwrap_or_else(|| panic!("bf1:tol=1 missing in {json}"));
+    assert!((0.0..=1.0).contains(&strict) && strict <= json["bf1"].as_f64().unwrap() + 1e-12, "{json}");
+    let ce = example("ce.metric");
+    let mut args = vec!["train", "--loss", "ce", "--iters", "2", "--metric", ce.as_str()];
+    args.extend_from_slice(&SMALL_DATA);
+    fails_with(&args, &["is a loss"]);
+}

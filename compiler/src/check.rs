@@ -226,7 +226,19 @@ impl<'p> Checker<'p> {
         };
         let mut sigmoid_set = false;
         let mut threshold_span = None;
+        let mut seen: HashMap<&str, Span> = HashMap::new();
         for option in &definition.options {
+            if let Some(first) = seen.insert(&option.key.name, option.key.span) {
+                self.diagnostics.push(
+                    Diagnostic::error(
+                        "E0251",
+                        format!("option `{}` is set twice", option.key.name),
+                        option.key.span,
+                        "second setting",
+                    )
+                    .with_secondary(first, "first set here"),
+                );
+            }
             let value = &option.value;
             match option.key.name.as_str() {
                 "pieces" => {

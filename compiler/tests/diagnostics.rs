@@ -77,6 +77,11 @@ const CASES: &[(&str, &str, usize)] = &[
         "metric m(t: float = 1.5) with sigmoid = true, threshold = t {\n    mean(count(P & L) / count(L))\n}\n",
         1,
     ),
+    (
+        "option_set_twice",
+        "metric m with sigmoid = false, sigmoid = true, threshold = 0.3 {\n    mean(count(P & L) / count(L))\n}\n",
+        1,
+    ),
     ("per_image_not_boolean", "metric m with per_image = 2 {\n    mean(count(P & L) / count(L))\n}\n", 1),
     (
         "loss_terms_disagree_on_per_image",

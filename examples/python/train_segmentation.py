@@ -196,7 +196,7 @@ def main():
         np.save(args.save_logits / "logits.npy", predict(net, test[0]).numpy().astype(np.float32))
         np.save(args.save_logits / "labels.npy", test[1].numpy())
     summary = {"reward": reward, "metric": args.metric, "steps": args.steps, "seconds": round(time.time() - started, 2),
-               "final_loss": float(loss)}
+               "final_loss": float(loss.detach())}
     if args.result:
         Path(args.result).write_text(json.dumps({"reward": reward}) + "\n")
     print(json.dumps(summary))

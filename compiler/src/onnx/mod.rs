@@ -22,7 +22,13 @@
 //!
 //! The exact graph (`--exact`) outputs one tensor per accumulator node (`count_<id>`), float32,
 //! per class or scalar; they add across batches, and the manifest in `metadata_props`
-//! (`losscc.accumulators`) says which is which.
+//! (`losscc.accumulators`) says which is which. For a per-image module
+//! (`losscc.per_image`) they are one row per image (`[N, C]` or `[N]`), finished image by
+//! image (`Accumulator::add_image`), not summed.
+//!
+//! A sigmoid module (`losscc.predictions`) reads the logits per channel: `Sigmoid` for `P`,
+//! `logits > ln(t / (1 − t))` for exact predictions, per-channel labels and the binary
+//! cross-entropy for `ce`.
 
 mod emitter;
 mod exact;

@@ -3,7 +3,7 @@
 use crate::error::LossError;
 use crate::inputs;
 use crate::reference::exact::exact_counts;
-use compiler::accumulate::{self, Accumulator, Evaluation};
+use compiler::accumulate::{self, Accumulator, Evaluation, FinishError};
 use compiler::Compiled;
 use std::sync::Arc;
 use tch::Tensor;
@@ -52,7 +52,12 @@ impl Evaluator {
                 for (node, values) in exact_counts(module, &checked.image(image).batch())? {
                     counts.add(node, &values)?;
                 }
-                accumulated.add_image(module, &counts).map_err(|_| LossError::NoBatch)?;
+                accumulated.add_image(module, &counts).map_err(|error| match error {
+                    FinishError::Accumulate(error) => LossError::Accumulate(error),
+                    FinishError::Missing(_) => {
+                        LossError::Backend(format!("an image's counts were incomplete: {error}"))
+                    }
+                })?;
             }
         } else {
             for (node, values) in exact_counts(module, &checked.batch())? {

@@ -249,7 +249,7 @@ impl Loss {
 
     /// The surrogate of a per-image metric: each image's loss from that image alone, averaged
     /// over the images where it is defined (an image whose filtered mean selects no class
-    /// adds nothing); reported values are means over images.
+    /// adds nothing); reported values are means over the same images.
     fn per_image(&self, checked: &inputs::Checked) -> Result<Surrogate, LossError> {
         let images = checked.batch().logits.size()[0];
         let parts: Vec<Surrogate> =
@@ -267,12 +267,14 @@ impl Loss {
         let mut undefined_terms: Vec<String> = parts.iter().flat_map(|part| part.undefined_terms.clone()).collect();
         undefined_terms.sort();
         undefined_terms.dedup();
+        // Reported values are means over the defined images too (over every image when none is).
+        let reported: Vec<&Surrogate> = if defined.is_empty() { parts.iter().collect() } else { defined.clone() };
         let reports = parts[0]
             .reports
             .iter()
             .enumerate()
             .map(|(index, (name, _))| {
-                (name.clone(), mean(parts.iter().map(|part| part.reports[index].1.shallow_clone()).collect()))
+                (name.clone(), mean(reported.iter().map(|part| part.reports[index].1.shallow_clone()).collect()))
             })
             .collect();
         Ok(Surrogate { loss, value, defined: !defined.is_empty(), undefined_terms, reports })
