@@ -355,6 +355,16 @@ fn option_predictions(
     Ok(Some(Predictions::Sigmoid { threshold }))
 }
 
+/// How a disagreement between a loss's terms on a whole-definition setting is worded:
+/// "metric term `a` {by_term}, but term `b` {by_term}" (or "this loss {by_loss}").
+struct Agreement<'a, T> {
+    code: &'static str,
+    by_term: &'a dyn Fn(T) -> String,
+    by_loss: &'a dyn Fn(T) -> String,
+    label: &'a dyn Fn(T) -> String,
+    help: &'static str,
+}
+
 /// Whether a definition's options ask for a per-image metric (`None` when they do not say).
 fn option_per_image(definition: &ast::Definition, env: &[(String, Value)]) -> Option<bool> {
     let setting = definition.options.iter().find(|o| o.key.name == "per_image")?;
@@ -372,32 +382,16 @@ impl<'p> Lowering<'p> {
     /// must all agree (and agree with the option); dataset-level when nothing says otherwise.
     fn per_image(&mut self, definition: &ast::Definition, env: &[(String, Value)]) -> bool {
         let own = option_per_image(definition, env);
-        let mut chosen = own.map(|p| (p, None::<(String, Span)>));
-        let describe = |per_image: bool| if per_image { "per image" } else { "over the dataset" };
-        for (term, name, span) in std::mem::take(&mut self.term_per_image) {
-            match &chosen {
-                None => chosen = Some((term, Some((name, span)))),
-                Some((first, _)) if *first == term => {}
-                Some((first, origin)) => {
-                    let first_text = match origin {
-                        Some((other, _)) => format!("term `{other}` is {}", describe(*first)),
-                        None => format!("this loss is {}", describe(*first)),
-                    };
-                    let mut diagnostic = Diagnostic::error(
-                        "E0312",
-                        format!("metric term `{name}` is {}, but {first_text}", describe(term)),
-                        span,
-                        describe(term).to_string(),
-                    )
-                    .with_help("a loss averages its terms one way: give the metrics the same `per_image` option");
-                    if let Some((_, other_span)) = origin {
-                        diagnostic = diagnostic.with_secondary(*other_span, describe(*first).to_string());
-                    }
-                    self.error(diagnostic);
-                }
-            }
-        }
-        chosen.map(|(p, _)| p).unwrap_or(false)
+        let terms = std::mem::take(&mut self.term_per_image);
+        let describe = |per_image: bool| if per_image { "per image" } else { "over the dataset" }.to_string();
+        let said = Agreement {
+            code: "E0312",
+            by_term: &|p| format!("is {}", describe(p)),
+            by_loss: &|p| format!("is {}", describe(p)),
+            label: &describe,
+            help: "a loss averages its terms one way: give the metrics the same `per_image` option",
+        };
+        self.agree(own, terms, &said).unwrap_or(false)
     }
 
     /// The definition's predictions: its own options, else those of its metric terms, which
@@ -410,31 +404,50 @@ impl<'p> Lowering<'p> {
                 return Predictions::Softmax;
             }
         };
-        let mut chosen = own.map(|p| (p, None::<(String, Span)>));
-        for (term, name, span) in std::mem::take(&mut self.term_predictions) {
+        let terms = std::mem::take(&mut self.term_predictions);
+        let said = Agreement {
+            code: "E0311",
+            by_term: &|p| format!("has {p} predictions"),
+            by_loss: &|p| format!("declares {p} predictions"),
+            label: &|p| format!("{p} predictions"),
+            help: "every term of a loss reads the same logits the same way: give the metrics the same `sigmoid` and `threshold` options",
+        };
+        self.agree(own, terms, &said).unwrap_or(Predictions::Softmax)
+    }
+
+    /// A setting of the whole definition: its own value if it has one, else the first term's;
+    /// every term must have the same, and each that differs is one diagnostic.
+    fn agree<T: Copy + PartialEq>(
+        &mut self,
+        own: Option<T>,
+        terms: Vec<(T, String, Span)>,
+        said: &Agreement<'_, T>,
+    ) -> Option<T> {
+        let mut chosen = own.map(|value| (value, None::<(String, Span)>));
+        for (term, name, span) in terms {
             match &chosen {
                 None => chosen = Some((term, Some((name, span)))),
                 Some((first, _)) if *first == term => {}
                 Some((first, origin)) => {
                     let first_text = match origin {
-                        Some((other, _)) => format!("term `{other}` has {first} predictions"),
-                        None => format!("this loss declares {first} predictions"),
+                        Some((other, _)) => format!("term `{other}` {}", (said.by_term)(*first)),
+                        None => format!("this loss {}", (said.by_loss)(*first)),
                     };
                     let mut diagnostic = Diagnostic::error(
-                        "E0311",
-                        format!("metric term `{name}` has {term} predictions, but {first_text}"),
+                        said.code,
+                        format!("metric term `{name}` {}, but {first_text}", (said.by_term)(term)),
                         span,
-                        format!("{term} predictions"),
+                        (said.label)(term),
                     )
-                    .with_help("every term of a loss reads the same logits the same way: give the metrics the same `sigmoid` and `threshold` options");
+                    .with_help(said.help);
                     if let Some((_, other_span)) = origin {
-                        diagnostic = diagnostic.with_secondary(*other_span, format!("{first} predictions"));
+                        diagnostic = diagnostic.with_secondary(*other_span, (said.label)(*first));
                     }
                     self.error(diagnostic);
                 }
             }
         }
-        chosen.map(|(p, _)| p).unwrap_or(Predictions::Softmax)
+        chosen.map(|(value, _)| value)
     }
 
     fn error(&mut self, diagnostic: Diagnostic) -> Value {
