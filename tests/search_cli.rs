@@ -262,7 +262,14 @@ fn random_search_keeps_mu_where_it_started_and_ppo_moves_it() {
     assert_ne!(mu(&ppo, 0), mu(&ppo, 1), "PPO left μ where it was");
     // The first round is the same draw under both policies (same seed, no update yet).
     let first = |dir: &Path| -> Vec<f64> {
-        history_lines(dir).iter().filter(|l| l["round"] == 0).map(|l| l["reward"].as_f64().unwrap()).collect()
+        // Lines come in the order the workers finish; the sample index orders them.
+        let mut round: Vec<(u64, f64)> = history_lines(dir)
+            .iter()
+            .filter(|l| l["round"] == 0)
+            .map(|l| (l["sample"].as_u64().unwrap(), l["reward"].as_f64().unwrap()))
+            .collect();
+        round.sort_by_key(|&(sample, _)| sample);
+        round.into_iter().map(|(_, reward)| reward).collect()
     };
     assert_eq!(first(&ppo), first(&random));
     assert!(read(&random.join("report.md")).contains("Random search"));
@@ -282,7 +289,11 @@ fn a_target_metric_takes_its_parameters() {
     extra.extend_from_slice(&single);
     let output = search(&other, &extra);
     assert!(output.status.success(), "{}", text(&output.stderr));
-    let reward = |dir: &Path| history_lines(dir)[0]["reward"].as_f64().unwrap();
+    let reward = |dir: &Path| {
+        let lines = history_lines(dir);
+        let mu = lines.iter().find(|l| l["round"] == 0 && l["sample"] == 0).expect("μ's line");
+        mu["reward"].as_f64().unwrap()
+    };
     assert!((reward(&own) - reward(&other)).abs() > 1e-6, "tol 2 and tol 5 gave the same reward {}", reward(&own));
     let config: Value = serde_json::from_str(&read(&own.join("config.json"))).unwrap();
     assert_eq!(config["target_overrides"], serde_json::json!([["tol", "2"]]));
