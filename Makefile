@@ -65,7 +65,8 @@ demo: build
 	@echo "search report: out/search-biou/report.md (plots: reward.svg, curves.svg)"
 
 # Regenerate docs/results.md: searches for every target, every loss over 3 seeds, PPO against random
-# search over 3 search seeds, and the transfer to a PyTorch U-Net (CPU, ~40 min).
+# search over 3 search seeds and the PPO settings tried, and the transfer to a PyTorch U-Net
+# (2-core CPU, ~46 min from scratch; steps already under out/results are reused).
 results: build
 	$(VENV)/bin/python scripts/results.py --losscc $(LOSSCC) --seeds 3 --out out/results --doc docs/results.md
 

@@ -314,6 +314,7 @@ fn ppo_config() -> SearchConfig {
         policy: losscc_search::config::Policy::Ppo,
         seed: 0,
         train: TrainConfig::default(),
+        proxy_seeds: 1,
         data: String::new(),
         start: Vec::new(),
         threads_per_model: 1,

@@ -195,6 +195,34 @@ fn misuse_gets_one_clear_sentence() {
     fails_with(&["search", &biou, "--out", &fresh, "--sigma", "0"], &["--sigma must be a number in (0, 10]"]);
     fails_with(&["search", &biou, "--out", &fresh, "--ppo-lr=-1"], &["--ppo-lr must be a number"]);
     fails_with(&["train", &biou, "--params", "/nonexistent/p.json"], &["/nonexistent/p.json"]);
+    fails_with(&["search", &biou, "--out", &fresh, "--proxy-seeds", "0"], &["--proxy-seeds must be at least 1"]);
+    fails_with(
+        &["search", &biou, "--out", &fresh, "--proxy-seeds", "2", "--trainer", "true"],
+        &["--proxy-seeds averages the built-in proxy's rewards"],
+    );
+}
+
+/// With `--proxy-seeds 2` a candidate's reward is the mean of its proxy trainings from the
+/// search's seed and the next: μ (the same curves in every search) shows it exactly.
+#[test]
+fn proxy_seeds_average_the_reward() {
+    let single = ["--rounds", "1", "--samples", "2"];
+    let mu_reward = |name: &str, extra: &[&str]| {
+        let dir = scratch(name);
+        let mut args = extra.to_vec();
+        args.extend_from_slice(&single);
+        let output = search(&dir, &args);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        let lines = history_lines(&dir);
+        let mu = lines.iter().find(|l| l["round"] == 0 && l["sample"] == 0).expect("μ's line");
+        (mu["reward"].as_f64().unwrap(), dir)
+    };
+    let (seed0, _) = mu_reward("proxy-seed0", &["--seed", "0"]);
+    let (seed1, _) = mu_reward("proxy-seed1", &["--seed", "1"]);
+    let (both, dir) = mu_reward("proxy-seeds2", &["--seed", "0", "--proxy-seeds", "2"]);
+    assert_ne!(seed0, seed1, "two proxy seeds gave the same reward");
+    assert!((both - (seed0 + seed1) / 2.0).abs() < 1e-12, "{both} is not the mean of {seed0} and {seed1}");
+    assert!(read(&dir.join("report.md")).contains("the mean over 2 proxy trainings (seeds 0 to 1)"));
 }
 
 #[test]

@@ -59,6 +59,10 @@ pub enum Policy {
     Random,
 }
 
+fn one() -> usize {
+    1
+}
+
 /// Everything that determines a search's result; saved as `OUT/config.json` and compared on
 /// `--resume`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,6 +87,10 @@ pub struct SearchConfig {
     pub seed: u64,
     /// Proxy training of every candidate (its `seed` is the search's seed).
     pub train: TrainConfig,
+    /// Proxy trainings per candidate, from seeds `seed`, `seed + 1`, …; the reward is the
+    /// mean of their hold-out metrics (configs from before the option train one).
+    #[serde(default = "one")]
+    pub proxy_seeds: usize,
     /// The data, described (built-in spec or folder).
     pub data: String,
     /// Starting curves, flat control points per curve.

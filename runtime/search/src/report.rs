@@ -71,14 +71,20 @@ pub fn write(
     }
     let _ = writeln!(
         text,
-        "Proxy: {} iterations, batch {}, {}×{} crops, SGD lr {} (poly), width {}. Data: {data}. Reward: exact `{}` on the hold-out split.\n",
+        "Proxy: {} iterations, batch {}, {}×{} crops, SGD lr {} (poly), width {}. Data: {data}. Reward: exact `{}` on the hold-out split{}.\n",
         config.train.iters,
         config.train.batch,
         config.train.crop,
         config.train.crop,
         config.train.lr,
         config.train.width,
-        config.target
+        config.target,
+        if config.proxy_seeds > 1 {
+            let last = config.seed + config.proxy_seeds as u64 - 1;
+            format!(", the mean over {} proxy trainings (seeds {} to {last})", config.proxy_seeds, config.seed)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         text,

@@ -201,8 +201,8 @@ fn candidate_loss(config: &SearchConfig, task: &TaskFile) -> Result<Loss, Failur
     Ok(loss)
 }
 
-/// Train the proxy network with the candidate loss; reward its exact target metric on the
-/// hold-out split (an undefined metric earns 0).
+/// Train the proxy network with the candidate loss, once per proxy seed; reward the mean of
+/// its exact target metric on the hold-out split (an undefined metric earns 0).
 fn proxy_reward(
     config: &SearchConfig,
     task: &TaskFile,
@@ -220,15 +220,22 @@ fn proxy_reward(
         &config.dataset.synthetic,
     )
     .map_err(|e| Failure::new(e.to_string()))?;
-    let train = trainer::TrainConfig { seed: config.seed, ..config.train.clone() };
-    let total = train.iters;
-    let trained =
-        trainer::train(&dataset, &Objective::Compiled(&loss), &train, device, &mut |step| on_step(step, total))
-            .map_err(|e| Failure { device: device_name.clone(), ..Failure::new(e.to_string()) })?;
-    let value = trained
-        .evaluate(&dataset.holdout, &[&target])
-        .map_err(|e| Failure { device: device_name.clone(), ..Failure::new(e.to_string()) })?[0];
-    Ok((if value.is_finite() { value } else { 0.0 }, device_name))
+    let seeds = config.proxy_seeds.max(1);
+    let total = config.train.iters * seeds;
+    let mut sum = 0.0;
+    for k in 0..seeds {
+        let train = trainer::TrainConfig { seed: config.seed.wrapping_add(k as u64), ..config.train.clone() };
+        let done = k * config.train.iters;
+        let trained = trainer::train(&dataset, &Objective::Compiled(&loss), &train, device, &mut |step| {
+            on_step(done + step, total)
+        })
+        .map_err(|e| Failure { device: device_name.clone(), ..Failure::new(e.to_string()) })?;
+        let value = trained
+            .evaluate(&dataset.holdout, &[&target])
+            .map_err(|e| Failure { device: device_name.clone(), ..Failure::new(e.to_string()) })?[0];
+        sum += if value.is_finite() { value } else { 0.0 };
+    }
+    Ok((sum / seeds as f64, device_name))
 }
 
 /// The reward's metric: a built-in name, or a metric file checked against its recorded source.

@@ -73,6 +73,10 @@ pub struct Args {
     /// Proxy training iterations per candidate.
     #[arg(long)]
     iters: Option<usize>,
+    /// Proxy trainings per candidate (seeds SEED, SEED+1, ...): the reward is their mean, a
+    /// less noisy reward at K times the cost.
+    #[arg(long, default_value_t = 1)]
+    proxy_seeds: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output folder: config.json, history.jsonl, best.params.json, mu.params.json, report.md, plots.
@@ -164,6 +168,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Some(command) => EvaluatorSpec::Trainer { command: command.clone() },
         None => EvaluatorSpec::Proxy,
     };
+    if args.proxy_seeds == 0 {
+        anyhow::bail!("--proxy-seeds must be at least 1");
+    }
+    if args.proxy_seeds > 1 && matches!(evaluator, EvaluatorSpec::Trainer { .. }) {
+        anyhow::bail!(
+            "--proxy-seeds averages the built-in proxy's rewards; a --trainer command averages over seeds itself (it gets LOSSCC_SEED)"
+        );
+    }
     let target_overrides = parse_sets(&args.target_set)?;
     let (target_name, target_loss) = match (&args.target, &evaluator) {
         (_, EvaluatorSpec::Trainer { .. }) => ("the trainer command's reward".to_string(), None),
@@ -260,6 +272,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         },
         seed: args.seed,
         train: config_train,
+        proxy_seeds: args.proxy_seeds,
         data,
         start: loss.params().curves.iter().map(|c| c.flat()).collect(),
         threads_per_model: threads,
@@ -291,13 +304,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ExecutorArg::Slurm => "one Slurm job array per round".to_string(),
     };
     eprintln!(
-        "searching {} search variables of `{}` for `{}`: {} rounds × {} candidates, {} iterations each, {at_once}, {} thread(s) each; data: {}",
+        "searching {} search variables of `{}` for `{}`: {} rounds × {} candidates, {} iterations each{}, {at_once}, {} thread(s) each; data: {}",
         layout.dimensions,
         file.display(),
         config.target,
         config.rounds,
         config.samples,
         config.train.iters,
+        if config.proxy_seeds > 1 { format!(" × {} proxy seeds", config.proxy_seeds) } else { String::new() },
         config.threads_per_model,
         config.data
     );
