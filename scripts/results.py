@@ -39,8 +39,8 @@ READING = "## Reading this run"
 POLICY_TARGET = "biou"
 # Settings where PPO might beat random search, one change each from the quick preset, at the
 # same budget of 24 candidates: (label, its `losscc search` options, which policies it runs).
-# Random search has no baseline and its draws do not depend on how they are split into rounds,
-# so those tries reuse the random searches of the default setting.
+# Random search has no baseline and its draws come from the same distribution however they are
+# split into rounds, so those tries reuse the random searches of the default setting.
 TRIES = [
     ("default (σ 0.2, 4 × 6, baseline μ)", [], ("ppo", "random")),
     ("baseline mean", ["--baseline", "mean"], ("ppo",)),
@@ -433,7 +433,7 @@ def main():
         "",
         f"The same comparison (`{POLICY_TARGET}`, 24 candidates per search, search seeds "
         f"{', '.join(map(str, SEARCH_SEEDS))}), changing one setting of the quick preset at a time. "
-        "Random search has no baseline, and its draws do not depend on how they are split into rounds, so the "
+        "Random search has no baseline, and its draws come from the same distribution however they are split into rounds (only μ, the starting curves, recurs once a round), so the "
         "`baseline mean` and `3 rounds × 8 samples` rows compare against the default random searches (marked "
         "*reused*). `2 proxy seeds` rewards each candidate with the mean of two proxy trainings "
         "(`--proxy-seeds 2`, seeds S and S + 1) and, to keep the compute equal, draws 3 candidates a round "
