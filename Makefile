@@ -66,9 +66,10 @@ demo: build
 
 # Regenerate docs/results.md: searches for every target, every loss over 3 seeds, PPO against random
 # search over 3 search seeds and the PPO settings tried, and the transfer to a PyTorch U-Net
-# (2-core CPU, ~46 min from scratch; steps already under out/results are reused).
+# (2-core CPU, ~38 min from scratch; steps already under out/results are reused).
+# `make results RESULTS_ARGS=--all-tries` adds the costlier tries (σ 0.1, 48 candidates; ~22 min).
 results: build
-	$(VENV)/bin/python scripts/results.py --losscc $(LOSSCC) --seeds 3 --out out/results --doc docs/results.md
+	$(VENV)/bin/python scripts/results.py --losscc $(LOSSCC) --seeds 3 --out out/results --doc docs/results.md $(RESULTS_ARGS)
 
 clean:
 	$(CARGO) clean
