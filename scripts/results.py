@@ -128,6 +128,12 @@ class Results:
                    "--metric", f"examples/bf1.metric:tol={BF1_TOL}"]
         return cached_json(path, lambda: json.loads(run(command)))
 
+    def retrained(self, file, folder, label, judged):
+        """A search's best candidate (in `folder`) retrained over the training seeds: `judged`
+        on the test split, per seed; `label` names the search in the cache."""
+        return [self.train(f"{POLICY_TARGET} {label}", [file, "--params", folder / "best.params.json"], s)[judged]
+                for s in range(self.args.seeds)]
+
     def rows(self, losses):
         rows = []
         for name, loss in losses:
@@ -156,6 +162,12 @@ def per_round(folder):
         so_far = max([so_far] + [e["reward"] for e in these])
         best.append(so_far)
     return mu, best
+
+
+def best_reward(folder):
+    """The hold-out reward of a search's best candidate."""
+    with open(folder / "best.params.json") as f:
+        return json.load(f)["provenance"]["reward"]
 
 
 def last_round_mean(folder):
@@ -294,12 +306,8 @@ def main():
         for seed in SEARCH_SEEDS:
             folder = results.search(POLICY_TARGET, file, sets, target, seed, policy)
             curves[(policy, seed)] = per_round(folder)
-            with open(folder / "best.params.json") as f:
-                best = json.load(f)["provenance"]
-            trained = [results.train(f"{POLICY_TARGET} {policy} search seed {seed}",
-                                     [file, "--params", folder / "best.params.json"], s)[judged]
-                       for s in range(args.seeds)]
-            policy_rows.append((policy, seed, best["reward"], curves[(policy, seed)][0][-1], trained))
+            trained = results.retrained(file, folder, f"{policy} search seed {seed}", judged)
+            policy_rows.append((policy, seed, best_reward(folder), curves[(policy, seed)][0][-1], trained))
     plot_path = Path(args.doc).parent / "results-ppo-vs-random.png"
     plot_policies(curves, plot_path)
 
@@ -309,20 +317,16 @@ def main():
         tag = "" if not options else "-" + slug(" ".join(options))
         for policy in ("ppo", "random"):
             own = policy in policies
-            folders = [results.search(POLICY_TARGET, file, sets, target, seed, policy,
-                                      tag if own else "", options if own else ()) for seed in SEARCH_SEEDS]
-            bests = []
-            for folder in folders:
-                with open(folder / "best.params.json") as f:
-                    bests.append(json.load(f)["provenance"]["reward"])
+            # A policy this try does not change reuses the default searches.
+            used_tag, used_options = (tag, options) if own else ("", ())
+            folders = [results.search(POLICY_TARGET, file, sets, target, seed, policy, used_tag, used_options)
+                       for seed in SEARCH_SEEDS]
             # The best candidates retrained (test metric, mean over the search seeds of the mean
             # over training seeds): the default rows' are the trainings of the section above.
-            tested = [statistics.mean(results.train(f"{POLICY_TARGET} {policy}{tag if own else ''} search seed {seed}",
-                                                    [file, "--params", folder / "best.params.json"], s)[judged]
-                                      for s in range(args.seeds))
+            tested = [statistics.mean(results.retrained(file, folder, f"{policy}{used_tag} search seed {seed}", judged))
                       for seed, folder in zip(SEARCH_SEEDS, folders)]
-            try_rows.append((label, policy, own, bests, [per_round(f)[0][-1] for f in folders],
-                             [last_round_mean(f) for f in folders], tested))
+            try_rows.append((label, policy, own, [best_reward(f) for f in folders],
+                             [per_round(f)[0][-1] for f in folders], [last_round_mean(f) for f in folders], tested))
     tries_plot = Path(args.doc).parent / "results-ppo-settings.png"
     plot_tries(try_rows, judged, tries_plot)
 
