@@ -8,6 +8,11 @@
     loss = loss_fn(logits, labels)            # logits float32 [N,C,H,W], labels integer [N,H,W]
     loss.backward()                           # d loss / d logits from the graph's dloss_dlogits
 
+The wrapper takes what the graph takes (read from its inputs): a `--volumes` graph logits
+[N,C,D,H,W] and labels [N,D,H,W]; a graph with float labels (`--soft-labels`: soft labels, or
+a sigmoid metric's multi-hot targets) labels of the logits' shape, float (or 0/1 integer
+multi-hot, converted to float32); any other graph integer class indices without C.
+
 A graph compiled with `--curves-input` takes its curves as an input: pass them as
 `OnnxLoss(path, curves=flat_control_points)` (all curves' points, flat, in manifest order).
 
@@ -25,6 +30,24 @@ import onnxruntime
 import torch
 
 __all__ = ["OnnxLoss"]
+
+
+class _Contract:
+    """What a graph takes, read from its inputs: the logits' rank and the labels' kind."""
+
+    def __init__(self, session, path):
+        inputs = {i.name: i for i in session.get_inputs()}
+        if "logits" not in inputs or "labels" not in inputs:
+            raise ValueError(f"`{path}` has no inputs logits and labels; compile it with `losscc compile FILE --grad`")
+        self.rank = len(inputs["logits"].shape)
+        if self.rank not in (4, 5):
+            raise ValueError(f"`{path}` takes logits of rank {self.rank}; this wrapper takes [N, C, H, W] or "
+                             "[N, C, D, H, W] graphs")
+        self.float_labels = inputs["labels"].type == "tensor(float)"
+        spatial = "D, H, W" if self.rank == 5 else "H, W"
+        self.logits = f"[N, C, {spatial}]"
+        self.labels = self.logits if self.float_labels else f"[N, {spatial}]"
+        self.graph = "a volume graph (--volumes)" if self.rank == 5 else "an image graph"
 
 
 def _curves_input(session, path, curves):
@@ -63,6 +86,7 @@ class _Session:
         outputs = [o.name for o in self.session.get_outputs()]
         if "dloss_dlogits" not in outputs:
             raise ValueError(f"`{path}` has no output dloss_dlogits; compile it with `losscc compile FILE --grad`")
+        self.contract = _Contract(self.session, path)
         flat = _curves_input(self.session, path, curves)
         self.curves = None if flat is None else torch.from_numpy(flat).to(device)
         self.device = device
@@ -75,7 +99,8 @@ class _Session:
         grad = torch.empty_like(logits)
         binding = self.session.io_binding()
         binding.bind_input("logits", device_type, device_id, np.float32, list(logits.shape), logits.data_ptr())
-        binding.bind_input("labels", device_type, device_id, np.int64, list(labels.shape), labels.data_ptr())
+        label_type = np.float32 if self.contract.float_labels else np.int64
+        binding.bind_input("labels", device_type, device_id, label_type, list(labels.shape), labels.data_ptr())
         if self.curves is not None:
             binding.bind_input("curves", device_type, device_id, np.float32, list(self.curves.shape),
                                self.curves.data_ptr())
@@ -87,28 +112,45 @@ class _Session:
         return loss, grad
 
 
-def _checked(logits, labels):
+def _checked(logits, labels, contract):
     """The inputs as the graph takes them, or one sentence saying what is wrong."""
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("logits and labels must be torch tensors")
     if logits.dtype != torch.float32:
         raise TypeError(f"logits must be float32, but they are {logits.dtype}; convert them with .float()")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be integer class indices, but they are {labels.dtype}")
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be [N, C, H, W], but they have shape {tuple(logits.shape)}")
-    if labels.dim() != 3 or labels.shape[0] != logits.shape[0] or labels.shape[1:] != logits.shape[2:]:
-        raise ValueError(f"labels must be [N, H, W] = {(logits.shape[0], *logits.shape[2:])} for logits of shape "
-                         f"{tuple(logits.shape)}, but they have shape {tuple(labels.shape)}")
+    if labels.dtype.is_complex:
+        raise TypeError(f"labels must be real numbers, but they are {labels.dtype}")
+    if logits.dim() != contract.rank:
+        raise ValueError(f"logits must be {contract.logits} for {contract.graph}, but they have shape "
+                         f"{tuple(logits.shape)}")
+    indices = (logits.shape[0], *logits.shape[2:])
+    if contract.float_labels:
+        if labels.shape != logits.shape:
+            raise ValueError(f"labels must be {contract.labels} = {tuple(logits.shape)} (float, the logits' shape) "
+                             f"for this graph, which takes soft or multi-hot labels (compiled with --soft-labels), "
+                             f"but they have shape {tuple(labels.shape)}")
+    else:
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer class indices {contract.labels} for this graph, but they are "
+                            f"{labels.dtype}; float labels of the logits' shape need a graph compiled with "
+                            "--soft-labels")
+        if labels.shape == logits.shape:
+            raise ValueError(f"labels must be integer class indices {contract.labels} = {indices} for this graph, "
+                             "but they have the logits' shape; multi-hot or soft labels of the logits' shape need a "
+                             "graph compiled with --soft-labels")
+        if labels.shape != indices:
+            raise ValueError(f"labels must be {contract.labels} = {indices} for logits of shape "
+                             f"{tuple(logits.shape)}, but they have shape {tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"logits are on {logits.device} but labels are on {labels.device}; put both on one device")
-    return logits.detach().contiguous(), labels.to(torch.int64).contiguous()
+    kind = torch.float32 if contract.float_labels else torch.int64
+    return logits.detach().contiguous(), labels.detach().to(kind).contiguous()
 
 
 class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, session):
-        loss, grad = session.run(*_checked(logits, labels))
+        loss, grad = session.run(*_checked(logits, labels, session.contract))
         ctx.save_for_backward(grad)
         return loss
 
