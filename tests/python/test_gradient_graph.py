@@ -9,7 +9,9 @@ with random curves:
 * `losscc_torch.OnnxLoss` (no onnx2torch) gives the same loss and `.grad`;
 * tract loads the loss, gradient and exact-count graphs with symbolic dimensions and gives
   ONNX Runtime's outputs on two shapes (counts exactly);
-* `jax.grad` of `losscc_jax.onnx_loss` gives tch's gradient, also under `jax.jit`.
+* `jax.grad` of `losscc_jax.onnx_loss` gives tch's gradient, also under `jax.jit`;
+* both wrappers take what the graph takes: `--volumes` graphs, `--soft-labels` graphs with
+  soft labels, and a sigmoid metric's multi-hot labels, with `losscc eval`'s loss and gradient.
 The wrappers refuse wrong dtypes, shapes, devices and files with one sentence each, and both
 training examples (PyTorch through the gradient graph, JAX with optax) raise held-out mIoU.
 """
@@ -318,6 +320,117 @@ class GradientGraphTest(unittest.TestCase):
                 close_gradient(self, np.asarray(jax.grad(dynamic)(jnp.asarray(logits), jnp.asarray(labels))),
                                tch_grad, 2e-5, f"{name} jax.grad with curves as an input", floor)
 
+    def wrappers_agree(self, what, graph, logits, labels, tch_loss, tch_grad, torch_labels=None):
+        """`OnnxLoss` (torch) and `onnx_loss` (JAX, also under `jax.jit`) on `graph` give tch's
+        loss and gradient; `torch_labels` are the labels as handed to torch, if not `labels`."""
+        tolerance = 1e-5 * max(abs(tch_loss), 1.0)
+        x = torch.from_numpy(logits.copy()).requires_grad_(True)
+        y = torch.from_numpy(labels) if torch_labels is None else torch_labels
+        value = OnnxLoss(graph)(x, y)
+        value.backward()
+        self.assertLess(abs(value.item() - tch_loss), tolerance, f"{what} through OnnxLoss")
+        close_gradient(self, x.grad.numpy(), tch_grad, 2e-5, f"{what} through OnnxLoss")
+        loss_fn = onnx_loss(graph)
+        value, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logits), jnp.asarray(labels))
+        self.assertLess(abs(float(value) - tch_loss), tolerance, f"{what} through jax")
+        close_gradient(self, np.asarray(grad), tch_grad, 2e-5, f"{what} jax.grad")
+        jitted = jax.jit(jax.grad(lambda v: 2.0 * loss_fn(v, jnp.asarray(labels))))(jnp.asarray(logits))
+        close_gradient(self, np.asarray(jitted), 2.0 * tch_grad, 2e-5, f"{what} jax.jit(jax.grad)")
+
+    def test_wrappers_take_volume_graphs(self):
+        """`--volumes` gradient graphs (logits [N,C,D,H,W], labels [N,D,H,W]) through both
+        wrappers give `losscc eval --grad`'s loss and gradient on the same volumes."""
+        rng = np.random.default_rng(31)
+        logits = rng.uniform(-3, 3, (2, 3, 4, 5, 6)).astype(np.float32)
+        labels = rng.integers(0, 3, (2, 4, 5, 6)).astype(np.int64)
+        labels[rng.uniform(size=labels.shape) < 0.1] = 255
+        for name in ("dice", "dice_per_image"):
+            with self.subTest(metric=name):
+                path = ROOT / "examples" / f"{name}.metric"
+                graph = self.tmp / f"{name}.volumes.wrapped.grad.onnx"
+                losscc("compile", path, "--volumes", "--grad", "-o", graph)
+                tch_loss, tch_grad = self.eval_reference(path, logits, labels, [])
+                self.wrappers_agree(f"{name} volumes", graph, logits, labels, tch_loss, tch_grad)
+
+    def test_wrappers_take_soft_label_graphs(self):
+        """`--soft-labels` gradient graphs with label-smoothed soft labels (float32 of the
+        logits' shape, all 0 at ignored pixels) through both wrappers give `losscc eval`'s."""
+        rng = np.random.default_rng(32)
+        logits = rng.uniform(-3, 3, (2, 4, 7, 9)).astype(np.float32)
+        hard = rng.integers(0, 4, (2, 7, 9))
+        smoothing = 0.1
+        soft = np.moveaxis(np.eye(4, dtype=np.float32)[hard], -1, 1) * (1 - smoothing) + smoothing / 4
+        soft *= (rng.uniform(size=hard.shape) >= 0.1)[:, None].astype(np.float32)
+        for name in ("miou", "miou_ce"):
+            with self.subTest(metric=name):
+                path = ROOT / "examples" / f"{name}.metric"
+                graph = self.tmp / f"{name}.soft.wrapped.grad.onnx"
+                losscc("compile", path, "--soft-labels", "--grad", "-o", graph)
+                tch_loss, tch_grad = self.eval_reference(path, logits, soft, [])
+                self.wrappers_agree(f"{name} soft labels", graph, logits, soft, tch_loss, tch_grad)
+
+    def test_wrappers_take_multi_hot_sigmoid_graphs(self):
+        """The multi-label sigmoid `multilabel_iou` with multi-hot labels of the logits' shape
+        (the ignore value in one channel ignoring the pixel) through its `--soft-labels`
+        gradient graph, given float32 (and, to torch, uint8) labels, and with class indices
+        (one-hot targets) through its default graph, gives `losscc eval`'s loss and gradient
+        in both wrappers; its `--exact` graph's counts give `eval`'s metric."""
+        rng = np.random.default_rng(33)
+        path = ROOT / "examples" / "multilabel_iou.metric"
+        logits = rng.uniform(-3, 3, (2, 3, 7, 9)).astype(np.float32)
+        multi = (rng.uniform(size=logits.shape) < 0.4).astype(np.float32)
+        multi[:, 1][rng.uniform(size=(2, 7, 9)) < 0.1] = 255
+        graph = self.tmp / "multilabel_iou.multi.wrapped.grad.onnx"
+        losscc("compile", path, "--soft-labels", "--grad", "-o", graph)
+        tch_loss, tch_grad = self.eval_reference(path, logits, multi, [])
+        self.wrappers_agree("multilabel_iou multi-hot", graph, logits, multi, tch_loss, tch_grad)
+        self.wrappers_agree("multilabel_iou multi-hot uint8", graph, logits, multi, tch_loss, tch_grad,
+                            torch_labels=torch.from_numpy(multi.astype(np.uint8)))
+
+        indices = rng.integers(0, 3, (2, 7, 9)).astype(np.int64)
+        indices[rng.uniform(size=indices.shape) < 0.1] = 255
+        graph = self.tmp / "multilabel_iou.indices.wrapped.grad.onnx"
+        losscc("compile", path, "--grad", "-o", graph)
+        tch_loss, tch_grad = self.eval_reference(path, logits, indices, [])
+        self.wrappers_agree("multilabel_iou class indices", graph, logits, indices, tch_loss, tch_grad)
+
+        exact = self.tmp / "multilabel_iou.multi.exact.onnx"
+        losscc("compile", path, "--soft-labels", "--exact", "-o", exact)
+        model = onnx.load(str(exact))
+        onnx.checker.check_model(model, full_check=True)
+        session = onnxruntime.InferenceSession(str(exact))
+        outputs = dict(zip([o.name for o in session.get_outputs()],
+                           session.run(None, {"logits": logits, "labels": multi})))
+        inter, union = (outputs[a["output"]] for a in json.loads(metadata(model)["losscc.accumulators"]))
+        np.save(self.tmp / "exact_logits.npy", logits)
+        np.save(self.tmp / "exact_labels.npy", multi)
+        reference = json.loads(losscc("eval", path, "--logits", self.tmp / "exact_logits.npy", "--labels",
+                                      self.tmp / "exact_labels.npy"))
+        present = union > 0
+        self.assertTrue(present.all())
+        self.assertAlmostEqual(float(np.mean(inter[present] / union[present])), reference["metric"], places=6)
+
+    def test_wrappers_refuse_the_wrong_label_kind_with_one_sentence(self):
+        """A volume or soft-label graph given what another graph takes is refused in one
+        sentence naming what this graph expects."""
+        volumes, soft = self.tmp / "dice.volumes.refuse.onnx", self.tmp / "miou.soft.refuse.onnx"
+        plain = self.tmp / "miou.plain.refuse.onnx"
+        losscc("compile", ROOT / "examples" / "dice.metric", "--volumes", "--grad", "-o", volumes)
+        losscc("compile", ROOT / "examples" / "miou.metric", "--soft-labels", "--grad", "-o", soft)
+        losscc("compile", ROOT / "examples" / "miou.metric", "--grad", "-o", plain)
+        x, y = torch.zeros(2, 3, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long)
+        x3, y3 = torch.zeros(2, 3, 2, 4, 5), torch.zeros(2, 2, 4, 5, dtype=torch.long)
+        self.one_sentence(ValueError, lambda: OnnxLoss(volumes)(x, y), "[N, C, D, H, W]", "--volumes")
+        self.one_sentence(ValueError, lambda: OnnxLoss(volumes)(x3, y), "labels must be [N, D, H, W]")
+        self.one_sentence(ValueError, lambda: OnnxLoss(soft)(x, y), "[N, C, H, W]", "--soft-labels")
+        self.one_sentence(TypeError, lambda: OnnxLoss(plain)(x, x), "integer", "--soft-labels")
+        self.one_sentence(ValueError, lambda: OnnxLoss(plain)(x, x.long()), "logits' shape", "--soft-labels")
+        self.assertEqual(OnnxLoss(volumes)(x3, y3).shape, ())
+        jx, jy = jnp.zeros((2, 3, 4, 5)), jnp.zeros((2, 4, 5), jnp.int32)
+        self.one_sentence(ValueError, lambda: onnx_loss(volumes)(jx, jy), "[N, C, D, H, W]", "--volumes")
+        self.one_sentence(ValueError, lambda: onnx_loss(soft)(jx, jy), "[N, C, H, W]", "--soft-labels")
+        self.one_sentence(TypeError, lambda: onnx_loss(plain)(jx, jx), "integer", "--soft-labels")
+
     def one_sentence(self, error_type, call, *words):
         with self.assertRaises(error_type) as caught:
             call()
@@ -364,6 +477,16 @@ class GradientGraphTest(unittest.TestCase):
         value.backward()
         self.assertEqual(gpu.grad.device.type, "cuda")
         close_gradient(self, gpu.grad.cpu().numpy(), cpu.grad.numpy(), 1e-5, "CUDA vs CPU")
+        # Float labels (a `--soft-labels` graph) are bound as float32 on the GPU too.
+        soft_path = self.tmp / "cuda.soft.grad.onnx"
+        losscc("compile", ROOT / "examples" / "miou.metric", "--soft-labels", "--grad", "-o", soft_path)
+        soft = torch.softmax(torch.from_numpy(logits[::-1].copy()), dim=1)
+        soft_loss = OnnxLoss(soft_path)
+        cpu = torch.from_numpy(logits).requires_grad_(True)
+        soft_loss(cpu, soft).backward()
+        gpu = torch.from_numpy(logits).cuda().requires_grad_(True)
+        soft_loss(gpu, soft.cuda()).backward()
+        close_gradient(self, gpu.grad.cpu().numpy(), cpu.grad.numpy(), 1e-5, "soft labels, CUDA vs CPU")
 
 
 class TrainingWithTheGradientGraphTest(unittest.TestCase):
