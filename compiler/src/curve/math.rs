@@ -54,6 +54,11 @@ pub trait CurveOps {
     fn select_mask(&mut self, take: &Self::Mask, a: &Self::Mask, b: &Self::Mask) -> Self::Mask;
     /// 1 where `mask`, else 0.
     fn indicator(&mut self, mask: &Self::Mask) -> Self::Value;
+    /// `a·b + c` (back ends with a fused multiply-add round once).
+    fn mul_add(&mut self, a: &Self::Value, b: &Self::Value, c: &Self::Value) -> Self::Value {
+        let product = self.mul(a, b);
+        self.add(&product, c)
+    }
 }
 
 /// A property of a piece: known when the curve is (baked curves), or computed per value
@@ -376,6 +381,196 @@ fn eval_piece<O: CurveOps>(
     (y, slope)
 }
 
+/// A piece folded further, for back ends that evaluate value by value (the fused kernel's
+/// lanes): the same function as [`eval`], with more of the arithmetic done once per curve in
+/// float64 so that a value needs no division, and on a straight piece no square root. With
+/// `x` clamped to `[0, 1]` and `d = x − x_start`:
+///
+/// * `root = sqrt(max(A + B·d, SQRT_FLOOR))`, `t_raw = T0 + T1·root + R·d`,
+///   `t = clamp(t_raw, 0, 1)`, `y = U + t·(V + Q·t)`;
+/// * `dy/dx = (V + 2Q·t)·(R + K/root)` where `A + B·d ≥ SQRT_FLOOR`, `0 ≤ t_raw ≤ 1` and
+///   `0 ≤ x ≤ 1` (before clamping), else 0.
+///
+/// A straight piece has `A = 1`, `B = T0 = T1 = K = 0`, `R = 1/width`, so that on a curve of
+/// straight pieces only `y = U + d·(W1 + W2·d)` and `dy/dx = W1 + 2·W2·d` (gated by
+/// `0 ≤ x ≤ 1`). A piece of zero width has `U = y2` and every other coefficient 0. Pieces are
+/// chosen as [`eval`] chooses them (the earlier piece at a joint). The results equal
+/// [`eval`]'s up to rounding; the one difference is that [`eval`] also zeroes the slope
+/// where rounding puts `(x − x_start)/width` a hair outside `[0, 1]`, which this form does
+/// not test (the chosen piece holds `x`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Folded<V> {
+    pub start_x: V,
+    pub end_x: V,
+    pub a: V,
+    pub b: V,
+    pub t0: V,
+    pub t1: V,
+    pub r: V,
+    pub k: V,
+    pub u: V,
+    pub v: V,
+    pub q: V,
+    pub w1: V,
+    pub w2: V,
+}
+
+impl Folded<f64> {
+    /// The folded coefficients of a known segment.
+    pub fn new(segment: &Segment) -> Folded<f64> {
+        let width = segment.width();
+        let (y0, y1, y2) = (segment.start[1], segment.middle[1], segment.end[1]);
+        let mut folded = Folded {
+            start_x: segment.start[0],
+            end_x: segment.end[0],
+            a: 1.0,
+            b: 0.0,
+            t0: 0.0,
+            t1: 0.0,
+            r: 0.0,
+            k: 0.0,
+            u: y2,
+            v: 0.0,
+            q: 0.0,
+            w1: 0.0,
+            w2: 0.0,
+        };
+        if width <= 0.0 {
+            return folded;
+        }
+        let inv_width = 1.0 / width;
+        let (v, q) = (2.0 * (y1 - y0), y0 - 2.0 * y1 + y2);
+        folded.u = y0;
+        folded.v = v;
+        folded.q = q;
+        if segment.linear {
+            folded.r = inv_width;
+            folded.w1 = v * inv_width;
+            folded.w2 = q * inv_width * inv_width;
+        } else {
+            // x' = d/width; disc = m² + (1 − 2m)·x'; t = (m − root)/(2m − 1);
+            // dt/dx = −(1 − 2m)/(2·root·(2m − 1)·width).
+            let m = segment.m;
+            let inv_2m1 = 1.0 / (2.0 * m - 1.0);
+            folded.a = m * m;
+            folded.b = (1.0 - 2.0 * m) * inv_width;
+            folded.t0 = m * inv_2m1;
+            folded.t1 = -inv_2m1;
+            folded.k = -0.5 * (1.0 - 2.0 * m) * inv_2m1 * inv_width;
+        }
+        folded
+    }
+
+    /// The coefficients as constants of a back end.
+    pub fn constants<O: CurveOps>(&self, ops: &mut O) -> Folded<O::Value> {
+        let mut c = |value: f64| ops.constant(value);
+        Folded {
+            start_x: c(self.start_x),
+            end_x: c(self.end_x),
+            a: c(self.a),
+            b: c(self.b),
+            t0: c(self.t0),
+            t1: c(self.t1),
+            r: c(self.r),
+            k: c(self.k),
+            u: c(self.u),
+            v: c(self.v),
+            q: c(self.q),
+            w1: c(self.w1),
+            w2: c(self.w2),
+        }
+    }
+}
+
+/// `g(x)` and, with `want_slope`, `g'(x)` from folded pieces (see [`Folded`]); `straight`
+/// when every piece is straight (or of zero width), which skips the square root.
+#[inline(always)]
+pub fn eval_folded<O: CurveOps>(
+    ops: &mut O,
+    x: &O::Value,
+    pieces: &[Folded<O::Value>],
+    straight: bool,
+    want_slope: bool,
+) -> (O::Value, Option<O::Value>) {
+    let clamped = ops.clamp(x, 0.0, 1.0);
+    let last = pieces.len() - 1;
+    // The piece holding x: the last one unless an earlier one ends at or after x.
+    let mut piece = pieces[last].clone();
+    for earlier in pieces[..last].iter().rev() {
+        let inside = ops.le(&clamped, &earlier.end_x);
+        let mut pick = |a: &O::Value, b: &O::Value| ops.select(&inside, a, b);
+        piece = if straight {
+            Folded {
+                start_x: pick(&earlier.start_x, &piece.start_x),
+                u: pick(&earlier.u, &piece.u),
+                w1: pick(&earlier.w1, &piece.w1),
+                w2: pick(&earlier.w2, &piece.w2),
+                ..piece
+            }
+        } else {
+            Folded {
+                start_x: pick(&earlier.start_x, &piece.start_x),
+                end_x: piece.end_x.clone(),
+                a: pick(&earlier.a, &piece.a),
+                b: pick(&earlier.b, &piece.b),
+                t0: pick(&earlier.t0, &piece.t0),
+                t1: pick(&earlier.t1, &piece.t1),
+                r: pick(&earlier.r, &piece.r),
+                k: pick(&earlier.k, &piece.k),
+                u: pick(&earlier.u, &piece.u),
+                v: pick(&earlier.v, &piece.v),
+                q: pick(&earlier.q, &piece.q),
+                w1: piece.w1.clone(),
+                w2: piece.w2.clone(),
+            }
+        };
+    }
+    let d = ops.sub(&clamped, &piece.start_x);
+    let in_range = want_slope.then(|| {
+        let (zero, one) = (ops.constant(0.0), ops.constant(1.0));
+        let above = ops.le(&zero, x);
+        let below = ops.le(x, &one);
+        ops.and(&above, &below)
+    });
+    if straight {
+        let inner = ops.mul_add(&piece.w2, &d, &piece.w1);
+        let y = ops.mul_add(&inner, &d, &piece.u);
+        let slope = in_range.map(|in_range| {
+            let two_w2 = ops.add(&piece.w2, &piece.w2);
+            let slope = ops.mul_add(&two_w2, &d, &piece.w1);
+            let passes = ops.indicator(&in_range);
+            ops.mul(&slope, &passes)
+        });
+        return (y, slope);
+    }
+    let disc_raw = ops.mul_add(&piece.b, &d, &piece.a);
+    let disc = ops.clamp_min(&disc_raw, SQRT_FLOOR);
+    let root = ops.sqrt(&disc);
+    let linear_part = ops.mul_add(&piece.r, &d, &piece.t0);
+    let t_raw = ops.mul_add(&piece.t1, &root, &linear_part);
+    let t = ops.clamp(&t_raw, 0.0, 1.0);
+    let inner = ops.mul_add(&piece.q, &t, &piece.v);
+    let y = ops.mul_add(&inner, &t, &piece.u);
+    let slope = in_range.map(|in_range| {
+        let two_q = ops.add(&piece.q, &piece.q);
+        let dy_dt = ops.mul_add(&two_q, &t, &piece.v);
+        let k_over_root = ops.div(&piece.k, &root);
+        let dt_dx = ops.add(&piece.r, &k_over_root);
+        let (zero, one) = (ops.constant(0.0), ops.constant(1.0));
+        let floor = ops.constant(SQRT_FLOOR);
+        let above_floor = ops.le(&floor, &disc_raw);
+        let t_low = ops.le(&zero, &t_raw);
+        let t_high = ops.le(&t_raw, &one);
+        let t_inside = ops.and(&t_low, &t_high);
+        let passes = ops.and(&above_floor, &t_inside);
+        let passes = ops.and(&passes, &in_range);
+        let passes = ops.indicator(&passes);
+        let slope = ops.mul(&dy_dt, &dt_dx);
+        ops.mul(&slope, &passes)
+    });
+    (y, slope)
+}
+
 /// The back end for plain `f64` numbers.
 pub struct Numbers;
 
@@ -479,6 +674,37 @@ mod tests {
                         (numeric - slope).abs() <= 1e-4 * (1.0 + slope.abs()),
                         "{curve:?} x={x}: {numeric} vs {slope}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The folded form gives [`eval`]'s values and slopes (away from joints, where only the
+    /// rounding of the piece's normalized x may differ), straight curves with and without the
+    /// square root.
+    #[test]
+    fn folded_pieces_equal_the_curve_math() {
+        for curve in curves() {
+            let segments = curve.segments();
+            let pieces: Vec<_> = segments.iter().map(|s| Piece::known(&mut Numbers, s)).collect();
+            let folded: Vec<_> = segments.iter().map(|s| Folded::new(s).constants(&mut Numbers)).collect();
+            let straight = segments.iter().all(|s| s.linear || s.width() <= 0.0);
+            let joints: Vec<f64> = segments.iter().map(|s| s.end[0]).collect();
+            for i in 0..=1200 {
+                let x = -0.1 + 1.2 * i as f64 / 1200.0;
+                let (value, slope) = eval(&mut Numbers, &x, &pieces, Strategy::EachPiece, true);
+                for general in [false, true].into_iter().filter(|&g| g || straight) {
+                    let (v, s) = eval_folded(&mut Numbers, &x, &folded, straight && !general, true);
+                    assert!((v - value).abs() < 1e-12, "{curve:?} x={x}: value {v} vs {value}");
+                    if joints.iter().all(|j| (x - j).abs() > 1e-9) {
+                        let (s, slope) = (s.unwrap(), slope.unwrap());
+                        assert!(
+                            (s - slope).abs() < 1e-9 * (1.0 + slope.abs()),
+                            "{curve:?} x={x}: slope {s} vs {slope}"
+                        );
+                    }
+                    let (v, s) = eval_folded(&mut Numbers, &x, &folded, straight && !general, false);
+                    assert!((v - value).abs() < 1e-12 && s.is_none());
                 }
             }
         }

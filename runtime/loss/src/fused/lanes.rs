@@ -2,7 +2,7 @@
 //! rows vectorize: the curve math of [`compiler::curve::math`] instantiated for lanes, a
 //! polynomial `exp`, and float64 row sums.
 
-use compiler::curve::math::{self, CurveOps, Flag, Piece, Strategy};
+use compiler::curve::math::{self, CurveOps, Folded};
 use compiler::curve::Curve;
 
 /// The curve math's operations on one `f32` lane: branch-free (compares, bit selects,
@@ -76,6 +76,10 @@ impl CurveOps for Lanes {
     fn indicator(&mut self, mask: &bool) -> f32 {
         f32::from(u8::from(*mask))
     }
+    #[inline(always)]
+    fn mul_add(&mut self, a: &f32, b: &f32, c: &f32) -> f32 {
+        a.mul_add(*b, *c)
+    }
 }
 
 /// 1.0 where `condition` holds, else 0.0 (a compare and a mask once vectorized).
@@ -91,93 +95,101 @@ pub(super) fn select(take: bool, a: f32, b: f32) -> f32 {
     f32::from_bits((a.to_bits() & mask) | (b.to_bits() & !mask))
 }
 
-/// A curve's pieces as lane constants.
-pub(super) fn pieces(curve: &Curve) -> Vec<Piece<f32, bool>> {
-    curve.segments().iter().map(|segment| Piece::known(&mut Lanes, segment)).collect()
+/// A curve as the lanes evaluate it: its pieces folded ([`Folded`]) into `f32` constants,
+/// and whether every piece is straight (no square root then).
+#[derive(Clone, Debug)]
+pub(crate) struct LaneCurve {
+    pieces: Vec<Folded<f32>>,
+    straight: bool,
 }
 
-/// `g` and `g'` over a row of values. Each lane picks its piece and evaluates it once
-/// ([`Strategy::BlendPieces`]). The piece count and the kinds of pieces (all straight, none
-/// straight, or mixed; with or without a zero-width piece) become constants before the loop,
-/// so the per-lane work has no branch and the row loop vectorizes; a straight curve skips
-/// the square root.
-#[inline(always)]
-pub(super) fn curve_row(xs: &[f32], ys: &mut [f32], slopes: &mut [f32], pieces: &[Piece<f32, bool>]) {
-    let kind = |flags: &mut dyn Iterator<Item = &Flag<bool>>| {
-        let known: Vec<bool> = flags.map(|flag| matches!(flag, Flag::Known(true))).collect();
-        if known.iter().all(|&k| k) {
-            ALL
-        } else if known.iter().any(|&k| k) {
-            MIXED
-        } else {
-            NONE
+impl LaneCurve {
+    pub(crate) fn new(curve: &Curve) -> LaneCurve {
+        let segments = curve.segments();
+        LaneCurve {
+            pieces: segments.iter().map(|segment| Folded::new(segment).constants(&mut Lanes)).collect(),
+            straight: segments.iter().all(|segment| segment.linear || segment.width() <= 0.0),
         }
-    };
-    let linear = kind(&mut pieces.iter().map(|p| &p.linear));
-    let degenerate = kind(&mut pieces.iter().map(|p| &p.degenerate));
-    match (pieces, linear, degenerate) {
-        ([a], ALL, _) => row::<1, ALL, NONE>(xs, ys, slopes, &[a.clone()]),
-        ([a], _, _) => row::<1, NONE, NONE>(xs, ys, slopes, &[a.clone()]),
-        ([a, b], ALL, NONE) => row::<2, ALL, NONE>(xs, ys, slopes, &[a.clone(), b.clone()]),
-        ([a, b], ALL, _) => row::<2, ALL, MIXED>(xs, ys, slopes, &[a.clone(), b.clone()]),
-        ([a, b], NONE, NONE) => row::<2, NONE, NONE>(xs, ys, slopes, &[a.clone(), b.clone()]),
-        ([a, b], _, NONE) => row::<2, MIXED, NONE>(xs, ys, slopes, &[a.clone(), b.clone()]),
-        ([a, b], _, _) => row::<2, MIXED, MIXED>(xs, ys, slopes, &[a.clone(), b.clone()]),
-        (_, ALL, NONE) => row_of_any::<ALL, NONE>(xs, ys, slopes, pieces),
-        (_, ALL, _) => row_of_any::<ALL, MIXED>(xs, ys, slopes, pieces),
-        (_, _, NONE) => row_of_any::<MIXED, NONE>(xs, ys, slopes, pieces),
-        (_, _, _) => row_of_any::<MIXED, MIXED>(xs, ys, slopes, pieces),
     }
 }
 
-/// Kinds of a flag over a curve's pieces: false for every piece, true for every piece, or
-/// mixed (then each piece's value is a lane mask).
-const NONE: u8 = 0;
-const ALL: u8 = 1;
-const MIXED: u8 = 2;
-
-/// The piece with its flags as the row's constants say.
+/// `g` over rows of values into `ys`, and `g'` into `slopes` when given. The piece count (up
+/// to three) and straightness become constants of the loop, so each lane's work has no
+/// branch and the loop over a row's lanes vectorizes; each row is computed on a copy and
+/// stored whole (see the sweep's row helpers).
 #[inline(always)]
-fn with_kinds<const LINEAR: u8, const DEGENERATE: u8>(piece: &Piece<f32, bool>) -> Piece<f32, bool> {
-    let kind = |flag: &Flag<bool>, of: u8| match of {
-        NONE => Flag::Known(false),
-        ALL => Flag::Known(true),
-        _ => Flag::Dynamic(matches!(flag, Flag::Known(true))),
-    };
-    Piece { linear: kind(&piece.linear, LINEAR), degenerate: kind(&piece.degenerate, DEGENERATE), ..piece.clone() }
-}
-
-#[inline(always)]
-fn row<const N: usize, const LINEAR: u8, const DEGENERATE: u8>(
-    xs: &[f32],
-    ys: &mut [f32],
-    slopes: &mut [f32],
-    pieces: &[Piece<f32, bool>; N],
+pub(super) fn curve_rows<const L: usize>(
+    xs: &[[f32; L]],
+    ys: &mut [[f32; L]],
+    slopes: Option<&mut [[f32; L]]>,
+    curve: &LaneCurve,
 ) {
-    let pieces: [Piece<f32, bool>; N] = std::array::from_fn(|i| with_kinds::<LINEAR, DEGENERATE>(&pieces[i]));
-    let len = xs.len();
-    let (ys, slopes) = (&mut ys[..len], &mut slopes[..len]);
-    for i in 0..len {
-        let (y, slope) = math::eval(&mut Lanes, &xs[i], &pieces, Strategy::BlendPieces, true);
-        ys[i] = y;
-        slopes[i] = slope.unwrap_or(0.0);
+    let p = &curve.pieces;
+    macro_rules! go {
+        ($n:literal, $straight:literal) => {{
+            let pieces: [Folded<f32>; $n] = std::array::from_fn(|i| p[i]);
+            match slopes {
+                Some(slopes) => rows::<L, $n, $straight, true>(xs, ys, slopes, &pieces),
+                None => rows::<L, $n, $straight, false>(xs, ys, &mut [], &pieces),
+            }
+        }};
+    }
+    match (p.len(), curve.straight) {
+        (1, true) => go!(1, true),
+        (1, false) => go!(1, false),
+        (2, true) => go!(2, true),
+        (2, false) => go!(2, false),
+        (3, true) => go!(3, true),
+        (3, false) => go!(3, false),
+        (_, straight) => match slopes {
+            Some(slopes) => rows_of_any::<L, true>(xs, ys, slopes, p, straight),
+            None => rows_of_any::<L, false>(xs, ys, &mut [], p, straight),
+        },
     }
 }
 
 #[inline(always)]
-fn row_of_any<const LINEAR: u8, const DEGENERATE: u8>(
-    xs: &[f32],
-    ys: &mut [f32],
-    slopes: &mut [f32],
-    pieces: &[Piece<f32, bool>],
+fn rows<const L: usize, const N: usize, const STRAIGHT: bool, const SLOPE: bool>(
+    xs: &[[f32; L]],
+    ys: &mut [[f32; L]],
+    slopes: &mut [[f32; L]],
+    pieces: &[Folded<f32>; N],
 ) {
-    let pieces: Vec<Piece<f32, bool>> = pieces.iter().map(with_kinds::<LINEAR, DEGENERATE>).collect();
-    let len = xs.len();
-    let (ys, slopes) = (&mut ys[..len], &mut slopes[..len]);
-    for i in 0..len {
-        let (y, slope) = math::eval(&mut Lanes, &xs[i], &pieces, Strategy::BlendPieces, true);
-        ys[i] = y;
-        slopes[i] = slope.unwrap_or(0.0);
+    for (k, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
+        let x = *x;
+        let (mut values, mut derivatives) = ([0.0f32; L], [0.0f32; L]);
+        for j in 0..L {
+            let (value, slope) = math::eval_folded(&mut Lanes, &x[j], pieces, STRAIGHT, SLOPE);
+            values[j] = value;
+            derivatives[j] = slope.unwrap_or(0.0);
+        }
+        *y = values;
+        if SLOPE {
+            slopes[k] = derivatives;
+        }
+    }
+}
+
+#[inline(always)]
+fn rows_of_any<const L: usize, const SLOPE: bool>(
+    xs: &[[f32; L]],
+    ys: &mut [[f32; L]],
+    slopes: &mut [[f32; L]],
+    pieces: &[Folded<f32>],
+    straight: bool,
+) {
+    for (k, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
+        let x = *x;
+        let (mut values, mut derivatives) = ([0.0f32; L], [0.0f32; L]);
+        for j in 0..L {
+            let (value, slope) = math::eval_folded(&mut Lanes, &x[j], pieces, straight, SLOPE);
+            values[j] = value;
+            derivatives[j] = slope.unwrap_or(0.0);
+        }
+        *y = values;
+        if SLOPE {
+            slopes[k] = derivatives;
+        }
     }
 }
 
@@ -199,18 +211,4 @@ pub(super) fn exp_nonpositive(x: f32) -> f32 {
     // The low mantissa bits of `shifted` hold n (as 0x4B40_0000 + n).
     let exponent = (shifted.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
     f32::from_bits(exponent as u32) * p
-}
-
-/// Sum of a row in float64, by eight float32 lanes (so the loop vectorizes).
-#[inline(always)]
-pub(super) fn row_sum(values: &[f32]) -> f64 {
-    let mut lanes = [0.0f32; 8];
-    let mut chunks = values.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, value) in lanes.iter_mut().zip(chunk) {
-            *lane += value;
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().sum();
-    lanes.iter().map(|&l| l as f64).sum::<f64>() + tail as f64
 }

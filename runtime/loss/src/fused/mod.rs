@@ -3,13 +3,16 @@
 //!
 //! The reference path (op by op in libtorch) materializes every intermediate `[N,C,H,W]`
 //! tensor and records it for autograd. Here, the pixel-level nodes that feed the counts
-//! become a small program over a pixel's classes, run on tiles of 64 pixels whose values lie
-//! class-major (`[class][pixel]`) so each step is a long contiguous loop:
+//! become a small program over a pixel's classes, run on tiles of 16 pixels whose values
+//! lie in rows of 16 lanes, one row per class, in scratch that stays in the core's cache:
 //! 1. forward sweep: softmax, curves, products, ... accumulated straight into the counts
-//!    (float64); the softmax and each curve's slopes are kept for the backward sweep;
+//!    (float32 lanes, folded into float64 every few tiles); nothing logits-sized is written;
 //! 2. the few per-class numbers above the counts run in libtorch with autograd, giving
 //!    `∂loss/∂count`;
-//! 3. backward sweep: per pixel, reverse mode through the same program to `∂loss/∂logits`.
+//! 3. backward sweep: per tile, the values it needs recomputed from the logits (softmax,
+//!    curves with their slopes), then reverse mode through the same program to
+//!    `∂loss/∂logits`. Recomputing costs less than storing the softmax and the slopes in
+//!    logits-sized planes and reading them back, which do not fit in the caches.
 //!
 //! **Stages.** Pooling of prediction-dependent sets (BF1's `boundary(P)` erodes `P`, then
 //! dilates the soft boundary) needs neighbours, so such a module runs in several sweeps
@@ -18,7 +21,9 @@
 //! output's winner (as `max_pool2d` picks it). The backward runs the stages in reverse: each
 //! stage's sweep adds the gradients of what it read into the frames' gradient planes, each
 //! pooling scatters its output's gradient to the winners, and the first stage's sweep ends in
-//! the softmax backward.
+//! the softmax backward. Only what a pooling reads, or what cannot be recomputed from
+//! frames already kept, goes to a frame: a curve of the softmax in a later stage is
+//! recomputed from the softmax's frame rather than written and read as a frame of its own.
 //!
 //! The result enters autograd by linearization (tch has no custom autograd function):
 //! `loss = value.detach() + (Σ logits·G − (Σ logits·G).detach())` has exactly the value
@@ -32,8 +37,8 @@
 //! [`crate::label_planes`] proves they fit, and read as planes. Tests prove the fused and reference
 //! paths equal in values and gradients.
 //!
-//! Every hot loop is written to vectorize (contiguous rows, no branches, no aliasing between
-//! the rows read and written) and compiled twice by
+//! Every hot loop is written to vectorize (rows of a length known at compile time, computed
+//! on copies and stored whole, no branches) and compiled twice by
 //! [`with_best_simd!`](crate::kernels::simd::with_best_simd): for the baseline target and
 //! for AVX2+FMA, chosen at run time.
 //!
@@ -57,9 +62,9 @@ use crate::reference::{self, Surrogate};
 use compiler::curve::Curve;
 use compiler::ir::{Handle, Node, Shape};
 use compiler::RelaxedModule;
-use plan::Op;
 use plan::{width, FusedPlan};
-use sweep::{backward_run, forward_run, CurveStore, Frame, PlaneData, SharedPlanes, Sweep, Tile, TileBuffers, TILE};
+use std::ops::Range;
+use sweep::{backward_run, forward_run, Frame, PlaneData, SharedPlanes, Sweep, TileBuffers, TILE};
 use tch::{Kind, Tensor};
 
 /// A checked batch whose logits are float32 on the CPU: what the fused kernel reads in place.
@@ -86,20 +91,46 @@ fn grad_mode_enabled() -> bool {
     previous
 }
 
-/// The tiles of `images` images of `pixels_per_image` pixels, split into `workers` runs of
-/// about equal length; tiles never cross an image boundary.
-fn tile_runs(images: usize, pixels_per_image: usize, workers: usize) -> Vec<Vec<Tile>> {
-    let tiles: Vec<Tile> = (0..images)
-        .flat_map(|image| {
-            (0..pixels_per_image).step_by(TILE).map(move |within| Tile {
-                image,
-                within,
-                n: TILE.min(pixels_per_image - within),
-            })
-        })
-        .collect();
-    let per_worker = tiles.len().div_ceil(workers.max(1)).max(1);
-    tiles.chunks(per_worker).map(|run| run.to_vec()).collect()
+/// Tiles `0..tiles` split into `workers` runs of about equal length (consecutive tiles, so
+/// a run reads consecutive memory).
+fn tile_runs(tiles: usize, workers: usize) -> Vec<Range<usize>> {
+    let workers = workers.clamp(1, tiles.max(1));
+    (0..workers).map(|part| part * tiles / workers..(part + 1) * tiles / workers).collect()
+}
+
+/// Where the time of one fused call goes, printed to stderr when the environment variable
+/// `LOSSCC_PHASES` is set (the phase table of docs/performance.md comes from it). Phases of
+/// the same name add up (one per stage).
+struct Phases {
+    last: Option<std::time::Instant>,
+    parts: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn start() -> Phases {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var_os("LOSSCC_PHASES").is_some());
+        Phases { last: on.then(std::time::Instant::now), parts: Vec::new() }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        if let Some(last) = self.last {
+            let now = std::time::Instant::now();
+            let ms = (now - last).as_secs_f64() * 1e3;
+            match self.parts.iter_mut().find(|(name, _)| *name == phase) {
+                Some((_, total)) => *total += ms,
+                None => self.parts.push((phase, ms)),
+            }
+            self.last = Some(now);
+        }
+    }
+
+    fn report(&self, metric: &str) {
+        if self.last.is_some() {
+            let parts: Vec<String> = self.parts.iter().map(|(name, ms)| format!("{name} {ms:.2} ms")).collect();
+            eprintln!("losscc fused {metric}: {}", parts.join(", "));
+        }
+    }
 }
 
 /// The surrogate through the fused kernel.
@@ -109,6 +140,7 @@ pub(crate) fn surrogate(
     plan: &FusedPlan,
     inputs: &FusedBatch<'_>,
 ) -> Result<Surrogate, LossError> {
+    let mut phases = Phases::start();
     let batch = inputs.batch;
     let (logits, labels) = (batch.logits, batch.labels);
     let size = logits.size();
@@ -192,12 +224,13 @@ pub(crate) fn surrogate(
         .iter()
         .map(|&width| {
             let mut grads = take_buffer(frame_len(width));
-            zero(&mut grads);
+            if needs_backward {
+                zero(&mut grads);
+            }
             (take_buffer(frame_len(width)), grads)
         })
         .collect();
-    let softmax_frame = plan.steps.iter().find(|s| matches!(s.op, Op::Softmax)).and_then(|s| s.export);
-    let mut frames: Vec<Frame> = frame_buffers
+    let frames: Vec<Frame> = frame_buffers
         .iter_mut()
         .zip(&plan.frames)
         .map(|((values, grads), &width)| Frame {
@@ -206,14 +239,9 @@ pub(crate) fn surrogate(
             width,
         })
         .collect();
-    let mut softmax = take_buffer(elements);
-    let softmax_planes = SharedPlanes { data: softmax.as_mut_ptr(), len: softmax.len() };
-    if let Some(frame) = softmax_frame {
-        frames[frame].values = softmax_planes;
-    }
-    let frames = frames;
     let mut winners: Vec<Vec<u32>> =
         plan.pools.iter().map(|pool| vec![0u32; frame_len(plan.frames[pool.output])]).collect();
+    let tiles_per_image = pixels_per_image.div_ceil(TILE);
     let sweep = Sweep {
         plan,
         logits: logit_values,
@@ -222,23 +250,13 @@ pub(crate) fn surrogate(
         plane_widths: &plane_widths,
         classes: c,
         pixels_per_image,
+        tiles_per_image,
         stage: 0,
         frames: &frames,
         ignore,
     };
-    let runs = tile_runs(n, pixels_per_image, threads());
-    // Curve stores only matter when there is a backward sweep.
-    let stored_curves = if needs_backward { plan.stored_curves() } else { Vec::new() };
-    let store_len = |width: usize| n * width * pixels_per_image;
-    let mut store_buffers: Vec<(Vec<f32>, Option<Vec<f32>>)> = stored_curves
-        .iter()
-        .map(|&(width, values)| (take_buffer(store_len(width)), values.then(|| take_buffer(store_len(width)))))
-        .collect();
-    let planes_of = |buffer: &mut Vec<f32>| SharedPlanes { data: buffer.as_mut_ptr(), len: buffer.len() };
-    let store = CurveStore {
-        slopes: store_buffers.iter_mut().map(|(slopes, _)| planes_of(slopes)).collect(),
-        values: store_buffers.iter_mut().map(|(_, values)| values.as_mut().map(planes_of)).collect(),
-    };
+    let runs = tile_runs(n * tiles_per_image, threads());
+    phases.mark("label planes and scratch");
     let mut counts: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
     for stage in 0..plan.stages {
         // Poolings whose output this stage reads, from frames complete by now.
@@ -248,11 +266,12 @@ pub(crate) fn surrogate(
             // distinct buffers (an output frame is always a buffer of its own).
             let (input, output) = unsafe { (&*input.row(0, input.len), output.row(0, output.len)) };
             window_winners(input, winners, output, (h, w), pool.radius, pool.erode);
+            phases.mark("pooling (winner search)");
         }
         let sweep = Sweep { stage, ..sweep };
-        let locals = run_parts(runs.iter().collect(), |run| {
+        let locals = run_parts(runs.clone(), |run| {
             let mut buffers = TileBuffers::new(plan);
-            forward_run(&sweep, run, &mut buffers, softmax_planes, &store);
+            forward_run(&sweep, run, &mut buffers);
             buffers.counts
         });
         for local in locals {
@@ -262,6 +281,7 @@ pub(crate) fn surrogate(
                 }
             }
         }
+        phases.mark("forward sweep");
     }
     // Counts become leaves; the small graph above them runs with autograd.
     let kind = logits.kind();
@@ -286,18 +306,14 @@ pub(crate) fn surrogate(
             give_back(values);
             give_back(grads);
         }
-        give_back(softmax);
-        for (slopes, values) in store_buffers {
-            give_back(slopes);
-            if let Some(values) = values {
-                give_back(values);
-            }
-        }
     };
     if !needs_backward || !result.loss.requires_grad() {
+        phases.mark("counts to loss (libtorch)");
+        phases.report(&module.name);
         release();
         return Ok(Surrogate { loss: result.loss.detach(), ..result });
     }
+    phases.mark("counts to loss (libtorch, with autograd)");
     // A count the loss does not use (a `let` left unused) gets no gradient at all: zeros.
     let count_grads: Vec<Vec<f32>> = Tensor::run_backward(&[&result.loss], &count_leaves, false, false)
         .iter()
@@ -309,10 +325,11 @@ pub(crate) fn surrogate(
     let gradient_planes = SharedPlanes { data: gradient.data_ptr() as *mut f32, len: elements };
     for stage in (0..plan.stages).rev() {
         let sweep = Sweep { stage, ..sweep };
-        run_parts(runs.iter().collect(), |run| {
+        run_parts(runs.clone(), |run| {
             let mut buffers = TileBuffers::new(plan);
-            backward_run(&sweep, run, &mut buffers, softmax_planes, &store, &count_grads, gradient_planes);
+            backward_run(&sweep, run, &mut buffers, &count_grads, gradient_planes);
         });
+        phases.mark("backward sweep");
         // Every reader of these poolings' outputs is done: send their gradients back to the
         // winners, in the input frames (read by an earlier stage, which runs next).
         for (pool, winners) in plan.pools.iter().zip(&winners).filter(|(p, _)| p.stage == stage) {
@@ -320,6 +337,7 @@ pub(crate) fn surrogate(
             // SAFETY: two distinct frames' gradient buffers, not used by anything else now.
             let (from, to) = unsafe { (from.row(0, from.len), to.row(0, to.len)) };
             scatter_planes(from, winners, to, pixels_per_image);
+            phases.mark("pooling gradient (scatter)");
         }
     }
     drop(logits_contiguous);
@@ -331,5 +349,7 @@ pub(crate) fn surrogate(
     let linear = logits.reshape([-1]).dot(&gradient.reshape([-1]));
     // Exactly the value, with the gradient of the linear term (`x − x` is 0 in floats).
     let loss = result.loss.detach() + (&linear - linear.detach());
+    phases.mark("linearization");
+    phases.report(&module.name);
     Ok(Surrogate { loss, ..result })
 }

@@ -2,11 +2,13 @@
 //! over a pixel's classes, grouped into stages (sweeps) with poolings between them, and what
 //! the backward sweep needs of each step.
 //!
-//! Invariant: within a stage, a step's operands come before it, so rows split at a step's
-//! offset never alias; a step that a later stage reads exports its value to a frame.
+//! Invariants: within a stage, a step's operands come before it, so rows split at a step's
+//! offset never alias; a value a later stage reads either comes from a frame (a pooling's
+//! output, or a step's export) or is recomputed there from values it can read; the softmax
+//! is computed in the first stage only (later stages import its frame), so only the first
+//! stage's backward sweep writes the logits' gradient.
 
-use super::lanes;
-use compiler::curve::math::Piece;
+use super::lanes::LaneCurve;
 use compiler::curve::Curve;
 use compiler::ir::{Handle, Node, Shape};
 use compiler::RelaxedModule;
@@ -20,7 +22,7 @@ pub(super) enum Op {
     Plane(usize),
     Curve {
         input: usize,
-        pieces: Vec<Piece<f32, bool>>,
+        curve: LaneCurve,
     },
     Add(usize, usize),
     Sub(usize, usize),
@@ -35,8 +37,10 @@ pub(super) enum Op {
         input: usize,
         count: usize,
     },
+    /// The cross-entropy summed over the tile's valid pixels, from the sweep's softmax step.
     NllSum {
         count: usize,
+        softmax: usize,
     },
     /// A value computed in an earlier stage or by a pooling between stages: read from a
     /// frame (a full plane), its gradient added back into the frame's gradient plane.
@@ -81,11 +85,16 @@ pub(crate) struct FusedPlan {
     pub(super) classes: usize,
     /// Per step: whether it depends on the predictions (gradients flow only into those).
     pub(super) pred: Vec<bool>,
-    /// Per step: whether the backward sweep needs its value (recomputed, or read back).
+    /// Per step: whether the backward sweep needs its value (it recomputes these).
     pub(super) back_value: Vec<bool>,
-    /// Per curve step: its slot among the stored curves (slopes, and values when
-    /// `back_value`), written by the forward sweep so the backward never re-evaluates curves.
-    pub(super) curve_slot: Vec<Option<usize>>,
+    /// Per step: whether the backward sweep gives its gradient rows any value (a step
+    /// whose gradient receives nothing propagates nothing; counts take theirs from above).
+    pub(super) grad_written: Vec<bool>,
+    /// Per step and operand slot (`a`, `b`): whether the step's contribution is the first
+    /// its operand's gradient receives in the backward sweep (it assigns instead of adding).
+    pub(super) first_write: Vec<[bool; 2]>,
+    /// Whether the program has the cross-entropy sum (the softmax then keeps its log-normalizer).
+    pub(super) cross_entropy: bool,
     /// Sweeps: one for a module whose pixel part is per pixel; one more after each pooling of
     /// prediction-dependent sets (BF1's boundary of `P`, then its dilation).
     pub(super) stages: usize,
@@ -139,7 +148,9 @@ impl FusedPlan {
             classes,
             pred: Vec::new(),
             back_value: Vec::new(),
-            curve_slot: Vec::new(),
+            grad_written: Vec::new(),
+            first_write: Vec::new(),
+            cross_entropy: false,
             stages: 1,
             frames: Vec::new(),
             pools: Vec::new(),
@@ -181,6 +192,15 @@ impl FusedPlan {
         self.stage_scratch[stage] += width;
         self.scratch = self.scratch.max(self.stage_scratch[stage]);
         self.steps.len() - 1
+    }
+
+    /// The sweep's softmax step (one per sweep, shared by the softmax node and the
+    /// cross-entropy).
+    fn softmax_step(&mut self, stage: usize) -> usize {
+        match self.steps.iter().position(|s| matches!(s.op, Op::Softmax) && s.stage == stage) {
+            Some(step) => step,
+            None => self.push(Op::Softmax, self.classes, stage),
+        }
     }
 
     /// The frame that holds `handle`'s value for later stages: a pooling's output, or the
@@ -303,17 +323,24 @@ impl FusedPlan {
                 | Node::Xor(..)
                 | Node::Not(..) => return None,
             }
-        } else if pooled || lowering.node_stage[handle.index()] < stage {
-            // From an earlier sweep (or a pooling between sweeps): read from its frame.
+        } else if pooled
+            || (lowering.node_stage[handle.index()] < stage
+                && (matches!(node, Node::Softmax) || lowering.frame_of[handle.index()].is_some()))
+        {
+            // A pooling's output, or a value an earlier sweep keeps in a frame anyway (the
+            // softmax, which a pooling reads, or any value exported already): read from the
+            // frame. Any other value of an earlier sweep is recomputed here from its operands
+            // (a curve of the softmax, say): cheaper than writing and reading back a frame.
             let frame = self.frame(lowering, handle)?;
             self.push(Op::Import(frame), w, stage)
         } else {
             let mut operand = |this: &mut Self, h: &Handle| this.lower(lowering, *h, stage);
             let op = match node {
-                Node::Softmax => Op::Softmax,
+                // One softmax step per sweep, shared with the cross-entropy.
+                Node::Softmax => return Some(self.softmax_step(stage)),
                 Node::Curve { input, curve } => Op::Curve {
                     input: operand(self, input)?,
-                    pieces: lanes::pieces(&lowering.curves[curve.0 as usize]),
+                    curve: LaneCurve::new(&lowering.curves[curve.0 as usize]),
                 },
                 Node::Add(a, b) => Op::Add(operand(self, a)?, operand(self, b)?),
                 Node::Sub(a, b) => Op::Sub(operand(self, a)?, operand(self, b)?),
@@ -328,13 +355,12 @@ impl FusedPlan {
                     Op::Count { input, count: self.counts.len() - 1 }
                 }
                 Node::NllSum => {
-                    // The backward sweep's cross-entropy gradient reads the stored softmax.
-                    if !self.steps.iter().any(|s| matches!(s.op, Op::Softmax)) {
-                        self.push(Op::Softmax, self.classes, 0);
-                    }
+                    // The cross-entropy reads the softmax's log-normalizer, and its gradient the
+                    // softmax, of the tile: one softmax step of the same sweep comes first.
+                    let softmax = self.softmax_step(stage);
                     self.counts.push(handle);
                     self.count_widths.push(1);
-                    Op::NllSum { count: self.counts.len() - 1 }
+                    Op::NllSum { count: self.counts.len() - 1, softmax }
                 }
                 // Divisions and reductions do not occur at pixel level; exact nodes do not
                 // occur in relaxed modules. Such modules use the reference path.
@@ -365,15 +391,13 @@ impl FusedPlan {
         Some(step)
     }
 
-    /// Decide what the backward sweep reads: which steps' values it needs (operands of
-    /// products, `any`, the softmax) and where curves keep their slopes.
+    /// Decide what the backward sweep recomputes: the steps whose values it needs (operands
+    /// of products, `any`, the softmax, every curve for its slope) and what they are computed
+    /// from. The backward sweep recomputes them from the logits, the label planes and the
+    /// frames instead of reading them back from stores: a logits-sized plane per value, written
+    /// and read again, cost more than the arithmetic (they do not fit in the caches).
     fn plan_backward(&mut self) {
         let len = self.steps.len();
-        // One stage: curves keep their slopes (and values) for the backward sweep, which then
-        // never re-evaluates a curve. Several stages already move several planes per pixel
-        // between sweeps; there, re-evaluating curves costs less than storing and reading
-        // back two more planes per curve.
-        let store_curves = self.stages == 1;
         self.pred = self
             .steps
             .iter()
@@ -390,42 +414,63 @@ impl FusedPlan {
                     need[a] = true;
                     need[index] = true;
                 }
-                Op::Softmax => need[index] = true,
-                // Recomputed in the backward sweep when curves are not stored.
-                Op::Curve { .. } if !store_curves => need[index] = true,
+                Op::Softmax | Op::Curve { .. } => need[index] = true,
                 _ => {}
             }
         }
-        // A needed value needs its operands' values, except where it is read back.
+        // A needed value needs its operands' values.
         for index in (0..len).rev() {
-            let read_back = matches!(self.steps[index].op, Op::Softmax)
-                || (store_curves && matches!(self.steps[index].op, Op::Curve { .. }));
-            if need[index] && !read_back {
+            if need[index] {
                 for operand in step_operands(&self.steps[index].op) {
                     need[operand] = true;
                 }
             }
         }
         self.back_value = need;
-        let mut slots = 0;
-        self.curve_slot = self
-            .steps
-            .iter()
-            .map(|step| {
-                (store_curves && matches!(step.op, Op::Curve { .. })).then(|| {
-                    slots += 1;
-                    slots - 1
-                })
-            })
-            .collect();
-    }
-
-    /// Stored curves: `(width, values too)` per slot.
-    pub(super) fn stored_curves(&self) -> Vec<(usize, bool)> {
-        (0..self.steps.len())
-            .filter(|&i| self.curve_slot[i].is_some())
-            .map(|i| (self.steps[i].width, self.back_value[i]))
-            .collect()
+        // Which contributions to a step's gradient come first in the backward sweep (steps
+        // run in reverse): the first assigns, later ones add, so no gradient row is zeroed.
+        // A step whose gradient receives nothing propagates nothing.
+        self.grad_written = vec![false; len];
+        self.first_write = vec![[false; 2]; len];
+        for stage in 0..self.stages {
+            let in_stage = |s: &Step| s.stage == stage;
+            let mut written = vec![false; len];
+            // Values exported to later stages start from the gradients those left in frames.
+            for (index, step) in self.steps.iter().enumerate().filter(|(_, s)| in_stage(s)) {
+                written[index] = step.export.is_some();
+            }
+            for index in (0..len).rev().filter(|&i| in_stage(&self.steps[i])) {
+                let receives = written[index] || matches!(self.steps[index].op, Op::Count { .. } | Op::NllSum { .. });
+                self.grad_written[index] = written[index];
+                if !receives {
+                    continue;
+                }
+                let targets: [Option<usize>; 2] = match self.steps[index].op {
+                    Op::Count { input, .. }
+                    | Op::Curve { input, .. }
+                    | Op::Neg(input)
+                    | Op::AnyClass(input)
+                    | Op::Slice { input, .. } => [Some(input), None],
+                    Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => {
+                        [self.pred[a].then_some(a), self.pred[b].then_some(b)]
+                    }
+                    Op::NllSum { .. }
+                    | Op::Softmax
+                    | Op::Import(_)
+                    | Op::Labels
+                    | Op::Valid
+                    | Op::Const(_)
+                    | Op::Plane(_) => [None, None],
+                };
+                for (slot, target) in targets.iter().enumerate() {
+                    if let Some(target) = *target {
+                        self.first_write[index][slot] = !written[target];
+                        written[target] = true;
+                    }
+                }
+            }
+        }
+        self.cross_entropy = self.steps.iter().any(|s| matches!(s.op, Op::NllSum { .. }));
     }
 }
 
@@ -433,10 +478,8 @@ impl FusedPlan {
 pub(super) fn step_operands(op: &Op) -> Vec<usize> {
     match *op {
         Op::Curve { input, .. } | Op::Neg(input) | Op::AnyClass(input) | Op::Slice { input, .. } => vec![input],
-        Op::Count { input, .. } => vec![input],
+        Op::Count { input, .. } | Op::NllSum { softmax: input, .. } => vec![input],
         Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => vec![a, b],
-        Op::Softmax | Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) | Op::NllSum { .. } | Op::Import(_) => {
-            Vec::new()
-        }
+        Op::Softmax | Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) | Op::Import(_) => Vec::new(),
     }
 }

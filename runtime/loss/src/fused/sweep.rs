@@ -1,19 +1,51 @@
 //! The fused kernel's sweeps: a stage's steps run tile by tile, forward (values into the
-//! counts, the softmax and curve slopes kept) and backward (reverse mode to the logits'
-//! gradient), each tile owning its rows of every plane it writes.
+//! counts) and backward (the values it needs recomputed, then reverse mode to the logits'
+//! gradient), each tile owning its pixels of every plane it writes.
+//!
+//! A tile is [`TILE`] pixels of one image. Each step's values for a tile are rows of
+//! [`TILE`] lanes, one row per class, in per-thread scratch small enough to stay in the
+//! core's first-level cache; every row operation has a length known at compile time, so it
+//! compiles to a few vector instructions with no remainder loop. Nothing logits-sized is
+//! written but the gradient (and, for modules that pool predictions, the frames): the
+//! backward sweep recomputes the softmax and the curves from the logits rather than reading
+//! them back from stores, because those stores (a logits-sized plane each) do not fit in the
+//! caches and cost more to write and read than the arithmetic.
+//!
+//! The last tile of an image may be partial (`n < TILE` pixels): its lanes past `n` hold
+//! zeros, class index −1 (no class, not valid) and a zero lane mask, so they add nothing to
+//! the counts, and nothing past `n` is ever written out.
 
-use super::lanes::{curve_row, exp_nonpositive, row_sum, unit};
+use super::lanes::{curve_rows, exp_nonpositive, unit};
 use super::plan::{FusedPlan, Op, Step};
 use crate::kernels::simd::with_best_simd;
+use std::ops::Range;
+
+/// Pixels per tile: a row is one 512-bit or two 256-bit vectors.
+pub(super) const TILE: usize = 16;
+
+/// One class's values for the pixels of a tile.
+pub(super) type Row = [f32; TILE];
+
+const ZERO: Row = [0.0; TILE];
+
+/// Tiles whose counts a thread sums in float32 lanes before adding them to its float64
+/// totals: each lane adds at most this many values in float32.
+const FOLD: usize = 32;
 
 with_best_simd!(
     pub(super) forward_run,
-    (sweep: &Sweep<'_>, run: &[Tile], buffers: &mut TileBuffers, softmax: SharedPlanes, store: &CurveStore),
+    (sweep: &Sweep<'_>, tiles: Range<usize>, buffers: &mut TileBuffers),
     {
-        for &tile in run {
-            let TileBuffers { values, slopes, counts, rows, .. } = &mut *buffers;
-            sweep.forward_tile(tile, values, slopes, rows, softmax, store, false, counts);
+        for index in tiles {
+            let tile = sweep.tile(index);
+            sweep.prepare(tile, buffers);
+            sweep.compute(tile, buffers, false);
+            buffers.pending += 1;
+            if buffers.pending == FOLD {
+                buffers.fold();
+            }
         }
+        buffers.fold();
     }
 );
 
@@ -21,16 +53,17 @@ with_best_simd!(
     pub(super) backward_run,
     (
         sweep: &Sweep<'_>,
-        run: &[Tile],
+        tiles: Range<usize>,
         buffers: &mut TileBuffers,
-        softmax: SharedPlanes,
-        store: &CurveStore,
         count_grads: &[Vec<f32>],
         gradient: SharedPlanes
     ),
     {
-        for &tile in run {
-            sweep.backward_tile(tile, softmax, store, count_grads, buffers, gradient);
+        for index in tiles {
+            let tile = sweep.tile(index);
+            sweep.prepare(tile, buffers);
+            sweep.compute(tile, buffers, true);
+            sweep.backward_tile(tile, buffers, count_grads, gradient);
         }
     }
 );
@@ -77,6 +110,8 @@ pub(super) struct Sweep<'a> {
     pub(super) plane_widths: &'a [usize],
     pub(super) classes: usize,
     pub(super) pixels_per_image: usize,
+    /// Tiles per image (the last one may be partial).
+    pub(super) tiles_per_image: usize,
     /// The stage this sweep runs (only its steps).
     pub(super) stage: usize,
     /// Every frame's values and gradients, `[N, width, H, W]`.
@@ -93,8 +128,158 @@ pub(super) struct Frame {
     pub(super) width: usize,
 }
 
+/// A label-only plane `[N, width, H, W]`: small integers from [`label_planes`] when they
+/// apply, else libtorch's float values.
+///
+/// [`label_planes`]: crate::label_planes
+pub(super) enum PlaneData {
+    Bytes(Vec<i8>),
+    Floats(Vec<f32>),
+}
+
+/// Per-thread scratch: a tile's rows of every step, their gradients and curve slopes, and
+/// the counts this thread has summed so far.
+pub(super) struct TileBuffers {
+    values: Vec<Row>,
+    grads: Vec<Row>,
+    slopes: Vec<Row>,
+    /// The tile's gradient of the logits, one row per class.
+    logit_grads: Vec<Row>,
+    /// Counts of the tiles since the last fold, in float32 lanes, per count slot and class.
+    lanes: Vec<Vec<Row>>,
+    /// Tiles in `lanes`.
+    pending: usize,
+    /// This thread's counts, per count slot and class.
+    pub(super) counts: Vec<Vec<f64>>,
+    /// The tile's class index per pixel: −1 for an ignored pixel or a lane past the tile.
+    classes_of: [i32; TILE],
+    /// 1 for the tile's pixels, 0 past its end.
+    live: Row,
+    /// Per pixel, the softmax's log-normalizer `max + ln Σ exp(x − max)` (for the
+    /// cross-entropy).
+    log_norm: Row,
+}
+
+impl TileBuffers {
+    pub(super) fn new(plan: &FusedPlan) -> TileBuffers {
+        // Every row is written before it is read; tests poison the rows to prove it.
+        let start = if crate::kernels::scratch::poisoning() { [f32::NAN; TILE] } else { ZERO };
+        TileBuffers {
+            values: vec![start; plan.scratch],
+            grads: vec![start; plan.scratch],
+            slopes: vec![start; plan.scratch],
+            logit_grads: vec![ZERO; plan.classes],
+            lanes: plan.count_widths.iter().map(|w| vec![ZERO; (*w).max(1)]).collect(),
+            pending: 0,
+            counts: plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect(),
+            classes_of: [-1; TILE],
+            live: ZERO,
+            log_norm: ZERO,
+        }
+    }
+
+    /// Add the float32 lanes to the float64 counts and clear them.
+    #[inline(always)]
+    fn fold(&mut self) {
+        for (totals, lanes) in self.counts.iter_mut().zip(self.lanes.iter_mut()) {
+            for (total, row) in totals.iter_mut().zip(lanes.iter_mut()) {
+                *total += row.iter().map(|&x| f64::from(x)).sum::<f64>();
+                *row = ZERO;
+            }
+        }
+        self.pending = 0;
+    }
+}
+
+/// `f` lane by lane over copies of the rows: computing on copies and storing the result
+/// whole lets the compiler keep the lanes in vector registers (it cannot prove that rows
+/// borrowed from different buffers do not overlap, and would otherwise leave the fully
+/// unrolled lanes scalar).
+#[inline(always)]
+fn map1(a: &Row, f: impl Fn(f32) -> f32) -> Row {
+    let a = *a;
+    let mut out = ZERO;
+    for j in 0..TILE {
+        out[j] = f(a[j]);
+    }
+    out
+}
+
+/// As [`map1`], for two rows.
+#[inline(always)]
+fn map2(a: &Row, b: &Row, f: impl Fn(f32, f32) -> f32) -> Row {
+    let (a, b) = (*a, *b);
+    let mut out = ZERO;
+    for j in 0..TILE {
+        out[j] = f(a[j], b[j]);
+    }
+    out
+}
+
+/// As [`map1`], for three rows.
+#[inline(always)]
+fn map3(a: &Row, b: &Row, c: &Row, f: impl Fn(f32, f32, f32) -> f32) -> Row {
+    let (a, b, c) = (*a, *b, *c);
+    let mut out = ZERO;
+    for j in 0..TILE {
+        out[j] = f(a[j], b[j], c[j]);
+    }
+    out
+}
+
+/// `row` = the `n ≤ TILE` values of `source`, zeros after them.
+#[inline(always)]
+fn load(row: &mut Row, source: &[f32]) {
+    if source.len() == TILE {
+        row.copy_from_slice(source);
+    } else {
+        *row = ZERO;
+        row[..source.len()].copy_from_slice(source);
+    }
+}
+
+/// `target += row`, for the first `target.len()` lanes.
+#[inline(always)]
+fn add_into(target: &mut [f32], row: &Row) {
+    if let Ok(full) = <&mut Row>::try_from(&mut *target) {
+        *full = map2(full, row, |t, r| t + r);
+    } else {
+        for (t, &r) in target.iter_mut().zip(row) {
+            *t += r;
+        }
+    }
+}
+
+/// `lanes += row`, masked by the lanes of a partial tile.
+#[inline(always)]
+fn accumulate(lanes: &mut Row, row: &Row, mask: Option<&Row>) {
+    *lanes = match mask {
+        None => map2(lanes, row, |t, x| t + x),
+        Some(mask) => map3(lanes, row, mask, |t, x, m| t + x * m),
+    };
+}
+
+/// `target = row`, for the first `target.len()` lanes.
+#[inline(always)]
+fn store(target: &mut [f32], row: &Row) {
+    if let Ok(full) = <&mut Row>::try_from(&mut *target) {
+        *full = *row;
+    } else {
+        let n = target.len();
+        target.copy_from_slice(&row[..n]);
+    }
+}
+
 impl Sweep<'_> {
-    /// The tile's rows of a `[N, width, H, W]` buffer, class `k`.
+    /// Tile `index` of the batch (tiles never cross an image boundary).
+    #[inline(always)]
+    pub(super) fn tile(&self, index: usize) -> Tile {
+        let image = index / self.tiles_per_image;
+        let within = (index % self.tiles_per_image) * TILE;
+        Tile { image, within, n: TILE.min(self.pixels_per_image - within) }
+    }
+
+    /// The tile's rows `[0, n)` of class `k` in a `[N, width, H, W]` buffer.
     ///
     /// # Safety
     /// As [`SharedPlanes::row`]: the tile owns these rows.
@@ -103,487 +288,377 @@ impl Sweep<'_> {
     unsafe fn frame_row<'b>(&self, planes: &'b SharedPlanes, width: usize, tile: Tile, k: usize) -> &'b mut [f32] {
         planes.row(tile.image * width * self.pixels_per_image + k * self.pixels_per_image + tile.within, tile.n)
     }
-}
 
-/// Where the forward sweep leaves each curve's slopes (and values, where the backward sweep
-/// reads them), per slot, `[N, width, H, W]`.
-pub(super) struct CurveStore {
-    pub(super) slopes: Vec<SharedPlanes>,
-    pub(super) values: Vec<Option<SharedPlanes>>,
-}
-
-/// A label-only plane `[N, width, H, W]`: small integers from [`label_planes`] when they
-/// apply, else libtorch's float values.
-pub(super) enum PlaneData {
-    Bytes(Vec<i8>),
-    Floats(Vec<f32>),
-}
-
-/// Pixels processed together: each step's values for a tile lie class-major
-/// (`[class][pixel]`), so the loops over a step are long, contiguous and vectorizable.
-pub(super) const TILE: usize = 64;
-
-/// Per-pixel scratch rows of a tile (maxima, sums).
-pub(super) struct PixelRows {
-    pub(super) max: Vec<f32>,
-    pub(super) sum: Vec<f32>,
-}
-
-impl Sweep<'_> {
-    /// The softmax of the tile, class-major into `out` (`C` rows of `n`), computed with
-    /// contiguous loops over each class's logits; `rows` is scratch.
+    /// The tile's class indices and lane mask.
     #[inline(always)]
-    fn softmax_rows(&self, tile: Tile, out: &mut [f32], rows: &mut PixelRows) {
-        let (c, hw, n) = (self.classes, self.pixels_per_image, tile.n);
-        let base = tile.image * c * hw + tile.within;
-        let (max, sum) = (&mut rows.max[..n], &mut rows.sum[..n]);
-        max.fill(f32::NEG_INFINITY);
-        for k in 0..c {
-            for (m, &x) in max.iter_mut().zip(&self.logits[base + k * hw..base + k * hw + n]) {
-                *m = m.max(x);
-            }
-        }
-        sum.fill(0.0);
-        for k in 0..c {
-            let logits = &self.logits[base + k * hw..base + k * hw + n];
-            let row = &mut out[k * n..(k + 1) * n];
-            for (((e, &x), &m), s) in row.iter_mut().zip(logits).zip(max.iter()).zip(sum.iter_mut()) {
-                *e = exp_nonpositive(x - m);
-                *s += *e;
-            }
-        }
-        for s in sum.iter_mut() {
-            *s = 1.0 / *s;
-        }
-        for k in 0..c {
-            for (p, &inverse) in out[k * n..(k + 1) * n].iter_mut().zip(sum.iter()) {
-                *p *= inverse;
-            }
+    fn prepare(&self, tile: Tile, b: &mut TileBuffers) {
+        let first = tile.image * self.pixels_per_image + tile.within;
+        let labels = &self.labels[first..first + tile.n];
+        b.classes_of = [-1; TILE];
+        b.live = ZERO;
+        for ((class, live), &label) in b.classes_of.iter_mut().zip(b.live.iter_mut()).zip(labels) {
+            // Checked labels are classes in `0..C` or the ignore label.
+            *class = if label == self.ignore { -1 } else { label as i32 };
+            *live = 1.0;
         }
     }
 
-    /// Compute the steps for the tile. Values of step `s` live at
-    /// `values[s.offset * n ..][k * n + j]`, curve slopes at the same place in `slopes`.
-    /// Forward (`backward == false`): every step, accumulated into the counts; the softmax
-    /// and each curve's slopes (and values, where the backward needs them) are also written
-    /// to the `[N, ·, H, W]` stores. Backward: only the values the backward sweep needs,
-    /// with the softmax and curves read back from the stores instead of recomputed.
-    #[allow(clippy::too_many_arguments)]
+    /// Compute the stage's steps for the tile. Forward (`backward == false`): every step,
+    /// counts into the lanes, exported values into their frames. Backward: only the values
+    /// the backward sweep needs (curves with their slopes).
     #[inline(always)]
-    fn forward_tile(
-        &self,
-        tile: Tile,
-        values: &mut [f32],
-        slopes: &mut [f32],
-        rows: &mut PixelRows,
-        softmax: SharedPlanes,
-        store: &CurveStore,
-        backward: bool,
-        counts: &mut [Vec<f64>],
-    ) {
-        let recompute = !backward;
+    fn compute(&self, tile: Tile, b: &mut TileBuffers, backward: bool) {
         let c = self.classes;
         let hw = self.pixels_per_image;
         let n = tile.n;
-        let first = tile.image * hw + tile.within;
         let logit_base = tile.image * c * hw + tile.within;
+        let TileBuffers { values, slopes, lanes, counts, classes_of, live, log_norm, .. } = b;
         for (index, step) in self.plan.steps.iter().enumerate() {
-            let (offset, w) = (step.offset * n, step.width);
-            if step.stage != self.stage
-                || (backward && !self.plan.back_value[index] && self.plan.curve_slot[index].is_none())
-            {
+            if step.stage != self.stage || (backward && !self.plan.back_value[index]) {
                 continue;
             }
+            let (offset, w) = (step.offset, step.width);
             match &step.op {
                 Op::Import(frame) => {
                     let frame = self.frames[*frame];
                     for k in 0..w {
                         // SAFETY: this tile owns these rows of the frame; only read here.
                         let stored = unsafe { self.frame_row(&frame.values, frame.width, tile, k) };
-                        values[offset + k * n..offset + (k + 1) * n].copy_from_slice(stored);
+                        load(&mut values[offset + k], stored);
                     }
                 }
-                Op::Curve { .. } if backward && self.plan.curve_slot[index].is_some() => {
-                    let slot = self.plan.curve_slot[index].expect("checked");
-                    let base = tile.image * w * hw + tile.within;
-                    for k in 0..w {
-                        // SAFETY: this tile owns these rows of the stores; only read here.
-                        let stored = unsafe { store.slopes[slot].row(base + k * hw, n) };
-                        slopes[offset + k * n..offset + (k + 1) * n].copy_from_slice(stored);
-                        if let Some(stored_values) = store.values[slot] {
-                            let stored = unsafe { stored_values.row(base + k * hw, n) };
-                            values[offset + k * n..offset + (k + 1) * n].copy_from_slice(stored);
-                        }
-                    }
-                }
-                Op::Count { .. } | Op::NllSum { .. } if backward => {}
                 Op::Softmax => {
-                    let out = &mut values[offset..offset + c * n];
-                    if recompute {
-                        self.softmax_rows(tile, out, rows);
-                        for k in 0..c {
-                            // SAFETY: this tile owns these rows of the softmax buffer.
-                            let stored = unsafe { softmax.row(logit_base + k * hw, n) };
-                            stored.copy_from_slice(&out[k * n..(k + 1) * n]);
-                        }
-                    } else {
-                        for k in 0..c {
-                            // SAFETY: as above; only read here.
-                            let stored = unsafe { softmax.row(logit_base + k * hw, n) };
-                            out[k * n..(k + 1) * n].copy_from_slice(stored);
-                        }
+                    let rows = &mut values[offset..offset + c];
+                    for (k, row) in rows.iter_mut().enumerate() {
+                        load(row, &self.logits[logit_base + k * hw..logit_base + k * hw + n]);
+                    }
+                    let mut max = [f32::NEG_INFINITY; TILE];
+                    for row in rows.iter() {
+                        max = map2(&max, row, f32::max);
+                    }
+                    let mut sum = ZERO;
+                    for row in rows.iter_mut() {
+                        *row = map2(row, &max, |x, m| exp_nonpositive(x - m));
+                        sum = map2(&sum, row, |s, e| s + e);
+                    }
+                    let inverse = map1(&sum, |s| 1.0 / s);
+                    for row in rows.iter_mut() {
+                        *row = map2(row, &inverse, |p, i| p * i);
+                    }
+                    if self.plan.cross_entropy && !backward {
+                        *log_norm = map2(&max, &sum, |m, s| m + s.ln());
                     }
                 }
                 Op::Labels => {
-                    values[offset..offset + w * n].fill(0.0);
-                    for j in 0..n {
-                        let label = self.labels[first + j];
-                        if label != self.ignore && (0..w as i64).contains(&label) {
-                            values[offset + label as usize * n + j] = 1.0;
+                    let classes_of = *classes_of;
+                    for (k, row) in values[offset..offset + w].iter_mut().enumerate() {
+                        let mut out = ZERO;
+                        for j in 0..TILE {
+                            out[j] = unit(classes_of[j] == k as i32);
                         }
+                        *row = out;
                     }
                 }
                 Op::Valid => {
-                    for (value, &label) in values[offset..offset + n].iter_mut().zip(&self.labels[first..first + n]) {
-                        *value = unit(label != self.ignore);
+                    let classes_of = *classes_of;
+                    let mut out = ZERO;
+                    for j in 0..TILE {
+                        out[j] = unit(classes_of[j] >= 0);
                     }
+                    values[offset] = out;
                 }
-                Op::Const(value) => values[offset..offset + n].fill(*value),
+                Op::Const(value) => values[offset] = [*value; TILE],
                 Op::Plane(index) => {
                     let plane_w = self.plane_widths[*index];
                     let base = tile.image * plane_w * hw + tile.within;
-                    for k in 0..w {
-                        let out = &mut values[offset + k * n..offset + (k + 1) * n];
+                    for (k, row) in values[offset..offset + w].iter_mut().enumerate() {
+                        let start = base + k * hw;
                         match &self.planes[*index] {
                             PlaneData::Bytes(data) => {
-                                for (o, &x) in out.iter_mut().zip(&data[base + k * hw..base + k * hw + n]) {
-                                    *o = x as f32;
+                                let bytes = &data[start..start + n];
+                                if let Ok(full) = <&[i8; TILE]>::try_from(bytes) {
+                                    let full = *full;
+                                    let mut out = ZERO;
+                                    for j in 0..TILE {
+                                        out[j] = f32::from(full[j]);
+                                    }
+                                    *row = out;
+                                } else {
+                                    *row = ZERO;
+                                    for (x, &byte) in row.iter_mut().zip(bytes) {
+                                        *x = f32::from(byte);
+                                    }
                                 }
                             }
-                            PlaneData::Floats(data) => out.copy_from_slice(&data[base + k * hw..base + k * hw + n]),
+                            PlaneData::Floats(data) => load(row, &data[start..start + n]),
                         }
                     }
                 }
-                Op::Curve { input, pieces } => {
-                    let source = self.plan.steps[*input].offset * n;
+                Op::Curve { input, curve } => {
+                    let source = self.plan.steps[*input].offset;
                     let (head, tail) = values.split_at_mut(offset);
-                    curve_row(
-                        &head[source..source + w * n],
-                        &mut tail[..w * n],
-                        &mut slopes[offset..offset + w * n],
-                        pieces,
-                    );
-                    let base = tile.image * w * hw + tile.within;
-                    // Without a gradient to come (or without stored curves) nothing is kept.
-                    let slot = self.plan.curve_slot[index].filter(|_| !store.slopes.is_empty() && !backward);
-                    for (k, slot) in (0..w).filter_map(|k| slot.map(|slot| (k, slot))) {
-                        // SAFETY: this tile owns these rows of the stores.
-                        let stored = unsafe { store.slopes[slot].row(base + k * hw, n) };
-                        stored.copy_from_slice(&slopes[offset + k * n..offset + (k + 1) * n]);
-                        if let Some(stored_values) = store.values[slot] {
-                            let stored = unsafe { stored_values.row(base + k * hw, n) };
-                            stored.copy_from_slice(&tail[k * n..(k + 1) * n]);
-                        }
-                    }
+                    // The forward sweep needs no slopes; the backward sweep recomputes curves
+                    // for them.
+                    let slopes = backward.then(|| &mut slopes[offset..offset + w]);
+                    curve_rows(&head[source..source + w], &mut tail[..w], slopes, curve);
                 }
-                Op::Add(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x + y),
-                Op::Sub(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x - y),
-                Op::Mul(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, n, |x, y| x * y),
+                Op::Add(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x + y),
+                Op::Sub(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x - y),
+                Op::Mul(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x * y),
                 Op::Neg(a) => {
-                    let source = self.plan.steps[*a].offset * n;
+                    let source = self.plan.steps[*a].offset;
                     let (head, tail) = values.split_at_mut(offset);
-                    for (target, &x) in tail[..w * n].iter_mut().zip(&head[source..source + w * n]) {
-                        *target = -x;
+                    for (target, x) in tail[..w].iter_mut().zip(&head[source..source + w]) {
+                        *target = map1(x, |x| -x);
                     }
                 }
                 Op::AnyClass(a) => {
                     let sa = &self.plan.steps[*a];
-                    let source = sa.offset * n;
-                    for j in 0..n {
-                        let mut max = f32::NEG_INFINITY;
-                        for k in 0..sa.width {
-                            max = max.max(values[source + k * n + j]);
-                        }
-                        values[offset + j] = max;
+                    let (head, tail) = values.split_at_mut(offset);
+                    let mut max = [f32::NEG_INFINITY; TILE];
+                    for row in &head[sa.offset..sa.offset + sa.width] {
+                        max = map2(&max, row, f32::max);
                     }
+                    tail[0] = max;
                 }
                 Op::Slice { input, start } => {
-                    let source = (self.plan.steps[*input].offset + start) * n;
-                    values.copy_within(source..source + w * n, offset);
+                    let source = self.plan.steps[*input].offset + start;
+                    values.copy_within(source..source + w, offset);
                 }
                 Op::Count { input, count } => {
                     let si = &self.plan.steps[*input];
-                    let source = si.offset * n;
-                    let target = &mut counts[*count];
+                    let rows = &values[si.offset..si.offset + si.width];
+                    let target = &mut lanes[*count];
+                    let mask = (n < TILE).then_some(&*live);
                     if target.len() == 1 {
-                        target[0] += row_sum(&values[source..source + si.width * n]);
+                        // A scalar count sums every row.
+                        for row in rows {
+                            accumulate(&mut target[0], row, mask);
+                        }
                     } else {
-                        for (k, slot) in target.iter_mut().enumerate() {
-                            let row = source + if si.width == 1 { 0 } else { k * n };
-                            *slot += row_sum(&values[row..row + n]);
+                        // Per class; a one-wide set is counted for every class.
+                        for (k, into) in target.iter_mut().enumerate() {
+                            accumulate(into, &rows[if si.width == 1 { 0 } else { k }], mask);
                         }
                     }
                 }
-                Op::NllSum { count } => {
-                    let (max, sum) = (&mut rows.max[..n], &mut rows.sum[..n]);
-                    max.fill(f32::NEG_INFINITY);
-                    for k in 0..c {
-                        let logits = &self.logits[logit_base + k * hw..logit_base + k * hw + n];
-                        for (m, &x) in max.iter_mut().zip(logits) {
-                            *m = m.max(x);
+                Op::NllSum { count, .. } => {
+                    let mut total = 0.0f64;
+                    for (j, &class) in classes_of.iter().enumerate() {
+                        if class >= 0 {
+                            let logit = self.logits[logit_base + class as usize * hw + j];
+                            total += f64::from(log_norm[j] - logit);
                         }
                     }
-                    sum.fill(0.0);
-                    for k in 0..c {
-                        let logits = &self.logits[logit_base + k * hw..logit_base + k * hw + n];
-                        for ((s, &x), &m) in sum.iter_mut().zip(logits).zip(max.iter()) {
-                            *s += exp_nonpositive(x - m);
-                        }
-                    }
-                    for j in 0..n {
-                        let label = self.labels[first + j];
-                        if label == self.ignore {
-                            continue;
-                        }
-                        let log_probability = self.logits[logit_base + label as usize * hw + j] - max[j] - sum[j].ln();
-                        counts[*count][0] -= log_probability as f64;
-                    }
+                    counts[*count][0] += total;
                 }
             }
-            // The softmax's frame is the softmax store itself.
-            if let (Some(frame), false, false) = (step.export, backward, matches!(step.op, Op::Softmax)) {
+            if let (Some(frame), false) = (step.export, backward) {
                 let frame = self.frames[frame];
                 for k in 0..w {
                     // SAFETY: this tile owns these rows of the frame.
                     let stored = unsafe { self.frame_row(&frame.values, frame.width, tile, k) };
-                    stored.copy_from_slice(&values[offset + k * n..offset + (k + 1) * n]);
+                    store(stored, &values[offset + k]);
                 }
             }
         }
     }
 
-    /// Reverse mode through the tile's program: `∂loss/∂logits` into the tile's rows of
-    /// `logit_grads` (`[N, C, H, W]`) from `∂loss/∂count`. Recomputes the forward values
-    /// from the stored softmax first.
+    /// Reverse mode through the stage's steps for the tile, from `∂loss/∂count` and the
+    /// gradients later stages left in the frames; the first stage writes the tile's rows of
+    /// `∂loss/∂logits` (`[N, C, H, W]`). [`Sweep::compute`] has recomputed the values it reads.
+    /// A step's first contribution to an operand's gradient assigns it, later ones add (see
+    /// [`FusedPlan::first_write`]), so no gradient row is zeroed first.
     #[inline(always)]
-    fn backward_tile(
-        &self,
-        tile: Tile,
-        softmax: SharedPlanes,
-        store: &CurveStore,
-        count_grads: &[Vec<f32>],
-        buffers: &mut TileBuffers,
-        logit_grads: SharedPlanes,
-    ) {
-        let TileBuffers { values, grads, slopes, counts, rows } = buffers;
-        self.forward_tile(tile, values, slopes, rows, softmax, store, true, counts);
-        let n = tile.n;
-        grads[..self.plan.stage_scratch.get(self.stage).copied().unwrap_or(0) * n].fill(0.0);
+    fn backward_tile(&self, tile: Tile, b: &mut TileBuffers, count_grads: &[Vec<f32>], logit_grads: SharedPlanes) {
+        let TileBuffers { values, grads, slopes, logit_grads: dlogits, classes_of, .. } = b;
+        let plan = self.plan;
         let c = self.classes;
         let hw = self.pixels_per_image;
-        let first = tile.image * hw + tile.within;
-        let logit_base = tile.image * c * hw + tile.within;
-        // SAFETY: this tile owns these rows of the gradient buffer.
-        let grad_row = |k: usize| unsafe { logit_grads.row(logit_base + k * hw, n) };
-        // The logits' gradient is written by the first stage's sweep (which runs last).
-        if self.stage == 0 {
-            for k in 0..c {
-                grad_row(k).fill(0.0);
-            }
-        }
-        // Values that later stages read bring their gradient from there.
-        for step in self.plan.steps.iter().filter(|s| s.stage == self.stage) {
+        let n = tile.n;
+        dlogits.fill(ZERO);
+        // Values that later stages read start from the gradient those left in the frame.
+        for step in plan.steps.iter().filter(|s| s.stage == self.stage) {
             if let Some(frame) = step.export {
                 let frame = self.frames[frame];
                 for k in 0..step.width {
                     // SAFETY: this tile owns these rows of the frame; only read here.
                     let later = unsafe { self.frame_row(&frame.grads, frame.width, tile, k) };
-                    let offset = step.offset * n;
-                    for (g, &l) in grads[offset + k * n..offset + (k + 1) * n].iter_mut().zip(later.iter()) {
-                        *g += l;
-                    }
+                    load(&mut grads[step.offset + k], later);
                 }
             }
         }
-        for step in self.plan.steps.iter().rev().filter(|s| s.stage == self.stage) {
-            let (offset, w) = (step.offset * n, step.width);
+        for (index, step) in plan.steps.iter().enumerate().rev() {
+            if step.stage != self.stage
+                || !(plan.grad_written[index] || matches!(step.op, Op::Count { .. } | Op::NllSum { .. }))
+            {
+                continue;
+            }
+            let (offset, w) = (step.offset, step.width);
+            let [first_a, first_b] = plan.first_write[index];
             match &step.op {
                 Op::Import(frame) => {
                     let frame = self.frames[*frame];
                     for k in 0..w {
                         // SAFETY: this tile owns these rows of the frame.
                         let target = unsafe { self.frame_row(&frame.grads, frame.width, tile, k) };
-                        for (t, &g) in target.iter_mut().zip(&grads[offset + k * n..offset + (k + 1) * n]) {
-                            *t += g;
-                        }
+                        add_into(target, &grads[offset + k]);
                     }
                 }
                 Op::Count { input, count } => {
-                    let si = &self.plan.steps[*input];
-                    let source = si.offset * n;
+                    let si = &plan.steps[*input];
                     let upstream = &count_grads[*count];
-                    for k in 0..si.width {
-                        let g = if upstream.len() == 1 { upstream[0] } else { upstream[k] };
-                        for target in &mut grads[source + k * n..source + (k + 1) * n] {
-                            *target += g;
-                        }
+                    for (k, row) in grads[si.offset..si.offset + si.width].iter_mut().enumerate() {
+                        let g = if upstream.len() == 1 {
+                            upstream[0]
+                        } else if si.width == 1 {
+                            upstream.iter().sum()
+                        } else {
+                            upstream[k]
+                        };
+                        put(row, [g; TILE], first_a);
                     }
                 }
-                Op::NllSum { count } => {
+                Op::NllSum { count, softmax } => {
                     let g = count_grads[*count][0];
-                    let labels = &self.labels[first..first + n];
-                    for k in 0..c {
-                        // SAFETY: as above; only read here.
-                        let probabilities = unsafe { softmax.row(logit_base + k * hw, n) };
-                        let out = grad_row(k);
-                        for ((o, &p), &label) in out.iter_mut().zip(probabilities.iter()).zip(labels) {
-                            let valid = if label == self.ignore { 0.0 } else { 1.0 };
-                            let target = if label == k as i64 { 1.0 } else { 0.0 };
-                            *o += valid * g * (p - target);
+                    let probabilities = &values[plan.steps[*softmax].offset..][..c];
+                    let classes_of = *classes_of;
+                    for (k, (out, p)) in dlogits.iter_mut().zip(probabilities).enumerate() {
+                        let (o, p) = (*out, *p);
+                        let mut sum = ZERO;
+                        for j in 0..TILE {
+                            let valid = unit(classes_of[j] >= 0);
+                            let target = unit(classes_of[j] == k as i32);
+                            sum[j] = o[j] + valid * g * (p[j] - target);
                         }
+                        *out = sum;
                     }
                 }
                 // Operands come before their users, so their rows lie below `offset`:
-                // splitting there lets each loop read the user's row and update the operand's
-                // without aliasing, and vectorize.
+                // splitting there lets each loop read the user's rows and update the
+                // operand's.
                 Op::Curve { input, .. } => {
-                    let source = self.plan.steps[*input].offset * n;
+                    let source = plan.steps[*input].offset;
                     let (head, tail) = grads.split_at_mut(offset);
-                    let slope = &slopes[offset..offset + w * n];
-                    for ((target, &g), &d) in head[source..source + w * n].iter_mut().zip(&tail[..w * n]).zip(slope) {
-                        *target += g * d;
+                    for ((target, g), d) in
+                        head[source..source + w].iter_mut().zip(&tail[..w]).zip(&slopes[offset..offset + w])
+                    {
+                        put(target, map2(g, d, |g, d| g * d), first_a);
                     }
                 }
                 Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => {
-                    let (sa, sb) = (&self.plan.steps[*a], &self.plan.steps[*b]);
-                    let (oa, ob) = (sa.offset * n, sb.offset * n);
+                    let (sa, sb) = (&plan.steps[*a], &plan.steps[*b]);
                     // Only prediction-dependent operands take gradients.
-                    let (to_a, to_b) = (self.plan.pred[*a], self.plan.pred[*b]);
+                    let (to_a, to_b) = (plan.pred[*a], plan.pred[*b]);
                     let (head, tail) = grads.split_at_mut(offset);
-                    for k in 0..w {
-                        let g = &tail[k * n..(k + 1) * n];
-                        let ra = oa + if sa.width == 1 { 0 } else { k * n };
-                        let rb = ob + if sb.width == 1 { 0 } else { k * n };
+                    for (k, g) in tail[..w].iter().enumerate() {
+                        // A one-wide operand takes every row's contribution: the first assigns.
+                        let ra = sa.offset + if sa.width == 1 { 0 } else { k };
+                        let rb = sb.offset + if sb.width == 1 { 0 } else { k };
+                        let assign_a = first_a && (sa.width > 1 || k == 0);
+                        let assign_b = first_b && (sb.width > 1 || k == 0);
                         match step.op {
-                            Op::Add(..) | Op::Sub(..) => {
-                                let sign = if matches!(step.op, Op::Sub(..)) { -1.0 } else { 1.0 };
+                            Op::Add(..) => {
                                 if to_a {
-                                    for (target, &g) in head[ra..ra + n].iter_mut().zip(g) {
-                                        *target += g;
-                                    }
+                                    put(&mut head[ra], *g, assign_a);
                                 }
                                 if to_b {
-                                    for (target, &g) in head[rb..rb + n].iter_mut().zip(g) {
-                                        *target += sign * g;
-                                    }
+                                    put(&mut head[rb], *g, assign_b);
+                                }
+                            }
+                            Op::Sub(..) => {
+                                if to_a {
+                                    put(&mut head[ra], *g, assign_a);
+                                }
+                                if to_b {
+                                    put(&mut head[rb], map1(g, |g| -g), assign_b);
                                 }
                             }
                             _ => {
-                                let (va, vb) = (&values[ra..ra + n], &values[rb..rb + n]);
                                 if to_a {
-                                    for ((target, &g), &other) in head[ra..ra + n].iter_mut().zip(g).zip(vb) {
-                                        *target += g * other;
-                                    }
+                                    put(&mut head[ra], map2(g, &values[rb], |g, other| g * other), assign_a);
                                 }
                                 if to_b {
-                                    for ((target, &g), &other) in head[rb..rb + n].iter_mut().zip(g).zip(va) {
-                                        *target += g * other;
-                                    }
+                                    put(&mut head[rb], map2(g, &values[ra], |g, other| g * other), assign_b);
                                 }
                             }
                         }
                     }
                 }
                 Op::Neg(a) => {
-                    let source = self.plan.steps[*a].offset * n;
+                    let source = plan.steps[*a].offset;
                     let (head, tail) = grads.split_at_mut(offset);
-                    for (target, &g) in head[source..source + w * n].iter_mut().zip(&tail[..w * n]) {
-                        *target -= g;
+                    for (target, g) in head[source..source + w].iter_mut().zip(&tail[..w]) {
+                        put(target, map1(g, |g| -g), first_a);
                     }
                 }
                 Op::AnyClass(a) => {
                     // Like torch.amax: the gradient is shared evenly by the maxima.
-                    let sa = &self.plan.steps[*a];
-                    let source = sa.offset * n;
-                    for j in 0..n {
-                        let max = values[offset + j];
-                        let ties = (0..sa.width).filter(|k| values[source + k * n + j] == max).count().max(1);
-                        let g = grads[offset + j] / ties as f32;
-                        for k in 0..sa.width {
-                            if values[source + k * n + j] == max {
-                                grads[source + k * n + j] += g;
-                            }
-                        }
+                    let sa = &plan.steps[*a];
+                    let max = values[offset];
+                    let mut ties = ZERO;
+                    for row in &values[sa.offset..sa.offset + sa.width] {
+                        ties = map3(&ties, row, &max, |t, x, m| t + unit(x == m));
+                    }
+                    let (head, tail) = grads.split_at_mut(offset);
+                    let share = map2(&tail[0], &ties, |g, t| g / t.max(1.0));
+                    for (target, row) in head[sa.offset..sa.offset + sa.width].iter_mut().zip(&values[sa.offset..]) {
+                        put(target, map3(row, &max, &share, |x, m, s| unit(x == m) * s), first_a);
                     }
                 }
                 Op::Slice { input, start } => {
-                    let source = (self.plan.steps[*input].offset + start) * n;
+                    let si = &plan.steps[*input];
                     let (head, tail) = grads.split_at_mut(offset);
-                    for (target, &g) in head[source..source + w * n].iter_mut().zip(&tail[..w * n]) {
-                        *target += g;
+                    let rows = &mut head[si.offset..si.offset + si.width];
+                    if first_a {
+                        // The first contribution: the rows outside the slice take none.
+                        rows.fill(ZERO);
+                    }
+                    for (target, g) in rows[*start..*start + w].iter_mut().zip(&tail[..w]) {
+                        put(target, *g, false);
                     }
                 }
                 Op::Softmax => {
-                    let dot = &mut rows.sum[..n];
-                    dot.fill(0.0);
-                    for k in 0..c {
-                        let (g, p) = (
-                            &grads[offset + k * n..offset + (k + 1) * n],
-                            &values[offset + k * n..offset + (k + 1) * n],
-                        );
-                        for ((d, &g), &p) in dot.iter_mut().zip(g).zip(p) {
-                            *d += g * p;
-                        }
+                    let (g, p) = (&grads[offset..offset + c], &values[offset..offset + c]);
+                    let mut dot = ZERO;
+                    for (g, p) in g.iter().zip(p) {
+                        dot = map3(&dot, g, p, |d, g, p| d + g * p);
                     }
-                    for k in 0..c {
-                        let (g, p) = (
-                            &grads[offset + k * n..offset + (k + 1) * n],
-                            &values[offset + k * n..offset + (k + 1) * n],
-                        );
-                        for (((o, &g), &p), &d) in grad_row(k).iter_mut().zip(g).zip(p).zip(dot.iter()) {
-                            *o += p * (g - d);
-                        }
+                    for ((out, g), p) in dlogits.iter_mut().zip(g).zip(p) {
+                        let step = map3(g, p, &dot, |g, p, d| p * (g - d));
+                        *out = map2(out, &step, |o, s| o + s);
                     }
                 }
                 Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) => {}
             }
         }
-    }
-}
-
-/// Per-thread scratch for one tile.
-pub(super) struct TileBuffers {
-    pub(super) values: Vec<f32>,
-    pub(super) grads: Vec<f32>,
-    pub(super) slopes: Vec<f32>,
-    pub(super) counts: Vec<Vec<f64>>,
-    pub(super) rows: PixelRows,
-}
-
-impl TileBuffers {
-    pub(super) fn new(plan: &FusedPlan) -> TileBuffers {
-        TileBuffers {
-            values: vec![0.0; plan.scratch * TILE],
-            grads: vec![0.0; plan.scratch * TILE],
-            slopes: vec![0.0; plan.scratch * TILE],
-            counts: plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect(),
-            rows: PixelRows { max: vec![0.0; TILE], sum: vec![0.0; TILE] },
+        // The softmax lives in the first stage only (later ones import its frame), so the
+        // first stage's sweep, which runs last, writes the logits' gradient.
+        if self.stage == 0 {
+            let base = tile.image * c * hw + tile.within;
+            for (k, row) in dlogits.iter().enumerate() {
+                // SAFETY: this tile owns these rows of the gradient.
+                let out = unsafe { logit_grads.row(base + k * hw, n) };
+                store(out, row);
+            }
         }
     }
 }
 
-/// `out = a op b` over a tile (`width` rows of `n`), broadcasting one-wide operands.
+/// `target = value` (`assign`, the first contribution to a gradient row) or `target += value`.
 #[inline(always)]
-fn binary(values: &mut [f32], a: &Step, b: &Step, offset: usize, width: usize, n: usize, f: impl Fn(f32, f32) -> f32) {
-    let (oa, ob) = (a.offset * n, b.offset * n);
+fn put(target: &mut Row, value: Row, assign: bool) {
+    *target = if assign { value } else { map2(target, &value, |t, v| t + v) };
+}
+
+/// `out = a op b` over the tile's rows (`width` of them), broadcasting one-wide operands.
+#[inline(always)]
+fn binary(values: &mut [Row], a: &Step, b: &Step, offset: usize, width: usize, f: impl Fn(f32, f32) -> f32) {
     // Operands lie below `offset` (they come before their user).
     let (head, tail) = values.split_at_mut(offset);
-    for k in 0..width {
-        let row_a = oa + if a.width == 1 { 0 } else { k * n };
-        let row_b = ob + if b.width == 1 { 0 } else { k * n };
-        let (xs, ys) = (&head[row_a..row_a + n], &head[row_b..row_b + n]);
-        for ((out, &x), &y) in tail[k * n..(k + 1) * n].iter_mut().zip(xs).zip(ys) {
-            *out = f(x, y);
-        }
+    for (k, out) in tail[..width].iter_mut().enumerate() {
+        let x = &head[a.offset + if a.width == 1 { 0 } else { k }];
+        let y = &head[b.offset + if b.width == 1 { 0 } else { k }];
+        *out = map2(x, y, &f);
     }
 }

@@ -21,6 +21,12 @@ pub fn set_scratch_poisoning(on: bool) {
     POISON_SCRATCH.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether tests asked for poisoned scratch (see [`set_scratch_poisoning`]); per-thread
+/// scratch of the kernels starts as NaN then too.
+pub(crate) fn poisoning() -> bool {
+    POISON_SCRATCH.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A buffer of `len` values with unspecified contents (every user overwrites all of it).
 pub(crate) fn take_buffer(len: usize) -> Vec<f32> {
     let reused = {
@@ -32,7 +38,7 @@ pub(crate) fn take_buffer(len: usize) -> Vec<f32> {
     let mut buffer = reused.unwrap_or_default();
     buffer.resize(len, 0.0);
     buffer.truncate(len);
-    if POISON_SCRATCH.load(std::sync::atomic::Ordering::Relaxed) {
+    if poisoning() {
         buffer.fill(f32::NAN);
     }
     buffer
