@@ -22,7 +22,7 @@ fn find_onnxruntime() -> Option<PathBuf> {
     None
 }
 
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
     if let Some(ort) = find_onnxruntime() {
         println!("cargo:rustc-env=LOSSCC_ORT_DEFAULT={}", ort.display());

@@ -21,6 +21,7 @@
 //! source, never decides where curves go, and never changes a module. It reads
 //! [`compiler::ExactModule`], [`compiler::RelaxedModule`] and [`Params`] only.
 
+mod autograd;
 pub mod error;
 pub mod evaluator;
 mod fused;

@@ -113,6 +113,9 @@ impl LaneCurve {
     }
 }
 
+/// Lanes computed together (see the sweep's row helpers); rows are whole chunks.
+const CHUNK: usize = 16;
+
 /// `g` over rows of values into `ys`, and `g'` into `slopes` when given. The piece count (up
 /// to three) and straightness become constants of the loop, so each lane's work has no
 /// branch and the loop over a row's lanes vectorizes; each row is computed on a copy and
@@ -156,16 +159,19 @@ fn rows<const L: usize, const N: usize, const STRAIGHT: bool, const SLOPE: bool>
     pieces: &[Folded<f32>; N],
 ) {
     for (k, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
-        let x = *x;
-        let (mut values, mut derivatives) = ([0.0f32; L], [0.0f32; L]);
-        for j in 0..L {
-            let (value, slope) = math::eval_folded(&mut Lanes, &x[j], pieces, STRAIGHT, SLOPE);
-            values[j] = value;
-            derivatives[j] = slope.unwrap_or(0.0);
-        }
-        *y = values;
-        if SLOPE {
-            slopes[k] = derivatives;
+        for c in 0..L / CHUNK {
+            let mut lanes = [0.0f32; CHUNK];
+            lanes.copy_from_slice(&x[c * CHUNK..(c + 1) * CHUNK]);
+            let (mut values, mut derivatives) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+            for j in 0..CHUNK {
+                let (value, slope) = math::eval_folded(&mut Lanes, &lanes[j], pieces, STRAIGHT, SLOPE);
+                values[j] = value;
+                derivatives[j] = slope.unwrap_or(0.0);
+            }
+            y[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&values);
+            if SLOPE {
+                slopes[k][c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&derivatives);
+            }
         }
     }
 }
@@ -179,22 +185,26 @@ fn rows_of_any<const L: usize, const SLOPE: bool>(
     straight: bool,
 ) {
     for (k, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
-        let x = *x;
-        let (mut values, mut derivatives) = ([0.0f32; L], [0.0f32; L]);
-        for j in 0..L {
-            let (value, slope) = math::eval_folded(&mut Lanes, &x[j], pieces, straight, SLOPE);
-            values[j] = value;
-            derivatives[j] = slope.unwrap_or(0.0);
-        }
-        *y = values;
-        if SLOPE {
-            slopes[k] = derivatives;
+        for c in 0..L / CHUNK {
+            let mut lanes = [0.0f32; CHUNK];
+            lanes.copy_from_slice(&x[c * CHUNK..(c + 1) * CHUNK]);
+            let (mut values, mut derivatives) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+            for j in 0..CHUNK {
+                let (value, slope) = math::eval_folded(&mut Lanes, &lanes[j], pieces, straight, SLOPE);
+                values[j] = value;
+                derivatives[j] = slope.unwrap_or(0.0);
+            }
+            y[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&values);
+            if SLOPE {
+                slopes[k][c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&derivatives);
+            }
         }
     }
 }
 
 /// `e^x` for `x ≤ 0` (a logit minus its pixel's maximum), written so that loops over it
-/// vectorize: round-to-nearest by the 1.5·2²³ trick, a degree-6 polynomial on
+/// vectorize (fused multiply-adds, which the SIMD versions have): round-to-nearest by the
+/// 1.5·2²³ trick, a degree-6 polynomial on
 /// [−ln2/2, ln2/2] (relative error below 2e-7), and the power of two built in the exponent
 /// bits. Below −87 the result is clamped to e^−87 ≈ 1.6e-38 instead of a subnormal.
 #[inline(always)]
@@ -204,10 +214,13 @@ pub(super) fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.max(-87.0);
-    let shifted = x * LOG2E + SHIFT;
+    let shifted = x.mul_add(LOG2E, SHIFT);
     let n = shifted - SHIFT;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let mut p: f32 = 1.0 / 720.0;
+    for coefficient in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, coefficient);
+    }
     // The low mantissa bits of `shifted` hold n (as 0x4B40_0000 + n).
     let exponent = (shifted.to_bits() as i32 - 0x4B40_0000 + 127) << 23;
     f32::from_bits(exponent as u32) * p

@@ -25,11 +25,11 @@
 //! frames already kept, goes to a frame: a curve of the softmax in a later stage is
 //! recomputed from the softmax's frame rather than written and read as a frame of its own.
 //!
-//! The result enters autograd by linearization (tch has no custom autograd function):
-//! `loss = value.detach() + (Σ logits·G − (Σ logits·G).detach())` has exactly the value
-//! `value` (the added term is `x − x = 0`) and gradient `G`. Because of this the gradient is
-//! computed during the forward call when the logits require one and gradients are enabled;
-//! under `no_grad` (or for logits without `requires_grad`) the backward sweep is skipped.
+//! The result enters autograd through a small C++ autograd function ([`crate::autograd`]):
+//! its value is the kernel's loss and its gradient the kernel's `G`, handed over without a
+//! copy. The gradient is therefore computed during the forward call when the logits require
+//! one and gradients are enabled; under `no_grad` (or for logits without `requires_grad`)
+//! the backward sweep is skipped.
 //!
 //! What it covers: softmax, labels, valid, constants, curves, `+ − ×`, negation, `any`,
 //! class slices, erosion and dilation, counts and the cross-entropy sum; label-only parts
@@ -342,13 +342,8 @@ pub(crate) fn surrogate(
     }
     drop(logits_contiguous);
     release();
-    let gradient = gradient.to_kind(kind);
-    // A dot product: one read of both tensors and no temporary, where `(x · g).sum()` would
-    // write and read a logits-sized product; its value cancels below, so its rounding does
-    // not matter, and its backward is the one multiplication `upstream · g`.
-    let linear = logits.reshape([-1]).dot(&gradient.reshape([-1]));
-    // Exactly the value, with the gradient of the linear term (`x − x` is 0 in floats).
-    let loss = result.loss.detach() + (&linear - linear.detach());
+    // The loss with exactly the kernel's value and gradient, as a libtorch autograd function.
+    let loss = crate::autograd::linearized(logits, &result.loss.detach(), &gradient.to_kind(kind))?;
     phases.mark("linearization");
     phases.report(&module.name);
     Ok(Surrogate { loss, ..result })

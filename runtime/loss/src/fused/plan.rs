@@ -27,6 +27,8 @@ pub(super) enum Op {
     Add(usize, usize),
     Sub(usize, usize),
     Mul(usize, usize),
+    /// `a + b − a·b` (the relaxed `|`): one step where the IR has three.
+    Or(usize, usize),
     Neg(usize),
     AnyClass(usize),
     Slice {
@@ -35,6 +37,14 @@ pub(super) enum Op {
     },
     Count {
         input: usize,
+        count: usize,
+    },
+    /// The count of `a·b` (a relaxed `&`, counted): the product is never a step of its own.
+    /// `width` is the product's (operands of width 1 broadcast).
+    CountProduct {
+        a: usize,
+        b: usize,
+        width: usize,
         count: usize,
     },
     /// The cross-entropy summed over the tile's valid pixels, from the sweep's softmax step.
@@ -343,17 +353,29 @@ impl FusedPlan {
                     curve: LaneCurve::new(&lowering.curves[curve.0 as usize]),
                 },
                 Node::Add(a, b) => Op::Add(operand(self, a)?, operand(self, b)?),
-                Node::Sub(a, b) => Op::Sub(operand(self, a)?, operand(self, b)?),
+                Node::Sub(x, y) => match or_operands(module, *x, *y) {
+                    Some((a, b)) => Op::Or(operand(self, &a)?, operand(self, &b)?),
+                    None => Op::Sub(operand(self, x)?, operand(self, y)?),
+                },
                 Node::Mul(a, b) => Op::Mul(operand(self, a)?, operand(self, b)?),
                 Node::Neg(a) => Op::Neg(operand(self, a)?),
                 Node::AnyClass(a) => Op::AnyClass(operand(self, a)?),
                 Node::Slice { input, start, .. } => Op::Slice { input: operand(self, input)?, start: *start },
-                Node::Count(input) => {
-                    let input = operand(self, input)?;
-                    self.counts.push(handle);
-                    self.count_widths.push(w);
-                    Op::Count { input, count: self.counts.len() - 1 }
-                }
+                Node::Count(input) => match module.node(*input) {
+                    Node::Mul(a, b) => {
+                        let (a, b) = (operand(self, a)?, operand(self, b)?);
+                        self.counts.push(handle);
+                        self.count_widths.push(w);
+                        let width = width(module.shape(*input), self.classes);
+                        Op::CountProduct { a, b, width, count: self.counts.len() - 1 }
+                    }
+                    _ => {
+                        let input = operand(self, input)?;
+                        self.counts.push(handle);
+                        self.count_widths.push(w);
+                        Op::Count { input, count: self.counts.len() - 1 }
+                    }
+                },
                 Node::NllSum => {
                     // The cross-entropy reads the softmax's log-normalizer, and its gradient the
                     // softmax, of the tile: one softmax step of the same sweep comes first.
@@ -384,6 +406,7 @@ impl FusedPlan {
                 | Node::Xor(..)
                 | Node::Not(..) => return None,
             };
+            // Accumulators keep no rows.
             let width = if matches!(node, Node::Count(_) | Node::NllSum) { 0 } else { w };
             self.push(op, width, stage)
         };
@@ -406,7 +429,7 @@ impl FusedPlan {
         let mut need = vec![false; len];
         for (index, step) in self.steps.iter().enumerate() {
             match step.op {
-                Op::Mul(a, b) => {
+                Op::Mul(a, b) | Op::Or(a, b) | Op::CountProduct { a, b, .. } => {
                     need[b] |= self.pred[a];
                     need[a] |= self.pred[b];
                 }
@@ -440,7 +463,8 @@ impl FusedPlan {
                 written[index] = step.export.is_some();
             }
             for index in (0..len).rev().filter(|&i| in_stage(&self.steps[i])) {
-                let receives = written[index] || matches!(self.steps[index].op, Op::Count { .. } | Op::NllSum { .. });
+                let receives = written[index]
+                    || matches!(self.steps[index].op, Op::Count { .. } | Op::CountProduct { .. } | Op::NllSum { .. });
                 self.grad_written[index] = written[index];
                 if !receives {
                     continue;
@@ -451,7 +475,7 @@ impl FusedPlan {
                     | Op::Neg(input)
                     | Op::AnyClass(input)
                     | Op::Slice { input, .. } => [Some(input), None],
-                    Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => {
+                    Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Or(a, b) | Op::CountProduct { a, b, .. } => {
                         [self.pred[a].then_some(a), self.pred[b].then_some(b)]
                     }
                     Op::NllSum { .. }
@@ -474,12 +498,20 @@ impl FusedPlan {
     }
 }
 
+/// `(a, b)` when `x − y` is `(a + b) − a·b`, the relaxed `|` (either order of the product).
+fn or_operands(module: &RelaxedModule, x: Handle, y: Handle) -> Option<(Handle, Handle)> {
+    match (module.node(x), module.node(y)) {
+        (Node::Add(a, b), Node::Mul(c, d)) if (a, b) == (c, d) || (a, b) == (d, c) => Some((*a, *b)),
+        _ => None,
+    }
+}
+
 /// The steps an operation reads.
 pub(super) fn step_operands(op: &Op) -> Vec<usize> {
     match *op {
         Op::Curve { input, .. } | Op::Neg(input) | Op::AnyClass(input) | Op::Slice { input, .. } => vec![input],
         Op::Count { input, .. } | Op::NllSum { softmax: input, .. } => vec![input],
-        Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => vec![a, b],
+        Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Or(a, b) | Op::CountProduct { a, b, .. } => vec![a, b],
         Op::Softmax | Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) | Op::Import(_) => Vec::new(),
     }
 }

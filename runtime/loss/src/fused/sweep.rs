@@ -21,7 +21,7 @@ use crate::kernels::simd::with_best_simd;
 use std::ops::Range;
 
 /// Pixels per tile: a row is one 512-bit or two 256-bit vectors.
-pub(super) const TILE: usize = 16;
+pub(super) const TILE: usize = 64;
 
 /// One class's values for the pixels of a tile.
 pub(super) type Row = [f32; TILE];
@@ -191,47 +191,161 @@ impl TileBuffers {
     }
 }
 
-/// `f` lane by lane over copies of the rows: computing on copies and storing the result
-/// whole lets the compiler keep the lanes in vector registers (it cannot prove that rows
-/// borrowed from different buffers do not overlap, and would otherwise leave the fully
-/// unrolled lanes scalar).
+/// Lanes computed together: one 512-bit vector or two 256-bit ones. The row helpers below
+/// work chunk by chunk on copies of the operands' chunks and store each result chunk
+/// whole: the compiler then keeps the lanes in vector registers (it cannot prove that rows
+/// borrowed from different buffers do not overlap, and would otherwise leave the unrolled
+/// lanes scalar), and no row-sized temporary is copied.
+const CHUNK: usize = 16;
+
+/// Chunk `c` of a row, copied.
 #[inline(always)]
-fn map1(a: &Row, f: impl Fn(f32) -> f32) -> Row {
-    let a = *a;
-    let mut out = ZERO;
-    for j in 0..TILE {
-        out[j] = f(a[j]);
-    }
+fn chunk(row: &Row, c: usize) -> [f32; CHUNK] {
+    let mut out = [0.0f32; CHUNK];
+    out.copy_from_slice(&row[c * CHUNK..(c + 1) * CHUNK]);
     out
 }
 
-/// As [`map1`], for two rows.
+/// `out = f(a)`, lane by lane.
 #[inline(always)]
-fn map2(a: &Row, b: &Row, f: impl Fn(f32, f32) -> f32) -> Row {
-    let (a, b) = (*a, *b);
-    let mut out = ZERO;
-    for j in 0..TILE {
-        out[j] = f(a[j], b[j]);
+fn set1(out: &mut Row, a: &Row, f: impl Fn(f32) -> f32) {
+    for c in 0..TILE / CHUNK {
+        let a = chunk(a, c);
+        let mut r = [0.0f32; CHUNK];
+        for j in 0..CHUNK {
+            r[j] = f(a[j]);
+        }
+        out[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
     }
-    out
 }
 
-/// As [`map1`], for three rows.
+/// `out = f(a, b)`, lane by lane.
 #[inline(always)]
-fn map3(a: &Row, b: &Row, c: &Row, f: impl Fn(f32, f32, f32) -> f32) -> Row {
-    let (a, b, c) = (*a, *b, *c);
-    let mut out = ZERO;
-    for j in 0..TILE {
-        out[j] = f(a[j], b[j], c[j]);
+fn set2(out: &mut Row, a: &Row, b: &Row, f: impl Fn(f32, f32) -> f32) {
+    for c in 0..TILE / CHUNK {
+        let (a, b) = (chunk(a, c), chunk(b, c));
+        let mut r = [0.0f32; CHUNK];
+        for j in 0..CHUNK {
+            r[j] = f(a[j], b[j]);
+        }
+        out[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
     }
-    out
+}
+
+/// `out = f(a, b, c)`, lane by lane.
+#[inline(always)]
+fn set3(out: &mut Row, a: &Row, b: &Row, d: &Row, f: impl Fn(f32, f32, f32) -> f32) {
+    for c in 0..TILE / CHUNK {
+        let (a, b, d) = (chunk(a, c), chunk(b, c), chunk(d, c));
+        let mut r = [0.0f32; CHUNK];
+        for j in 0..CHUNK {
+            r[j] = f(a[j], b[j], d[j]);
+        }
+        out[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
+    }
+}
+
+/// `target = f(target)`, lane by lane.
+#[inline(always)]
+fn update0(target: &mut Row, f: impl Fn(f32) -> f32) {
+    for c in 0..TILE / CHUNK {
+        let t = chunk(target, c);
+        let mut r = [0.0f32; CHUNK];
+        for j in 0..CHUNK {
+            r[j] = f(t[j]);
+        }
+        target[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
+    }
+}
+
+/// `target = f(target, a)`, lane by lane.
+#[inline(always)]
+fn update1(target: &mut Row, a: &Row, f: impl Fn(f32, f32) -> f32) {
+    for c in 0..TILE / CHUNK {
+        let (t, a) = (chunk(target, c), chunk(a, c));
+        let mut r = [0.0f32; CHUNK];
+        for j in 0..CHUNK {
+            r[j] = f(t[j], a[j]);
+        }
+        target[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
+    }
+}
+
+/// `target = f(target, a, b)`, lane by lane.
+#[inline(always)]
+fn update2(target: &mut Row, a: &Row, b: &Row, f: impl Fn(f32, f32, f32) -> f32) {
+    for c in 0..TILE / CHUNK {
+        let (t, a, b) = (chunk(target, c), chunk(a, c), chunk(b, c));
+        let mut r = [0.0f32; CHUNK];
+        for j in 0..CHUNK {
+            r[j] = f(t[j], a[j], b[j]);
+        }
+        target[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
+    }
+}
+
+/// `out = f(class index)`, lane by lane (the tile's class indices).
+#[inline(always)]
+fn set_from_classes(out: &mut Row, classes: &[i32; TILE], f: impl Fn(i32) -> f32) {
+    for c in 0..TILE / CHUNK {
+        let mut k = [0i32; CHUNK];
+        k.copy_from_slice(&classes[c * CHUNK..(c + 1) * CHUNK]);
+        let mut r = [0.0f32; CHUNK];
+        for j in 0..CHUNK {
+            r[j] = f(k[j]);
+        }
+        out[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
+    }
+}
+
+/// `target = f(target, a, class index)`, lane by lane.
+#[inline(always)]
+fn update_with_classes(target: &mut Row, a: &Row, classes: &[i32; TILE], f: impl Fn(f32, f32, i32) -> f32) {
+    for c in 0..TILE / CHUNK {
+        let (t, a) = (chunk(target, c), chunk(a, c));
+        let mut k = [0i32; CHUNK];
+        k.copy_from_slice(&classes[c * CHUNK..(c + 1) * CHUNK]);
+        let mut r = [0.0f32; CHUNK];
+        for j in 0..CHUNK {
+            r[j] = f(t[j], a[j], k[j]);
+        }
+        target[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
+    }
+}
+
+/// A gradient contribution `f(a)`: assigned when it is the row's first (`assign`), else added.
+#[inline(always)]
+fn put1(target: &mut Row, a: &Row, assign: bool, f: impl Fn(f32) -> f32) {
+    if assign {
+        set1(target, a, f);
+    } else {
+        update1(target, a, |t, a| t + f(a));
+    }
+}
+
+/// A gradient contribution `f(a, b)`: assigned when it is the row's first, else added.
+#[inline(always)]
+fn put2(target: &mut Row, a: &Row, b: &Row, assign: bool, f: impl Fn(f32, f32) -> f32) {
+    if assign {
+        set2(target, a, b, f);
+    } else {
+        update2(target, a, b, |t, a, b| t + f(a, b));
+    }
+}
+
+/// `target = source`, chunk by chunk (a whole-row copy would be a call to `memcpy`).
+#[inline(always)]
+fn copy_row(target: &mut Row, source: &Row) {
+    for c in 0..TILE / CHUNK {
+        target[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&source[c * CHUNK..(c + 1) * CHUNK]);
+    }
 }
 
 /// `row` = the `n ≤ TILE` values of `source`, zeros after them.
 #[inline(always)]
 fn load(row: &mut Row, source: &[f32]) {
-    if source.len() == TILE {
-        row.copy_from_slice(source);
+    if let Ok(full) = <&Row>::try_from(source) {
+        copy_row(row, full);
     } else {
         *row = ZERO;
         row[..source.len()].copy_from_slice(source);
@@ -242,7 +356,7 @@ fn load(row: &mut Row, source: &[f32]) {
 #[inline(always)]
 fn add_into(target: &mut [f32], row: &Row) {
     if let Ok(full) = <&mut Row>::try_from(&mut *target) {
-        *full = map2(full, row, |t, r| t + r);
+        update1(full, row, |t, r| t + r);
     } else {
         for (t, &r) in target.iter_mut().zip(row) {
             *t += r;
@@ -253,17 +367,17 @@ fn add_into(target: &mut [f32], row: &Row) {
 /// `lanes += row`, masked by the lanes of a partial tile.
 #[inline(always)]
 fn accumulate(lanes: &mut Row, row: &Row, mask: Option<&Row>) {
-    *lanes = match mask {
-        None => map2(lanes, row, |t, x| t + x),
-        Some(mask) => map3(lanes, row, mask, |t, x, m| t + x * m),
-    };
+    match mask {
+        None => update1(lanes, row, |t, x| t + x),
+        Some(mask) => update2(lanes, row, mask, |t, x, m| t + x * m),
+    }
 }
 
 /// `target = row`, for the first `target.len()` lanes.
 #[inline(always)]
 fn store(target: &mut [f32], row: &Row) {
     if let Ok(full) = <&mut Row>::try_from(&mut *target) {
-        *full = *row;
+        copy_row(full, row);
     } else {
         let n = target.len();
         target.copy_from_slice(&row[..n]);
@@ -294,12 +408,23 @@ impl Sweep<'_> {
     fn prepare(&self, tile: Tile, b: &mut TileBuffers) {
         let first = tile.image * self.pixels_per_image + tile.within;
         let labels = &self.labels[first..first + tile.n];
-        b.classes_of = [-1; TILE];
-        b.live = ZERO;
-        for ((class, live), &label) in b.classes_of.iter_mut().zip(b.live.iter_mut()).zip(labels) {
-            // Checked labels are classes in `0..C` or the ignore label.
-            *class = if label == self.ignore { -1 } else { label as i32 };
-            *live = 1.0;
+        // Checked labels are classes in `0..C` or the ignore label.
+        let ignore = self.ignore;
+        if let Ok(full) = <&[i64; TILE]>::try_from(labels) {
+            let full = *full;
+            let mut classes = [0i32; TILE];
+            for j in 0..TILE {
+                classes[j] = if full[j] == ignore { -1 } else { full[j] as i32 };
+            }
+            b.classes_of = classes;
+            b.live = [1.0; TILE];
+        } else {
+            b.classes_of = [-1; TILE];
+            b.live = ZERO;
+            for ((class, live), &label) in b.classes_of.iter_mut().zip(b.live.iter_mut()).zip(labels) {
+                *class = if label == ignore { -1 } else { label as i32 };
+                *live = 1.0;
+            }
         }
     }
 
@@ -334,38 +459,29 @@ impl Sweep<'_> {
                     }
                     let mut max = [f32::NEG_INFINITY; TILE];
                     for row in rows.iter() {
-                        max = map2(&max, row, f32::max);
+                        update1(&mut max, row, f32::max);
                     }
                     let mut sum = ZERO;
                     for row in rows.iter_mut() {
-                        *row = map2(row, &max, |x, m| exp_nonpositive(x - m));
-                        sum = map2(&sum, row, |s, e| s + e);
+                        update1(row, &max, |x, m| exp_nonpositive(x - m));
+                        update1(&mut sum, row, |s, e| s + e);
                     }
-                    let inverse = map1(&sum, |s| 1.0 / s);
+                    update0(&mut sum, |s| 1.0 / s);
                     for row in rows.iter_mut() {
-                        *row = map2(row, &inverse, |p, i| p * i);
+                        update1(row, &sum, |p, inverse| p * inverse);
                     }
                     if self.plan.cross_entropy && !backward {
-                        *log_norm = map2(&max, &sum, |m, s| m + s.ln());
+                        // ln Σ = −ln(1/Σ).
+                        set2(log_norm, &max, &sum, |m, inverse| m - inverse.ln());
                     }
                 }
                 Op::Labels => {
-                    let classes_of = *classes_of;
                     for (k, row) in values[offset..offset + w].iter_mut().enumerate() {
-                        let mut out = ZERO;
-                        for j in 0..TILE {
-                            out[j] = unit(classes_of[j] == k as i32);
-                        }
-                        *row = out;
+                        set_from_classes(row, classes_of, |class| unit(class == k as i32));
                     }
                 }
                 Op::Valid => {
-                    let classes_of = *classes_of;
-                    let mut out = ZERO;
-                    for j in 0..TILE {
-                        out[j] = unit(classes_of[j] >= 0);
-                    }
-                    values[offset] = out;
+                    set_from_classes(&mut values[offset], classes_of, |class| unit(class >= 0));
                 }
                 Op::Const(value) => values[offset] = [*value; TILE],
                 Op::Plane(index) => {
@@ -405,11 +521,14 @@ impl Sweep<'_> {
                 Op::Add(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x + y),
                 Op::Sub(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x - y),
                 Op::Mul(a, b) => binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x * y),
+                Op::Or(a, b) => {
+                    binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x + y - x * y)
+                }
                 Op::Neg(a) => {
                     let source = self.plan.steps[*a].offset;
                     let (head, tail) = values.split_at_mut(offset);
                     for (target, x) in tail[..w].iter_mut().zip(&head[source..source + w]) {
-                        *target = map1(x, |x| -x);
+                        set1(target, x, |x| -x);
                     }
                 }
                 Op::AnyClass(a) => {
@@ -417,7 +536,7 @@ impl Sweep<'_> {
                     let (head, tail) = values.split_at_mut(offset);
                     let mut max = [f32::NEG_INFINITY; TILE];
                     for row in &head[sa.offset..sa.offset + sa.width] {
-                        max = map2(&max, row, f32::max);
+                        update1(&mut max, row, f32::max);
                     }
                     tail[0] = max;
                 }
@@ -439,6 +558,31 @@ impl Sweep<'_> {
                         // Per class; a one-wide set is counted for every class.
                         for (k, into) in target.iter_mut().enumerate() {
                             accumulate(into, &rows[if si.width == 1 { 0 } else { k }], mask);
+                        }
+                    }
+                }
+                Op::CountProduct { a, b, width, count } => {
+                    let (sa, sb) = (&self.plan.steps[*a], &self.plan.steps[*b]);
+                    let operands = |k: usize| {
+                        let x = &values[sa.offset + if sa.width == 1 { 0 } else { k }];
+                        let y = &values[sb.offset + if sb.width == 1 { 0 } else { k }];
+                        (x, y)
+                    };
+                    let target = &mut lanes[*count];
+                    let mask = (n < TILE).then_some(&*live);
+                    let widths = (*width, target.len());
+                    for k in 0..widths.0.max(widths.1) {
+                        // A scalar count sums every row; a one-wide set counts for every class.
+                        let (row, slot) = if widths.1 == 1 { (k, 0) } else { (if widths.0 == 1 { 0 } else { k }, k) };
+                        let (x, y) = operands(row);
+                        let into = &mut target[slot];
+                        match mask {
+                            None => update2(into, x, y, |t, x, y| t + x * y),
+                            Some(mask) => {
+                                let mut product = ZERO;
+                                set2(&mut product, x, y, |x, y| x * y);
+                                update2(into, &product, mask, |t, p, m| t + p * m);
+                            }
                         }
                     }
                 }
@@ -490,7 +634,8 @@ impl Sweep<'_> {
         }
         for (index, step) in plan.steps.iter().enumerate().rev() {
             if step.stage != self.stage
-                || !(plan.grad_written[index] || matches!(step.op, Op::Count { .. } | Op::NllSum { .. }))
+                || !(plan.grad_written[index]
+                    || matches!(step.op, Op::Count { .. } | Op::CountProduct { .. } | Op::NllSum { .. }))
             {
                 continue;
             }
@@ -509,29 +654,39 @@ impl Sweep<'_> {
                     let si = &plan.steps[*input];
                     let upstream = &count_grads[*count];
                     for (k, row) in grads[si.offset..si.offset + si.width].iter_mut().enumerate() {
-                        let g = if upstream.len() == 1 {
-                            upstream[0]
-                        } else if si.width == 1 {
-                            upstream.iter().sum()
+                        let g = count_gradient(upstream, si.width, k);
+                        if first_a {
+                            *row = [g; TILE];
                         } else {
-                            upstream[k]
-                        };
-                        put(row, [g; TILE], first_a);
+                            update0(row, |t| t + g);
+                        }
+                    }
+                }
+                Op::CountProduct { a, b, width, count } => {
+                    let (sa, sb) = (&plan.steps[*a], &plan.steps[*b]);
+                    let (to_a, to_b) = (plan.pred[*a], plan.pred[*b]);
+                    let upstream = &count_grads[*count];
+                    for k in 0..*width {
+                        let g = count_gradient(upstream, *width, k);
+                        let ra = sa.offset + if sa.width == 1 { 0 } else { k };
+                        let rb = sb.offset + if sb.width == 1 { 0 } else { k };
+                        if to_a {
+                            let assign = first_a && (sa.width > 1 || k == 0);
+                            put1(&mut grads[ra], &values[rb], assign, |y| g * y);
+                        }
+                        if to_b {
+                            let assign = first_b && (sb.width > 1 || k == 0);
+                            put1(&mut grads[rb], &values[ra], assign, |x| g * x);
+                        }
                     }
                 }
                 Op::NllSum { count, softmax } => {
                     let g = count_grads[*count][0];
                     let probabilities = &values[plan.steps[*softmax].offset..][..c];
-                    let classes_of = *classes_of;
                     for (k, (out, p)) in dlogits.iter_mut().zip(probabilities).enumerate() {
-                        let (o, p) = (*out, *p);
-                        let mut sum = ZERO;
-                        for j in 0..TILE {
-                            let valid = unit(classes_of[j] >= 0);
-                            let target = unit(classes_of[j] == k as i32);
-                            sum[j] = o[j] + valid * g * (p[j] - target);
-                        }
-                        *out = sum;
+                        update_with_classes(out, p, classes_of, |o, p, class| {
+                            o + unit(class >= 0) * g * (p - unit(class == k as i32))
+                        });
                     }
                 }
                 // Operands come before their users, so their rows lie below `offset`:
@@ -543,10 +698,10 @@ impl Sweep<'_> {
                     for ((target, g), d) in
                         head[source..source + w].iter_mut().zip(&tail[..w]).zip(&slopes[offset..offset + w])
                     {
-                        put(target, map2(g, d, |g, d| g * d), first_a);
+                        put2(target, g, d, first_a, |g, d| g * d);
                     }
                 }
-                Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) => {
+                Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Or(a, b) => {
                     let (sa, sb) = (&plan.steps[*a], &plan.steps[*b]);
                     // Only prediction-dependent operands take gradients.
                     let (to_a, to_b) = (plan.pred[*a], plan.pred[*b]);
@@ -560,26 +715,35 @@ impl Sweep<'_> {
                         match step.op {
                             Op::Add(..) => {
                                 if to_a {
-                                    put(&mut head[ra], *g, assign_a);
+                                    put1(&mut head[ra], g, assign_a, |g| g);
                                 }
                                 if to_b {
-                                    put(&mut head[rb], *g, assign_b);
+                                    put1(&mut head[rb], g, assign_b, |g| g);
                                 }
                             }
                             Op::Sub(..) => {
                                 if to_a {
-                                    put(&mut head[ra], *g, assign_a);
+                                    put1(&mut head[ra], g, assign_a, |g| g);
                                 }
                                 if to_b {
-                                    put(&mut head[rb], map1(g, |g| -g), assign_b);
+                                    put1(&mut head[rb], g, assign_b, |g| -g);
+                                }
+                            }
+                            Op::Or(..) => {
+                                // d(a + b − a·b) = (1 − b)·da + (1 − a)·db.
+                                if to_a {
+                                    put2(&mut head[ra], g, &values[rb], assign_a, |g, other| g * (1.0 - other));
+                                }
+                                if to_b {
+                                    put2(&mut head[rb], g, &values[ra], assign_b, |g, other| g * (1.0 - other));
                                 }
                             }
                             _ => {
                                 if to_a {
-                                    put(&mut head[ra], map2(g, &values[rb], |g, other| g * other), assign_a);
+                                    put2(&mut head[ra], g, &values[rb], assign_a, |g, other| g * other);
                                 }
                                 if to_b {
-                                    put(&mut head[rb], map2(g, &values[ra], |g, other| g * other), assign_b);
+                                    put2(&mut head[rb], g, &values[ra], assign_b, |g, other| g * other);
                                 }
                             }
                         }
@@ -589,7 +753,7 @@ impl Sweep<'_> {
                     let source = plan.steps[*a].offset;
                     let (head, tail) = grads.split_at_mut(offset);
                     for (target, g) in head[source..source + w].iter_mut().zip(&tail[..w]) {
-                        put(target, map1(g, |g| -g), first_a);
+                        put1(target, g, first_a, |g| -g);
                     }
                 }
                 Op::AnyClass(a) => {
@@ -598,12 +762,15 @@ impl Sweep<'_> {
                     let max = values[offset];
                     let mut ties = ZERO;
                     for row in &values[sa.offset..sa.offset + sa.width] {
-                        ties = map3(&ties, row, &max, |t, x, m| t + unit(x == m));
+                        update2(&mut ties, row, &max, |t, x, m| t + unit(x == m));
                     }
                     let (head, tail) = grads.split_at_mut(offset);
-                    let share = map2(&tail[0], &ties, |g, t| g / t.max(1.0));
+                    let mut share = ZERO;
+                    set2(&mut share, &tail[0], &ties, |g, t| g / t.max(1.0));
                     for (target, row) in head[sa.offset..sa.offset + sa.width].iter_mut().zip(&values[sa.offset..]) {
-                        put(target, map3(row, &max, &share, |x, m, s| unit(x == m) * s), first_a);
+                        let mut picked = ZERO;
+                        set2(&mut picked, row, &max, |x, m| unit(x == m));
+                        put2(target, &picked, &share, first_a, |p, s| p * s);
                     }
                 }
                 Op::Slice { input, start } => {
@@ -615,18 +782,19 @@ impl Sweep<'_> {
                         rows.fill(ZERO);
                     }
                     for (target, g) in rows[*start..*start + w].iter_mut().zip(&tail[..w]) {
-                        put(target, *g, false);
+                        update1(target, g, |t, g| t + g);
                     }
                 }
                 Op::Softmax => {
                     let (g, p) = (&grads[offset..offset + c], &values[offset..offset + c]);
                     let mut dot = ZERO;
                     for (g, p) in g.iter().zip(p) {
-                        dot = map3(&dot, g, p, |d, g, p| d + g * p);
+                        update2(&mut dot, g, p, |d, g, p| d + g * p);
                     }
                     for ((out, g), p) in dlogits.iter_mut().zip(g).zip(p) {
-                        let step = map3(g, p, &dot, |g, p, d| p * (g - d));
-                        *out = map2(out, &step, |o, s| o + s);
+                        let mut step = ZERO;
+                        set3(&mut step, g, p, &dot, |g, p, d| p * (g - d));
+                        update1(out, &step, |o, s| o + s);
                     }
                 }
                 Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) => {}
@@ -645,10 +813,18 @@ impl Sweep<'_> {
     }
 }
 
-/// `target = value` (`assign`, the first contribution to a gradient row) or `target += value`.
+/// The gradient of row `k` of a counted set `width` rows wide, from `∂loss/∂count`: one
+/// number for a scalar count (every row is summed), the row's class otherwise, and for a
+/// one-wide set counted per class the sum over the classes.
 #[inline(always)]
-fn put(target: &mut Row, value: Row, assign: bool) {
-    *target = if assign { value } else { map2(target, &value, |t, v| t + v) };
+fn count_gradient(upstream: &[f32], width: usize, k: usize) -> f32 {
+    if upstream.len() == 1 {
+        upstream[0]
+    } else if width == 1 {
+        upstream.iter().sum()
+    } else {
+        upstream[k]
+    }
 }
 
 /// `out = a op b` over the tile's rows (`width` of them), broadcasting one-wide operands.
@@ -659,6 +835,6 @@ fn binary(values: &mut [Row], a: &Step, b: &Step, offset: usize, width: usize, f
     for (k, out) in tail[..width].iter_mut().enumerate() {
         let x = &head[a.offset + if a.width == 1 { 0 } else { k }];
         let y = &head[b.offset + if b.width == 1 { 0 } else { k }];
-        *out = map2(x, y, &f);
+        set2(out, x, y, &f);
     }
 }
