@@ -53,8 +53,8 @@ mod sweep;
 use crate::error::LossError;
 use crate::inputs::Batch;
 use crate::kernels::parallel::run_parts;
-use crate::kernels::pool::{scatter_planes, window_winners};
-use crate::kernels::scratch::{give_back, take_buffer};
+use crate::kernels::pool::{self, scatter_planes, window_winners};
+use crate::kernels::scratch::{give_back, take};
 use crate::kernels::{threads, zero};
 use crate::label_planes;
 use crate::reference::tensors::values;
@@ -96,6 +96,26 @@ fn grad_mode_enabled() -> bool {
 fn tile_runs(tiles: usize, workers: usize) -> Vec<Range<usize>> {
     let workers = workers.clamp(1, tiles.max(1));
     (0..workers).map(|part| part * tiles / workers..(part + 1) * tiles / workers).collect()
+}
+
+/// The large buffers of one call (frames with their gradients, poolings' winners), given
+/// back to the scratch pool when the call ends, however it ends.
+#[derive(Default)]
+struct Buffers {
+    frames: Vec<(Vec<f32>, Vec<f32>)>,
+    winners: Vec<Vec<u32>>,
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        for (values, grads) in std::mem::take(&mut self.frames) {
+            give_back(values);
+            give_back(grads);
+        }
+        for winners in std::mem::take(&mut self.winners) {
+            give_back(winners);
+        }
+    }
 }
 
 /// Where the time of one fused call goes, printed to stderr when the environment variable
@@ -219,18 +239,21 @@ pub(crate) fn surrogate(
     let plane_widths: Vec<usize> = plan.planes.iter().map(|p| width(module.shape(*p), c)).collect();
     // Frames carry values (and gradients) between stages; pools keep their winners.
     let frame_len = |width: usize| n * width * pixels_per_image;
-    let mut frame_buffers: Vec<(Vec<f32>, Vec<f32>)> = plan
+    let mut buffers = Buffers::default();
+    buffers.frames = plan
         .frames
         .iter()
-        .map(|&width| {
-            let mut grads = take_buffer(frame_len(width));
-            if needs_backward {
+        .zip(&plan.zeroed_frames)
+        .map(|(&width, &zeroed)| {
+            let mut grads = take(if needs_backward { frame_len(width) } else { 0 });
+            if zeroed {
                 zero(&mut grads);
             }
-            (take_buffer(frame_len(width)), grads)
+            (take(frame_len(width)), grads)
         })
         .collect();
-    let frames: Vec<Frame> = frame_buffers
+    let frames: Vec<Frame> = buffers
+        .frames
         .iter_mut()
         .zip(&plan.frames)
         .map(|((values, grads), &width)| Frame {
@@ -239,8 +262,12 @@ pub(crate) fn surrogate(
             width,
         })
         .collect();
-    let mut winners: Vec<Vec<u32>> =
-        plan.pools.iter().map(|pool| vec![0u32; frame_len(plan.frames[pool.output])]).collect();
+    // Winners only matter for a backward sweep's scatter.
+    buffers.winners = plan
+        .pools
+        .iter()
+        .map(|pool| take(if needs_backward { frame_len(plan.frames[pool.output]) } else { 0 }))
+        .collect();
     let tiles_per_image = pixels_per_image.div_ceil(TILE);
     let sweep = Sweep {
         plan,
@@ -260,12 +287,22 @@ pub(crate) fn surrogate(
     let mut counts: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
     for stage in 0..plan.stages {
         // Poolings whose output this stage reads, from frames complete by now.
-        for (pool, winners) in plan.pools.iter().zip(winners.iter_mut()).filter(|(p, _)| p.stage == stage) {
+        for (pool, winners) in plan.pools.iter().zip(buffers.winners.iter_mut()).filter(|(p, _)| p.stage == stage) {
             let (input, output) = (frames[pool.input].values, frames[pool.output].values);
             // SAFETY: between sweeps nothing else touches the frames; input and output are
             // distinct buffers (an output frame is always a buffer of its own).
             let (input, output) = unsafe { (&*input.row(0, input.len), output.row(0, output.len)) };
-            window_winners(input, winners, output, (h, w), pool.radius, pool.erode);
+            if needs_backward {
+                let mask = pool.mask.and_then(|plane| match &plane_values[plane] {
+                    PlaneData::Bytes(data) => {
+                        Some((pool::Mask { data, width: plane_widths[plane] }, plan.frames[pool.output]))
+                    }
+                    PlaneData::Floats(_) => None,
+                });
+                window_winners(input, winners, output, (h, w), pool.radius, pool.erode, mask);
+            } else {
+                pool::pool(input, output, (h, w), pool.radius, pool.erode);
+            }
             phases.mark("pooling (winner search)");
         }
         let sweep = Sweep { stage, ..sweep };
@@ -301,16 +338,9 @@ pub(crate) fn surrogate(
     let mut wanted = vec![module.root];
     wanted.extend(module.reports.iter().map(|r| r.value));
     let result = reference::finish_surrogate(module, reference::run_nodes(module, curves, batch, provided, &wanted));
-    let release = move || {
-        for (values, grads) in frame_buffers {
-            give_back(values);
-            give_back(grads);
-        }
-    };
     if !needs_backward || !result.loss.requires_grad() {
         phases.mark("counts to loss (libtorch)");
         phases.report(&module.name);
-        release();
         return Ok(Surrogate { loss: result.loss.detach(), ..result });
     }
     phases.mark("counts to loss (libtorch, with autograd)");
@@ -332,7 +362,7 @@ pub(crate) fn surrogate(
         phases.mark("backward sweep");
         // Every reader of these poolings' outputs is done: send their gradients back to the
         // winners, in the input frames (read by an earlier stage, which runs next).
-        for (pool, winners) in plan.pools.iter().zip(&winners).filter(|(p, _)| p.stage == stage) {
+        for (pool, winners) in plan.pools.iter().zip(&buffers.winners).filter(|(p, _)| p.stage == stage) {
             let (from, to) = (frames[pool.output].grads, frames[pool.input].grads);
             // SAFETY: two distinct frames' gradient buffers, not used by anything else now.
             let (from, to) = unsafe { (from.row(0, from.len), to.row(0, to.len)) };
@@ -341,7 +371,7 @@ pub(crate) fn surrogate(
         }
     }
     drop(logits_contiguous);
-    release();
+    drop(buffers);
     // The loss with exactly the kernel's value and gradient, as a libtorch autograd function.
     let loss = crate::autograd::linearized(logits, &result.loss.detach(), &gradient.to_kind(kind))?;
     phases.mark("linearization");

@@ -78,6 +78,10 @@ pub(super) struct PoolStage {
     pub erode: bool,
     /// The stage whose sweep first reads the output.
     pub stage: usize,
+    /// A label plane (index into the plan's planes) that every read of the output is
+    /// multiplied by, when there is one: the output then matters only where it is non-zero
+    /// (BF1's dilated prediction boundary, counted on label boundaries).
+    pub mask: Option<usize>,
 }
 
 /// The pixel program of a module for a given number of classes (run tile by tile).
@@ -103,6 +107,11 @@ pub(crate) struct FusedPlan {
     /// Per step and operand slot (`a`, `b`): whether the step's contribution is the first
     /// its operand's gradient receives in the backward sweep (it assigns instead of adding).
     pub(super) first_write: Vec<[bool; 2]>,
+    /// Per frame: whether its gradient plane is zeroed before the backward sweeps (else its
+    /// first writer, an import, assigns it: see `import_assigns`).
+    pub(super) zeroed_frames: Vec<bool>,
+    /// Per step: for an import, whether it assigns its frame's gradient instead of adding.
+    pub(super) import_assigns: Vec<bool>,
     /// Whether the program has the cross-entropy sum (the softmax then keeps its log-normalizer).
     pub(super) cross_entropy: bool,
     /// Sweeps: one for a module whose pixel part is per pixel; one more after each pooling of
@@ -160,6 +169,8 @@ impl FusedPlan {
             back_value: Vec::new(),
             grad_written: Vec::new(),
             first_write: Vec::new(),
+            zeroed_frames: Vec::new(),
+            import_assigns: Vec::new(),
             cross_entropy: false,
             stages: 1,
             frames: Vec::new(),
@@ -183,8 +194,48 @@ impl FusedPlan {
             plan.lower(&mut lowering, handle, stage)?;
         }
         plan.stages = plan.steps.iter().map(|s| s.stage + 1).max().unwrap_or(1);
+        plan.find_pool_masks();
         plan.plan_backward();
         Some(plan)
+    }
+
+    /// A pooling's mask: the one label plane that every step reading its output (through
+    /// imports) multiplies it by in a count, when the output is not pooled again.
+    fn find_pool_masks(&mut self) {
+        for p in 0..self.pools.len() {
+            let output = self.pools[p].output;
+            if self.pools.iter().any(|other| other.input == output) {
+                continue;
+            }
+            let imports: Vec<usize> =
+                (0..self.steps.len()).filter(|&i| matches!(self.steps[i].op, Op::Import(f) if f == output)).collect();
+            let mut mask = None;
+            let mut maskable = !imports.is_empty();
+            for step in &self.steps {
+                let reads: Vec<usize> = step_operands(&step.op).into_iter().filter(|o| imports.contains(o)).collect();
+                if reads.is_empty() {
+                    continue;
+                }
+                let plane = match step.op {
+                    Op::CountProduct { a, b, .. } => {
+                        let other = if imports.contains(&a) { b } else { a };
+                        match self.steps[other].op {
+                            Op::Plane(index) if !imports.contains(&other) => Some(index),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                match (plane, mask) {
+                    (Some(index), None) => mask = Some(index),
+                    (Some(index), Some(known)) if index == known => {}
+                    _ => maskable = false,
+                }
+            }
+            if maskable {
+                self.pools[p].mask = mask;
+            }
+        }
     }
 
     /// Whether the program evaluates any curve. A module without curves (plain
@@ -264,6 +315,7 @@ impl FusedPlan {
                     radius: radius as usize,
                     erode,
                     stage: lowering.node_stage[handle.index()],
+                    mask: None,
                 });
                 output
             }
@@ -495,6 +547,27 @@ impl FusedPlan {
             }
         }
         self.cross_entropy = self.steps.iter().any(|s| matches!(s.op, Op::NllSum { .. }));
+        // A frame's gradient plane is written, in the backward sweeps' order (stages in
+        // reverse; within a stage its sweep, then the scatters of the poolings it read), by
+        // the imports of its value and the scatters of poolings that read it. When the first
+        // of these is an import (whose every tile writes all its rows), that import assigns
+        // and the plane needs no zeroing; otherwise it is zeroed first.
+        self.import_assigns = vec![false; len];
+        self.zeroed_frames = (0..self.frames.len())
+            .map(|frame| {
+                let import = (0..len)
+                    .filter(|&i| matches!(self.steps[i].op, Op::Import(f) if f == frame) && self.grad_written[i])
+                    .max_by_key(|&i| self.steps[i].stage);
+                let scatter = self.pools.iter().filter(|pool| pool.input == frame).map(|pool| pool.stage).max();
+                match (import, scatter) {
+                    (Some(step), scatter) if scatter.is_none_or(|stage| self.steps[step].stage >= stage) => {
+                        self.import_assigns[step] = true;
+                        false
+                    }
+                    _ => true,
+                }
+            })
+            .collect();
     }
 }
 

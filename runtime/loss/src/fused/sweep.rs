@@ -17,6 +17,7 @@
 
 use super::lanes::{curve_rows, exp_nonpositive, unit};
 use super::plan::{FusedPlan, Op, Step};
+use crate::kernels::scratch;
 use crate::kernels::simd::with_best_simd;
 use std::ops::Range;
 
@@ -163,7 +164,7 @@ pub(super) struct TileBuffers {
 impl TileBuffers {
     pub(super) fn new(plan: &FusedPlan) -> TileBuffers {
         // Every row is written before it is read; tests poison the rows to prove it.
-        let start = if crate::kernels::scratch::poisoning() { [f32::NAN; TILE] } else { ZERO };
+        let start = if scratch::poisoning() { [f32::NAN; TILE] } else { ZERO };
         TileBuffers {
             values: vec![start; plan.scratch],
             grads: vec![start; plan.scratch],
@@ -647,7 +648,11 @@ impl Sweep<'_> {
                     for k in 0..w {
                         // SAFETY: this tile owns these rows of the frame.
                         let target = unsafe { self.frame_row(&frame.grads, frame.width, tile, k) };
-                        add_into(target, &grads[offset + k]);
+                        if plan.import_assigns[index] {
+                            store(target, &grads[offset + k]);
+                        } else {
+                            add_into(target, &grads[offset + k]);
+                        }
                     }
                 }
                 Op::Count { input, count } => {

@@ -131,28 +131,67 @@ with_best_simd!(
     (inputs: &[f32], outputs: &mut [i64], h: usize, w: usize, radius: usize, erode: bool),
     {
         if erode {
-            winners_of_planes::<true, i64>(inputs, outputs, None, h, w, radius)
+            winners_of_planes::<true, i64>(inputs, outputs, None, None, h, w, radius)
         } else {
-            winners_of_planes::<false, i64>(inputs, outputs, None, h, w, radius)
+            winners_of_planes::<false, i64>(inputs, outputs, None, None, h, w, radius)
         }
     }
 );
 
 with_best_simd!(
     winner_planes_u32,
-    (inputs: &[f32], outputs: &mut [u32], values: &mut [f32], h: usize, w: usize, radius: usize, erode: bool),
+    (
+        inputs: &[f32],
+        outputs: &mut [u32],
+        values: &mut [f32],
+        mask: Option<PlaneMask<'_>>,
+        h: usize,
+        w: usize,
+        radius: usize,
+        erode: bool
+    ),
     {
         if erode {
-            winners_of_planes::<true, u32>(inputs, outputs, Some(values), h, w, radius)
+            winners_of_planes::<true, u32>(inputs, outputs, Some(values), mask, h, w, radius)
         } else {
-            winners_of_planes::<false, u32>(inputs, outputs, Some(values), h, w, radius)
+            winners_of_planes::<false, u32>(inputs, outputs, Some(values), mask, h, w, radius)
         }
     }
 );
 
+/// Where a pooled frame's values matter: a label plane `[N, width, H, W]` (bytes, one
+/// plane for every class when `width` is 1) that is 0 where the pooled value is only ever
+/// multiplied by 0 (a dilated prediction boundary counted on label boundaries).
+#[derive(Clone, Copy)]
+pub(crate) struct Mask<'a> {
+    pub(crate) data: &'a [i8],
+    pub(crate) width: usize,
+}
+
+/// A [`Mask`] as the planes of one part of a frame see it: planes from `first` on, of a
+/// frame `frame_width` planes per image.
+#[derive(Clone, Copy)]
+struct PlaneMask<'a> {
+    mask: Mask<'a>,
+    first: usize,
+    frame_width: usize,
+}
+
+impl<'a> PlaneMask<'a> {
+    /// The mask of the part's plane `index`.
+    fn plane(&self, index: usize, plane: usize) -> &'a [i8] {
+        let global = self.first + index;
+        let (image, class) = (global / self.frame_width, global % self.frame_width);
+        let row = image * self.mask.width + if self.mask.width == 1 { 0 } else { class };
+        &self.mask.data[row * plane..(row + 1) * plane]
+    }
+}
+
 /// Window winners (as [`winners`] finds them, index within the plane) of every
-/// `[H, W]` plane of `input` into `winners`, and their values (the pooled planes) into
-/// `values`, split over the cores (the fused kernel's pooling stage; inputs are finite).
+/// `[H, W]` plane of `input` (`[N, frame_width, H, W]`) into `winners`, and their values (the
+/// pooled planes) into `values`, split over the cores (the fused kernel's pooling stage;
+/// inputs are finite). With a `mask`, blocks of pixels where it is 0 are not searched: their
+/// value is 0 and their winner themselves.
 pub(crate) fn window_winners(
     input: &[f32],
     winners: &mut [u32],
@@ -160,14 +199,19 @@ pub(crate) fn window_winners(
     (h, w): (usize, usize),
     radius: usize,
     erode: bool,
+    mask: Option<(Mask<'_>, usize)>,
 ) {
     let plane = h * w;
     if plane == 0 || input.is_empty() {
         return;
     }
     let chunk = plane_chunk(input.len(), plane);
-    let parts = input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(values.chunks_mut(chunk)).collect();
-    run_parts(parts, |((inputs, outputs), values)| winner_planes_u32(inputs, outputs, values, h, w, radius, erode));
+    let parts: Vec<_> =
+        input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(values.chunks_mut(chunk)).enumerate().collect();
+    run_parts(parts, |(part, ((inputs, outputs), values))| {
+        let mask = mask.map(|(mask, frame_width)| PlaneMask { mask, first: part * chunk / plane, frame_width });
+        winner_planes_u32(inputs, outputs, values, mask, h, w, radius, erode)
+    });
 }
 
 /// The body of [`winners`] for some planes (inlined into each SIMD version).
@@ -176,6 +220,7 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
     inputs: &[f32],
     outputs: &mut [T],
     mut values: Option<&mut [f32]>,
+    mask: Option<PlaneMask<'_>>,
     h: usize,
     w: usize,
     radius: usize,
@@ -192,10 +237,34 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
     let mut padded_value = vec![sentinel; w + 2 * radius];
     let mut padded_index = vec![0u32; w + 2 * radius];
     let blocks = w / L * L;
+    // With a mask: per row, which blocks hold a masked pixel, and which blocks' column pass
+    // a marked block's row pass reads (those within `reach` blocks).
+    let reach = radius.div_ceil(L);
+    let mut marked = vec![true; blocks / L];
+    let mut columns_needed = vec![true; blocks / L];
     for (index, (source, target)) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)).enumerate() {
+        let mask_plane = mask.map(|mask| mask.plane(index, plane));
+        let mark_row = |y: usize, marked: &mut [bool], columns_needed: &mut [bool]| {
+            if let Some(m) = mask_plane {
+                for (b, mark) in marked.iter_mut().enumerate() {
+                    *mark = m[y * w + b * L..][..L].iter().any(|&x| x != 0);
+                }
+                // The pixels past the last whole block are always searched, so the blocks
+                // within reach of them need their column pass when one of them is masked.
+                let tail_marked = m[y * w + blocks..(y + 1) * w].iter().any(|&x| x != 0);
+                for (b, need) in columns_needed.iter_mut().enumerate() {
+                    let (low, high) = (b.saturating_sub(reach), (b + reach + 1).min(marked.len()));
+                    *need = marked[low..high].iter().any(|&x| x) || (tail_marked && b + reach >= marked.len());
+                }
+            }
+        };
         for y in 0..h {
+            mark_row(y, &mut marked, &mut columns_needed);
             let rows = y.saturating_sub(radius)..(y + radius + 1).min(h);
             for start in (0..blocks).step_by(L) {
+                if !columns_needed[start / L] {
+                    continue;
+                }
                 // The pixel itself always qualifies, so no stale index survives (even for
                 // NaN or infinite values).
                 let mut v = [sentinel; L];
@@ -220,6 +289,7 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
             }
         }
         for y in 0..h {
+            mark_row(y, &mut marked, &mut columns_needed);
             padded_value[radius..radius + w].copy_from_slice(&column_value[y * w..(y + 1) * w]);
             padded_index[radius..radius + w].copy_from_slice(&column_index[y * w..(y + 1) * w]);
             let own = &column_index[y * w..(y + 1) * w];
@@ -228,6 +298,17 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
             let mut out_values =
                 values.as_deref_mut().map(|v| &mut v[index * plane + y * w..index * plane + (y + 1) * w]);
             for start in (0..blocks).step_by(L) {
+                if !marked[start / L] {
+                    // Nothing reads these values but through a 0: any finite value will do,
+                    // and each pixel its own winner (its gradient, 0, is not scattered).
+                    for (lane, t) in out[start..][..L].iter_mut().enumerate() {
+                        *t = T::from((y * w + start + lane) as u32);
+                    }
+                    if let Some(out_values) = out_values.as_deref_mut() {
+                        out_values[start..][..L].fill(0.0);
+                    }
+                    continue;
+                }
                 let mut v = [sentinel; L];
                 let mut i: [u32; L] = own[start..][..L].try_into().expect("a block");
                 for offset in 0..=2 * radius {
@@ -282,8 +363,75 @@ pub(crate) fn scatter_planes(source: &[f32], winners: &[u32], target: &mut [f32]
         for ((source, winners), target) in source.chunks(plane).zip(winners.chunks(plane)).zip(target.chunks_mut(plane))
         {
             for (&g, &i) in source.iter().zip(winners) {
-                target[i as usize] += g;
+                // Pooled values are often read only where a label mask is set (a dilated
+                // boundary counted on label boundaries): most gradients are then 0, and
+                // skipping them saves the random-access writes.
+                if g != 0.0 {
+                    target[i as usize] += g;
+                }
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in `[0, 1)` (xorshift), with many ties when `levels` is small.
+    fn values(len: usize, seed: u64, levels: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % levels) as f32 / levels as f32
+            })
+            .collect()
+    }
+
+    /// Where a mask is set, the masked search finds the unmasked one's winners and values,
+    /// for widths with and without a partial block, radii below and above a block, one mask
+    /// for every class and one per class; elsewhere its values are finite.
+    #[test]
+    fn masked_window_winners_equal_unmasked_ones_where_the_mask_is_set() {
+        let (images, classes) = (2, 3);
+        for (h, w) in [(19, 23), (9, 40), (17, 16), (6, 5), (12, 70)] {
+            for radius in [1, 2, 5, 17] {
+                for (mask_width, erode) in [(1, false), (classes, false), (classes, true)] {
+                    let plane = h * w;
+                    let len = images * classes * plane;
+                    let input = values(len, (h * w * radius) as u64, 7);
+                    let (mut expected_winners, mut expected_values) = (vec![0u32; len], vec![0.0f32; len]);
+                    window_winners(&input, &mut expected_winners, &mut expected_values, (h, w), radius, erode, None);
+                    let mask: Vec<i8> = values(images * mask_width * plane, radius as u64, 40)
+                        .iter()
+                        .map(|&v| i8::from(v < 0.04))
+                        .collect();
+                    let (mut winners, mut found) = (vec![u32::MAX; len], vec![f32::NAN; len]);
+                    let masked = Some((Mask { data: &mask, width: mask_width }, classes));
+                    window_winners(&input, &mut winners, &mut found, (h, w), radius, erode, masked);
+                    let mut checked = 0;
+                    for index in 0..len {
+                        let (image, class, pixel) = (index / (classes * plane), index / plane % classes, index % plane);
+                        let row = image * mask_width + if mask_width == 1 { 0 } else { class };
+                        assert!(
+                            found[index].is_finite() && (winners[index] as usize) < plane,
+                            "every output is written"
+                        );
+                        if mask[row * plane + pixel] != 0 {
+                            assert_eq!(
+                                (winners[index], found[index]),
+                                (expected_winners[index], expected_values[index]),
+                                "{h}x{w} r={radius} erode={erode} mask width {mask_width}: output {index}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                    assert!(checked > 0, "{h}x{w}: some pixels are masked");
+                }
+            }
+        }
+    }
 }

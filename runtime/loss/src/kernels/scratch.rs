@@ -1,22 +1,55 @@
-//! Reusing large scratch planes across calls.
+//! Reusing large scratch buffers across calls.
 //!
-//! Guarantee: [`take_buffer`] returns a buffer of the asked length whose contents are
-//! unspecified (with poisoning on, NaN), so every user writes what it later reads; tests
-//! turn poisoning on to prove it.
+//! Guarantee: [`take`] returns a buffer of the asked length whose contents are unspecified
+//! (with poisoning on, a poison value: NaN for floats), so every user writes what it later
+//! reads; tests turn poisoning on to prove it.
 
-/// Scratch planes given back by earlier calls. The sweeps' large buffers (softmax, curve
-/// stores) come from here, so that repeated calls reuse memory whose pages are already
-/// mapped instead of faulting in fresh zeroed pages every time (a visible share of a call).
-static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+use std::sync::Mutex;
 
-/// Most buffers kept for reuse (several models may train in threads at once).
+/// Buffers given back by earlier calls, per element type. The kernels' large buffers
+/// (frames, winners, label planes) come from here, so that repeated calls reuse memory
+/// whose pages are already mapped instead of faulting in fresh zeroed pages every time (a
+/// visible share of a call), and nothing is zeroed that is about to be overwritten.
+pub(crate) trait Pooled: Copy + Default + Send + 'static {
+    /// The pool of this element type.
+    fn pool() -> &'static Mutex<Vec<Vec<Self>>>;
+    /// What poisoned buffers hold.
+    const POISON: Self;
+}
+
+impl Pooled for f32 {
+    fn pool() -> &'static Mutex<Vec<Vec<f32>>> {
+        static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+        &POOL
+    }
+    const POISON: f32 = f32::NAN;
+}
+
+impl Pooled for u32 {
+    fn pool() -> &'static Mutex<Vec<Vec<u32>>> {
+        static POOL: Mutex<Vec<Vec<u32>>> = Mutex::new(Vec::new());
+        &POOL
+    }
+    const POISON: u32 = u32::MAX;
+}
+
+impl Pooled for i8 {
+    fn pool() -> &'static Mutex<Vec<Vec<i8>>> {
+        static POOL: Mutex<Vec<Vec<i8>>> = Mutex::new(Vec::new());
+        &POOL
+    }
+    const POISON: i8 = i8::MIN;
+}
+
+/// Most buffers kept for reuse, per element type (several models may train in threads at
+/// once).
 const SCRATCH_KEPT: usize = 16;
 
-/// When on, reused scratch is filled with NaN first, so that a test reading a value the
-/// current call did not write fails instead of finding the previous call's data.
+/// When on, reused scratch is filled with a poison value first, so that a test reading a
+/// value the current call did not write fails instead of finding the previous call's data.
 static POISON_SCRATCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Testing aid: fill reused scratch planes with NaN (see [`take_buffer`]).
+/// Testing aid: fill reused scratch with a poison value (see [`take`]).
 pub fn set_scratch_poisoning(on: bool) {
     POISON_SCRATCH.store(on, std::sync::atomic::Ordering::Relaxed);
 }
@@ -27,25 +60,26 @@ pub(crate) fn poisoning() -> bool {
     POISON_SCRATCH.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// A buffer of `len` values with unspecified contents (every user overwrites all of it).
-pub(crate) fn take_buffer(len: usize) -> Vec<f32> {
+/// A buffer of `len` values with unspecified contents (every user overwrites what it reads).
+pub(crate) fn take<T: Pooled>(len: usize) -> Vec<T> {
     let reused = {
-        let mut pool = SCRATCH.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut pool = T::pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // The smallest buffer that is large enough.
         let best = (0..pool.len()).filter(|&i| pool[i].capacity() >= len).min_by_key(|&i| pool[i].capacity());
         best.map(|i| pool.swap_remove(i))
     };
     let mut buffer = reused.unwrap_or_default();
-    buffer.resize(len, 0.0);
+    buffer.resize(len, T::default());
     buffer.truncate(len);
     if poisoning() {
-        buffer.fill(f32::NAN);
+        buffer.fill(T::POISON);
     }
     buffer
 }
 
-pub(crate) fn give_back(buffer: Vec<f32>) {
-    let mut pool = SCRATCH.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+/// Keep `buffer` for a later [`take`].
+pub(crate) fn give_back<T: Pooled>(buffer: Vec<T>) {
+    let mut pool = T::pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     pool.push(buffer);
     if pool.len() > SCRATCH_KEPT {
         // Keep the largest.
