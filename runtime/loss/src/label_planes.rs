@@ -9,7 +9,9 @@
 //! (a fractional constant, a range beyond `i8`, an operation not listed here) returns `None`
 //! and keeps libtorch's float path. Values equal libtorch's float ones exactly (integers).
 
-use crate::kernels::pool;
+use crate::kernels::parallel::run_parts;
+use crate::kernels::scratch::{give_back, take};
+use crate::kernels::{pool, threads};
 use compiler::analysis;
 use compiler::ir::{Handle, Node, Shape};
 use compiler::RelaxedModule;
@@ -124,9 +126,40 @@ fn intervals(module: &RelaxedModule, wanted: &[Handle]) -> Option<Vec<Option<(i3
     Some(range)
 }
 
+/// The dilation that `any` over (a slice of) a dilated set can skip: `any(dilate(x, r)[s])`
+/// equals `dilate(any(x[s]), r)` (a maximum over classes of maxima over a window is the
+/// maximum over the window of the maxima over classes), so BIoU's band dilates one plane
+/// instead of one per class. Returns `(x, slice start, radius)`.
+fn dilated_any(module: &RelaxedModule, any: Handle) -> Option<(Handle, Option<usize>, u32)> {
+    let Node::AnyClass(input) = module.node(any) else { return None };
+    let (inner, start) = match module.node(*input) {
+        Node::Slice { input, start, .. } => (*input, Some(*start)),
+        _ => (*input, None),
+    };
+    match module.node(inner) {
+        Node::Dilate { input, radius } => Some((*input, start, *radius)),
+        _ => None,
+    }
+}
+
+/// Give the planes of evaluated values back to the scratch pool.
+pub(crate) fn give_back_values(values: Vec<Option<Value>>) {
+    for value in values.into_iter().flatten() {
+        if let Value::Plane { data, .. } = value {
+            give_back(data);
+        }
+    }
+}
+
+/// A byte buffer of `len` values from the scratch pool, contents unspecified.
+fn buffer(len: usize) -> Vec<i8> {
+    take::<i8>(len)
+}
+
 /// Evaluate the label-only nodes `wanted` (and what they depend on) on bytes; `None` when the
 /// module needs something outside this evaluator (see the module notes). `labels` is the
-/// flat `[N, H, W]` label map, already checked.
+/// flat `[N, H, W]` label map, already checked. Planes come from the scratch pool; give them
+/// back with [`give_back_values`].
 pub(crate) fn evaluate(
     module: &RelaxedModule,
     labels: &[i64],
@@ -137,19 +170,50 @@ pub(crate) fn evaluate(
     // A value no checked label has stands for "no ignore label".
     let ignore = ignore_label.unwrap_or(i64::MIN);
     let range = intervals(module, wanted)?;
+    // What to evaluate: what `wanted` depends on, where a dilated `any` reads the undilated
+    // set (see `dilated_any`).
+    let mut need = vec![false; module.len()];
+    for handle in wanted {
+        need[handle.index()] = true;
+    }
+    for handle in module.handles().rev() {
+        if need[handle.index()] {
+            match dilated_any(module, handle) {
+                Some((x, _, _)) => need[x.index()] = true,
+                None => module.node(handle).operands().iter().for_each(|o| need[o.index()] = true),
+            }
+        }
+    }
     let hw = dims.pixels();
     let mut values: Vec<Option<Value>> = (0..module.len()).map(|_| None).collect();
     for handle in module.handles() {
-        if range[handle.index()].is_none() {
+        if !need[handle.index()] || range[handle.index()].is_none() {
             continue;
         }
         let out_width = shape_width(module.shape(handle), dims.classes);
         let v = |h: &Handle| values[h.index()].as_ref().expect("operands come first");
         let value = match module.node(handle) {
             Node::Const(value) => Value::Scalar(value.get() as i8),
+            Node::AnyClass(_) if dilated_any(module, handle).is_some() => {
+                let (x, start, radius) = dilated_any(module, handle).expect("checked");
+                let Value::Plane { data, width } = v(&x) else { return None };
+                let (start, keep) = match start {
+                    Some(start) => (start, shape_width(module.shape(module.node(handle).operands()[0]), dims.classes)?),
+                    None => (0, *width),
+                };
+                if start + keep > *width {
+                    return None;
+                }
+                let any = any_of(data, *width, start..start + keep, dims);
+                let mut out = buffer(any.len());
+                pool::pool_bytes(&any, &mut out, (dims.height, dims.width), radius as usize, false);
+                give_back(any);
+                Value::Plane { data: out, width: 1 }
+            }
             Node::Labels => {
                 let c = dims.classes;
-                let mut data = vec![0i8; dims.images * c * hw];
+                let mut data = buffer(dims.images * c * hw);
+                data.fill(0);
                 for (image, map) in labels.chunks(hw).enumerate() {
                     let planes = &mut data[image * c * hw..(image + 1) * c * hw];
                     for (pixel, &label) in map.iter().enumerate() {
@@ -160,7 +224,13 @@ pub(crate) fn evaluate(
                 }
                 Value::Plane { data, width: c }
             }
-            Node::Valid => Value::Plane { data: labels.iter().map(|&l| i8::from(l != ignore)).collect(), width: 1 },
+            Node::Valid => {
+                let mut data = buffer(labels.len());
+                for (d, &l) in data.iter_mut().zip(labels) {
+                    *d = i8::from(l != ignore);
+                }
+                Value::Plane { data, width: 1 }
+            }
             Node::Border { radius } => {
                 let (h, w, r) = (dims.height, dims.width, *radius as usize);
                 let image: Vec<i8> = (0..h * w).map(|p| i8::from(border_pixel(p / w, p % w, (h, w), r))).collect();
@@ -169,22 +239,13 @@ pub(crate) fn evaluate(
             Node::Erode { input, radius } | Node::Dilate { input, radius } => {
                 let erode = matches!(module.node(handle), Node::Erode { .. });
                 let Value::Plane { data, width } = v(input) else { return None };
-                let mut out = vec![0i8; data.len()];
+                let mut out = buffer(data.len());
                 pool::pool_bytes(data, &mut out, (dims.height, dims.width), *radius as usize, erode);
                 Value::Plane { data: out, width: *width }
             }
             Node::AnyClass(input) => {
                 let Value::Plane { data, width } = v(input) else { return None };
-                let mut out = vec![i8::MIN; dims.images * hw];
-                for (image, target) in out.chunks_mut(hw).enumerate() {
-                    for k in 0..*width {
-                        let row = &data[(image * width + k) * hw..(image * width + k + 1) * hw];
-                        for (t, &x) in target.iter_mut().zip(row) {
-                            *t = (*t).max(x);
-                        }
-                    }
-                }
-                Value::Plane { data: out, width: 1 }
+                Value::Plane { data: any_of(data, *width, 0..*width, dims), width: 1 }
             }
             Node::Slice { input, start, .. } => {
                 let Value::Plane { data, width } = v(input) else { return None };
@@ -192,9 +253,9 @@ pub(crate) fn evaluate(
                 if start + keep > *width {
                     return None;
                 }
-                let mut out = Vec::with_capacity(dims.images * keep * hw);
-                for image in 0..dims.images {
-                    out.extend_from_slice(&data[(image * width + start) * hw..(image * width + start + keep) * hw]);
+                let mut out = buffer(dims.images * keep * hw);
+                for (image, target) in out.chunks_mut(keep * hw).enumerate() {
+                    target.copy_from_slice(&data[(image * width + start) * hw..(image * width + start + keep) * hw]);
                 }
                 Value::Plane { data: out, width: keep }
             }
@@ -234,33 +295,69 @@ pub(crate) fn evaluate(
     Some(values)
 }
 
-/// `a op b` with broadcasting of scalars and one-wide planes (as libtorch broadcasts).
-fn binary(a: &Value, b: &Value, dims: Dims, f: impl Fn(i8, i8) -> i8 + Copy) -> Option<Value> {
+/// The maximum over classes `classes` of `[N, width, H, W]` planes: one `[N, 1, H, W]` plane.
+fn any_of(data: &[i8], width: usize, classes: std::ops::Range<usize>, dims: Dims) -> Vec<i8> {
     let hw = dims.pixels();
+    let mut out = buffer(dims.images * hw);
+    for (image, target) in out.chunks_mut(hw).enumerate() {
+        target.fill(i8::MIN);
+        for k in classes.clone() {
+            let row = &data[(image * width + k) * hw..(image * width + k + 1) * hw];
+            for (t, &x) in target.iter_mut().zip(row) {
+                *t = (*t).max(x);
+            }
+        }
+    }
+    out
+}
+
+/// `a op b` with broadcasting of scalars and one-wide planes (as libtorch broadcasts),
+/// plane by plane over the cores.
+fn binary(a: &Value, b: &Value, dims: Dims, f: impl Fn(i8, i8) -> i8 + Copy + Sync) -> Option<Value> {
+    let hw = dims.pixels();
+    let map = |data: &[i8], g: &(dyn Fn(i8) -> i8 + Sync)| {
+        let mut out = buffer(data.len());
+        let chunk = data.len().div_ceil(threads()).max(1 << 16);
+        run_parts(out.chunks_mut(chunk).zip(data.chunks(chunk)).collect(), |(target, source)| {
+            for (t, &x) in target.iter_mut().zip(source) {
+                *t = g(x);
+            }
+        });
+        out
+    };
     Some(match (a, b) {
         (Value::Scalar(x), Value::Scalar(y)) => Value::Scalar(f(*x, *y)),
         (Value::Plane { data, width }, Value::Scalar(y)) => {
-            Value::Plane { data: data.iter().map(|&x| f(x, *y)).collect(), width: *width }
+            Value::Plane { data: map(data, &|x| f(x, *y)), width: *width }
         }
         (Value::Scalar(x), Value::Plane { data, width }) => {
-            Value::Plane { data: data.iter().map(|&y| f(*x, y)).collect(), width: *width }
+            Value::Plane { data: map(data, &|y| f(*x, y)), width: *width }
         }
         (Value::Plane { data: da, width: wa }, Value::Plane { data: db, width: wb }) => {
             let width = (*wa).max(*wb);
             if (*wa != width && *wa != 1) || (*wb != width && *wb != 1) {
                 return None;
             }
-            let mut out = vec![0i8; dims.images * width * hw];
-            for image in 0..dims.images {
-                for k in 0..width {
+            let mut out = buffer(dims.images * width * hw);
+            let planes: Vec<(usize, &mut [i8])> = out.chunks_mut(hw).enumerate().collect();
+            let per_part = planes.len().div_ceil(threads()).max(1);
+            let mut parts: Vec<Vec<(usize, &mut [i8])>> = Vec::new();
+            for plane in planes {
+                match parts.last_mut() {
+                    Some(part) if part.len() < per_part => part.push(plane),
+                    _ => parts.push(vec![plane]),
+                }
+            }
+            run_parts(parts, |part| {
+                for (index, target) in part {
+                    let (image, k) = (index / width, index % width);
                     let ra = &da[(image * wa + if *wa == 1 { 0 } else { k }) * hw..][..hw];
                     let rb = &db[(image * wb + if *wb == 1 { 0 } else { k }) * hw..][..hw];
-                    let target = &mut out[(image * width + k) * hw..][..hw];
                     for ((t, &x), &y) in target.iter_mut().zip(ra).zip(rb) {
                         *t = f(x, y);
                     }
                 }
-            }
+            });
             Value::Plane { data: out, width }
         }
     })

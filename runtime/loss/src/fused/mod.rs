@@ -98,6 +98,26 @@ fn tile_runs(tiles: usize, workers: usize) -> Vec<Range<usize>> {
     (0..workers).map(|part| part * tiles / workers..(part + 1) * tiles / workers).collect()
 }
 
+/// The label planes of one call, whose byte planes go back to the scratch pool when it ends.
+struct Planes(Vec<PlaneData>);
+
+impl std::ops::Deref for Planes {
+    type Target = [PlaneData];
+    fn deref(&self) -> &[PlaneData] {
+        &self.0
+    }
+}
+
+impl Drop for Planes {
+    fn drop(&mut self) {
+        for plane in std::mem::take(&mut self.0) {
+            if let PlaneData::Bytes(data) = plane {
+                give_back(data);
+            }
+        }
+    }
+}
+
 /// The large buffers of one call (frames with their gradients, poolings' winners), given
 /// back to the scratch pool when the call ends, however it ends.
 #[derive(Default)]
@@ -214,17 +234,20 @@ pub(crate) fn surrogate(
             }
         }
     }
-    let plane_values: Vec<PlaneData> = if plan.planes.is_empty() {
-        Vec::new()
-    } else if let Some(mut computed) = evaluated {
-        plan.planes
+    let plane_values = Planes(if let Some(mut computed) = evaluated {
+        let planes = plan
+            .planes
             .iter()
             .map(|p| match computed[p.index()].take() {
                 Some(label_planes::Value::Plane { data, .. }) => PlaneData::Bytes(data),
                 Some(label_planes::Value::Scalar(value)) => PlaneData::Floats(vec![value as f32; n * h * w]),
                 None => unreachable!("every wanted plane is evaluated"),
             })
-            .collect()
+            .collect();
+        label_planes::give_back_values(computed);
+        planes
+    } else if plan.planes.is_empty() {
+        Vec::new()
     } else {
         let provided = (0..module.len()).map(|_| None).collect();
         let computed = reference::run_nodes(module, curves, batch, provided, &plan.planes);
@@ -235,7 +258,7 @@ pub(crate) fn surrogate(
                 Ok(PlaneData::Floats(values::<f32>(&plane.to_kind(Kind::Float))?))
             })
             .collect::<Result<_, LossError>>()?
-    };
+    });
     let plane_widths: Vec<usize> = plan.planes.iter().map(|p| width(module.shape(*p), c)).collect();
     // Frames carry values (and gradients) between stages; pools keep their winners.
     let frame_len = |width: usize| n * width * pixels_per_image;
