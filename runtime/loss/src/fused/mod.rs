@@ -53,7 +53,7 @@ mod sweep;
 use crate::error::LossError;
 use crate::inputs::Batch;
 use crate::kernels::parallel::run_parts;
-use crate::kernels::pool::{self, scatter_planes, window_winners};
+use crate::kernels::pool::{self, masked_pooled_sums, masked_scatter, scatter_planes, window_winners};
 use crate::kernels::scratch::{give_back, take};
 use crate::kernels::{threads, zero};
 use crate::label_planes;
@@ -140,10 +140,10 @@ impl Drop for Buffers {
 
 /// Where the time of one fused call goes, printed to stderr when the environment variable
 /// `LOSSCC_PHASES` is set (the phase table of docs/performance.md comes from it). Phases of
-/// the same name add up (one per stage).
+/// the same name add up; sweeps are named by their stage.
 struct Phases {
     last: Option<std::time::Instant>,
-    parts: Vec<(&'static str, f64)>,
+    parts: Vec<(String, f64)>,
 }
 
 impl Phases {
@@ -153,8 +153,9 @@ impl Phases {
         Phases { last: on.then(std::time::Instant::now), parts: Vec::new() }
     }
 
-    fn mark(&mut self, phase: &'static str) {
+    fn mark(&mut self, phase: impl Into<String>) {
         if let Some(last) = self.last {
+            let phase = phase.into();
             let now = std::time::Instant::now();
             let ms = (now - last).as_secs_f64() * 1e3;
             match self.parts.iter_mut().find(|(name, _)| *name == phase) {
@@ -267,12 +268,14 @@ pub(crate) fn surrogate(
         .frames
         .iter()
         .zip(&plan.zeroed_frames)
-        .map(|(&width, &zeroed)| {
-            let mut grads = take(if needs_backward { frame_len(width) } else { 0 });
+        .enumerate()
+        .map(|(frame, (&width, &zeroed))| {
+            let len = if plan.frame_used(frame) { frame_len(width) } else { 0 };
+            let mut grads = take(if needs_backward { len } else { 0 });
             if zeroed {
                 zero(&mut grads);
             }
-            (take(frame_len(width)), grads)
+            (take(len), grads)
         })
         .collect();
     let frames: Vec<Frame> = buffers
@@ -289,8 +292,17 @@ pub(crate) fn surrogate(
     buffers.winners = plan
         .pools
         .iter()
-        .map(|pool| take(if needs_backward { frame_len(plan.frames[pool.output]) } else { 0 }))
+        .map(|pool| {
+            take(if needs_backward || !pool.counts.is_empty() { frame_len(plan.frames[pool.output]) } else { 0 })
+        })
         .collect();
+    // The mask of a pooling, when its label plane is on bytes.
+    let mask_of = |pool: &plan::PoolStage| {
+        pool.mask.and_then(|plane| match &plane_values[plane] {
+            PlaneData::Bytes(data) => Some(pool::Mask { data, width: plane_widths[plane] }),
+            PlaneData::Floats(_) => None,
+        })
+    };
     let tiles_per_image = pixels_per_image.div_ceil(TILE);
     let sweep = Sweep {
         plan,
@@ -315,18 +327,25 @@ pub(crate) fn surrogate(
             // SAFETY: between sweeps nothing else touches the frames; input and output are
             // distinct buffers (an output frame is always a buffer of its own).
             let (input, output) = unsafe { (&*input.row(0, input.len), output.row(0, output.len)) };
-            if needs_backward {
-                let mask = pool.mask.and_then(|plane| match &plane_values[plane] {
-                    PlaneData::Bytes(data) => {
-                        Some((pool::Mask { data, width: plane_widths[plane] }, plan.frames[pool.output]))
+            let frame_width = plan.frames[pool.output];
+            if let (false, Some(mask)) = (pool.counts.is_empty(), mask_of(pool)) {
+                // The pooling computes its counts itself; the output is never written.
+                let sums = masked_pooled_sums(input, winners, (h, w), pool.radius, pool.erode, mask, frame_width);
+                for &slot in &pool.counts {
+                    for (plane, sum) in sums.iter().enumerate() {
+                        counts[slot][plane % frame_width] += sum;
                     }
-                    PlaneData::Floats(_) => None,
-                });
+                }
+            } else if needs_backward {
+                let mask = mask_of(pool).map(|mask| (mask, frame_width));
                 window_winners(input, winners, output, (h, w), pool.radius, pool.erode, mask);
             } else {
                 pool::pool(input, output, (h, w), pool.radius, pool.erode);
             }
             phases.mark("pooling (winner search)");
+        }
+        if !plan.sweeps(stage) {
+            continue;
         }
         let sweep = Sweep { stage, ..sweep };
         let locals = run_parts(runs.clone(), |run| {
@@ -341,7 +360,7 @@ pub(crate) fn surrogate(
                 }
             }
         }
-        phases.mark("forward sweep");
+        phases.mark(format!("forward sweep {stage}"));
     }
     // Counts become leaves; the small graph above them runs with autograd.
     let kind = logits.kind();
@@ -377,19 +396,30 @@ pub(crate) fn surrogate(
     let gradient = Tensor::empty([n as i64, c as i64, h as i64, w as i64], (Kind::Float, tch::Device::Cpu));
     let gradient_planes = SharedPlanes { data: gradient.data_ptr() as *mut f32, len: elements };
     for stage in (0..plan.stages).rev() {
-        let sweep = Sweep { stage, ..sweep };
-        run_parts(runs.clone(), |run| {
-            let mut buffers = TileBuffers::new(plan);
-            backward_run(&sweep, run, &mut buffers, &count_grads, gradient_planes);
-        });
-        phases.mark("backward sweep");
+        if plan.sweeps(stage) {
+            let sweep = Sweep { stage, ..sweep };
+            run_parts(runs.clone(), |run| {
+                let mut buffers = TileBuffers::new(plan);
+                backward_run(&sweep, run, &mut buffers, &count_grads, gradient_planes);
+            });
+            phases.mark(format!("backward sweep {stage}"));
+        }
         // Every reader of these poolings' outputs is done: send their gradients back to the
         // winners, in the input frames (read by an earlier stage, which runs next).
         for (pool, winners) in plan.pools.iter().zip(&buffers.winners).filter(|(p, _)| p.stage == stage) {
             let (from, to) = (frames[pool.output].grads, frames[pool.input].grads);
             // SAFETY: two distinct frames' gradient buffers, not used by anything else now.
             let (from, to) = unsafe { (from.row(0, from.len), to.row(0, to.len)) };
-            scatter_planes(from, winners, to, pixels_per_image);
+            match (pool.counts.is_empty(), mask_of(pool)) {
+                (false, Some(mask)) => {
+                    // The counts' gradients, times the mask, go straight to the winners.
+                    let frame_width = plan.frames[pool.output];
+                    let upstream: Vec<f32> =
+                        (0..frame_width).map(|k| pool.counts.iter().map(|&slot| count_grads[slot][k]).sum()).collect();
+                    masked_scatter(&upstream, winners, mask, frame_width, to, pixels_per_image);
+                }
+                _ => scatter_planes(from, winners, to, pixels_per_image),
+            }
             phases.mark("pooling gradient (scatter)");
         }
     }

@@ -70,7 +70,7 @@ pub(super) struct Step {
 
 /// A pooling between stages: the window minimum (`erode`) or maximum of an input frame into
 /// an output frame, with each output's winner kept for the backward scatter.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct PoolStage {
     pub input: usize,
     pub output: usize,
@@ -82,6 +82,11 @@ pub(super) struct PoolStage {
     /// multiplied by, when there is one: the output then matters only where it is non-zero
     /// (BF1's dilated prediction boundary, counted on label boundaries).
     pub mask: Option<usize>,
+    /// The count slots this pooling computes itself (see [`FusedPlan::absorbed`]): when every
+    /// read of its output is a per-class count of the output times its mask, the pooling
+    /// sums `mask · pooled value` where the mask is set and never writes the output, and its
+    /// backward sends each count's gradient, times the mask, straight to the winners.
+    pub counts: Vec<usize>,
 }
 
 /// The pixel program of a module for a given number of classes (run tile by tile).
@@ -101,6 +106,9 @@ pub(crate) struct FusedPlan {
     pub(super) pred: Vec<bool>,
     /// Per step: whether the backward sweep needs its value (it recomputes these).
     pub(super) back_value: Vec<bool>,
+    /// Per step: whether a pooling computes it instead of the sweeps (an import of a pooled
+    /// output and the masked counts that read it: see [`PoolStage::counts`]).
+    pub(super) absorbed: Vec<bool>,
     /// Per step: whether the backward sweep gives its gradient rows any value (a step
     /// whose gradient receives nothing propagates nothing; counts take theirs from above).
     pub(super) grad_written: Vec<bool>,
@@ -167,6 +175,7 @@ impl FusedPlan {
             classes,
             pred: Vec::new(),
             back_value: Vec::new(),
+            absorbed: Vec::new(),
             grad_written: Vec::new(),
             first_write: Vec::new(),
             zeroed_frames: Vec::new(),
@@ -194,6 +203,7 @@ impl FusedPlan {
             plan.lower(&mut lowering, handle, stage)?;
         }
         plan.stages = plan.steps.iter().map(|s| s.stage + 1).max().unwrap_or(1);
+        plan.absorbed = vec![false; plan.steps.len()];
         plan.find_pool_masks();
         plan.plan_backward();
         Some(plan)
@@ -235,7 +245,52 @@ impl FusedPlan {
             if maskable {
                 self.pools[p].mask = mask;
             }
+            // Absorb the counts: every reader is a per-class count of the whole output (as
+            // wide as the frame) times a mask one plane wide or as wide.
+            let width = self.frames[output];
+            let readers: Vec<usize> = (0..self.steps.len())
+                .filter(|&i| step_operands(&self.steps[i].op).iter().any(|o| imports.contains(o)))
+                .collect();
+            let absorbable = maskable
+                && imports.iter().all(|&i| self.steps[i].width == width)
+                && readers.iter().all(|&r| match self.steps[r].op {
+                    Op::CountProduct { a, b, width: product, count } => {
+                        let other = if imports.contains(&a) { b } else { a };
+                        product == width
+                            && self.count_widths[count] == width
+                            && (self.steps[other].width == 1 || self.steps[other].width == width)
+                    }
+                    _ => false,
+                });
+            if absorbable {
+                for &r in &readers {
+                    if let Op::CountProduct { count, .. } = self.steps[r].op {
+                        self.pools[p].counts.push(count);
+                    }
+                    self.absorbed[r] = true;
+                }
+                for &i in &imports {
+                    self.absorbed[i] = true;
+                }
+            }
         }
+    }
+
+    /// Whether a stage's sweep has anything to do: a count to add or a value to export (a
+    /// stage whose counts a pooling absorbed has not).
+    pub(super) fn sweeps(&self, stage: usize) -> bool {
+        self.steps.iter().zip(&self.absorbed).any(|(step, &absorbed)| {
+            step.stage == stage
+                && !absorbed
+                && (step.export.is_some()
+                    || matches!(step.op, Op::Count { .. } | Op::CountProduct { .. } | Op::NllSum { .. }))
+        })
+    }
+
+    /// Whether a frame holds values (the output of a pooling that computes its own counts
+    /// holds none).
+    pub(super) fn frame_used(&self, frame: usize) -> bool {
+        !self.pools.iter().any(|pool| pool.output == frame && !pool.counts.is_empty())
     }
 
     /// Whether the program evaluates any curve. A module without curves (plain
@@ -316,6 +371,7 @@ impl FusedPlan {
                     erode,
                     stage: lowering.node_stage[handle.index()],
                     mask: None,
+                    counts: Vec::new(),
                 });
                 output
             }
@@ -479,7 +535,7 @@ impl FusedPlan {
             .map(|step| !matches!(step.op, Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_)))
             .collect();
         let mut need = vec![false; len];
-        for (index, step) in self.steps.iter().enumerate() {
+        for (index, step) in self.steps.iter().enumerate().filter(|(i, _)| !self.absorbed[*i]) {
             match step.op {
                 Op::Mul(a, b) | Op::Or(a, b) | Op::CountProduct { a, b, .. } => {
                     need[b] |= self.pred[a];
@@ -514,7 +570,7 @@ impl FusedPlan {
             for (index, step) in self.steps.iter().enumerate().filter(|(_, s)| in_stage(s)) {
                 written[index] = step.export.is_some();
             }
-            for index in (0..len).rev().filter(|&i| in_stage(&self.steps[i])) {
+            for index in (0..len).rev().filter(|&i| in_stage(&self.steps[i]) && !self.absorbed[i]) {
                 let receives = written[index]
                     || matches!(self.steps[index].op, Op::Count { .. } | Op::CountProduct { .. } | Op::NllSum { .. });
                 self.grad_written[index] = written[index];
@@ -556,8 +612,16 @@ impl FusedPlan {
         self.zeroed_frames = (0..self.frames.len())
             .map(|frame| {
                 let import = (0..len)
-                    .filter(|&i| matches!(self.steps[i].op, Op::Import(f) if f == frame) && self.grad_written[i])
+                    .filter(|&i| {
+                        matches!(self.steps[i].op, Op::Import(f) if f == frame)
+                            && self.grad_written[i]
+                            && !self.absorbed[i]
+                    })
                     .max_by_key(|&i| self.steps[i].stage);
+                // The output of a pooling that computes its own counts is never written.
+                if self.pools.iter().any(|pool| pool.output == frame && !pool.counts.is_empty()) {
+                    return false;
+                }
                 let scatter = self.pools.iter().filter(|pool| pool.input == frame).map(|pool| pool.stage).max();
                 match (import, scatter) {
                     (Some(step), scatter) if scatter.is_none_or(|stage| self.steps[step].stage >= stage) => {

@@ -440,7 +440,7 @@ impl Sweep<'_> {
         let logit_base = tile.image * c * hw + tile.within;
         let TileBuffers { values, slopes, lanes, counts, classes_of, live, log_norm, .. } = b;
         for (index, step) in self.plan.steps.iter().enumerate() {
-            if step.stage != self.stage || (backward && !self.plan.back_value[index]) {
+            if step.stage != self.stage || (backward && !self.plan.back_value[index]) || self.plan.absorbed[index] {
                 continue;
             }
             let (offset, w) = (step.offset, step.width);
@@ -635,6 +635,7 @@ impl Sweep<'_> {
         }
         for (index, step) in plan.steps.iter().enumerate().rev() {
             if step.stage != self.stage
+                || plan.absorbed[index]
                 || !(plan.grad_written[index]
                     || matches!(step.op, Op::Count { .. } | Op::CountProduct { .. } | Op::NllSum { .. }))
             {

@@ -131,9 +131,9 @@ with_best_simd!(
     (inputs: &[f32], outputs: &mut [i64], h: usize, w: usize, radius: usize, erode: bool),
     {
         if erode {
-            winners_of_planes::<true, i64>(inputs, outputs, None, None, h, w, radius)
+            winners_of_planes::<true, i64>(inputs, outputs, None, None, None, h, w, radius)
         } else {
-            winners_of_planes::<false, i64>(inputs, outputs, None, None, h, w, radius)
+            winners_of_planes::<false, i64>(inputs, outputs, None, None, None, h, w, radius)
         }
     }
 );
@@ -152,9 +152,30 @@ with_best_simd!(
     ),
     {
         if erode {
-            winners_of_planes::<true, u32>(inputs, outputs, Some(values), mask, h, w, radius)
+            winners_of_planes::<true, u32>(inputs, outputs, Some(values), mask, None, h, w, radius)
         } else {
-            winners_of_planes::<false, u32>(inputs, outputs, Some(values), mask, h, w, radius)
+            winners_of_planes::<false, u32>(inputs, outputs, Some(values), mask, None, h, w, radius)
+        }
+    }
+);
+
+with_best_simd!(
+    masked_sum_planes,
+    (
+        inputs: &[f32],
+        outputs: &mut [u32],
+        mask: PlaneMask<'_>,
+        sums: &mut [f64],
+        h: usize,
+        w: usize,
+        radius: usize,
+        erode: bool
+    ),
+    {
+        if erode {
+            winners_of_planes::<true, u32>(inputs, outputs, None, Some(mask), Some(sums), h, w, radius)
+        } else {
+            winners_of_planes::<false, u32>(inputs, outputs, None, Some(mask), Some(sums), h, w, radius)
         }
     }
 );
@@ -214,13 +235,73 @@ pub(crate) fn window_winners(
     });
 }
 
-/// The body of [`winners`] for some planes (inlined into each SIMD version).
+/// Per `[H, W]` plane of `input` (`[N, frame_width, H, W]`), the sum over the pixels where
+/// `mask` is set of the mask's value times the window's maximum (minimum for erosion), with
+/// those pixels' winners in `winners` (other pixels' winners are not written): a masked
+/// pooling's counts, without writing the pooled planes.
+pub(crate) fn masked_pooled_sums(
+    input: &[f32],
+    winners: &mut [u32],
+    (h, w): (usize, usize),
+    radius: usize,
+    erode: bool,
+    mask: Mask<'_>,
+    frame_width: usize,
+) -> Vec<f64> {
+    let plane = h * w;
+    if plane == 0 || input.is_empty() {
+        return Vec::new();
+    }
+    let mut sums = vec![0.0f64; input.len() / plane];
+    let chunk = plane_chunk(input.len(), plane);
+    let parts: Vec<_> =
+        input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(sums.chunks_mut(chunk / plane)).enumerate().collect();
+    run_parts(parts, |(part, ((inputs, outputs), sums))| {
+        let mask = PlaneMask { mask, first: part * chunk / plane, frame_width };
+        masked_sum_planes(inputs, outputs, mask, sums, h, w, radius, erode)
+    });
+    sums
+}
+
+/// The backward of [`masked_pooled_sums`]: `target[winner] += upstream[class] · mask` for
+/// every pixel where the mask is set, plane by plane (`upstream` per class of the frame).
+pub(crate) fn masked_scatter(
+    upstream: &[f32],
+    winners: &[u32],
+    mask: Mask<'_>,
+    frame_width: usize,
+    target: &mut [f32],
+    plane: usize,
+) {
+    let chunk = plane_chunk(target.len(), plane);
+    let parts: Vec<_> = winners.chunks(chunk).zip(target.chunks_mut(chunk)).enumerate().collect();
+    run_parts(parts, |(part, (winners, target))| {
+        let planes = PlaneMask { mask, first: part * chunk / plane, frame_width };
+        for (index, (winners, target)) in winners.chunks(plane).zip(target.chunks_mut(plane)).enumerate() {
+            let g = upstream[(planes.first + index) % frame_width];
+            if g == 0.0 {
+                continue;
+            }
+            for (&m, &winner) in planes.plane(index, plane).iter().zip(winners) {
+                if m != 0 {
+                    target[winner as usize] += g * f32::from(m);
+                }
+            }
+        }
+    });
+}
+
+/// The body of [`winners`] for some planes (inlined into each SIMD version). With `sums`, a
+/// masked search adds `mask · value` per plane instead of writing the values, and leaves
+/// unmasked blocks unwritten.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
     inputs: &[f32],
     outputs: &mut [T],
     mut values: Option<&mut [f32]>,
     mask: Option<PlaneMask<'_>>,
+    mut sums: Option<&mut [f64]>,
     h: usize,
     w: usize,
     radius: usize,
@@ -240,22 +321,35 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
     // With a mask: per row, which blocks hold a masked pixel, and which blocks' column pass
     // a marked block's row pass reads (those within `reach` blocks).
     let reach = radius.div_ceil(L);
-    let mut marked = vec![true; blocks / L];
-    let mut columns_needed = vec![true; blocks / L];
+    let nblocks = blocks / L;
+    // Per row of the plane: which blocks hold a masked pixel, and which blocks' column pass
+    // a marked block's row pass reads (those within `reach` blocks, and those within reach of
+    // the pixels past the last whole block, which are always searched).
+    let mut marks = vec![true; h * nblocks];
+    let mut needs = vec![true; h * nblocks];
+    let (mut marked, mut columns_needed) = (vec![true; nblocks], vec![true; nblocks]);
     for (index, (source, target)) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)).enumerate() {
         let mask_plane = mask.map(|mask| mask.plane(index, plane));
+        if let Some(m) = mask_plane {
+            for y in 0..h {
+                let row = &m[y * w..(y + 1) * w];
+                let (marks, needs) =
+                    (&mut marks[y * nblocks..(y + 1) * nblocks], &mut needs[y * nblocks..(y + 1) * nblocks]);
+                for (b, mark) in marks.iter_mut().enumerate() {
+                    let block: &[i8; L] = row[b * L..][..L].try_into().expect("a block");
+                    *mark = *block != [0i8; L];
+                }
+                let tail_marked = row[blocks..].iter().any(|&x| x != 0);
+                for b in 0..nblocks {
+                    let (low, high) = (b.saturating_sub(reach), (b + reach + 1).min(nblocks));
+                    needs[b] = marks[low..high].iter().any(|&x| x) || (tail_marked && b + reach >= nblocks);
+                }
+            }
+        }
         let mark_row = |y: usize, marked: &mut [bool], columns_needed: &mut [bool]| {
-            if let Some(m) = mask_plane {
-                for (b, mark) in marked.iter_mut().enumerate() {
-                    *mark = m[y * w + b * L..][..L].iter().any(|&x| x != 0);
-                }
-                // The pixels past the last whole block are always searched, so the blocks
-                // within reach of them need their column pass when one of them is masked.
-                let tail_marked = m[y * w + blocks..(y + 1) * w].iter().any(|&x| x != 0);
-                for (b, need) in columns_needed.iter_mut().enumerate() {
-                    let (low, high) = (b.saturating_sub(reach), (b + reach + 1).min(marked.len()));
-                    *need = marked[low..high].iter().any(|&x| x) || (tail_marked && b + reach >= marked.len());
-                }
+            if mask_plane.is_some() {
+                marked.copy_from_slice(&marks[y * nblocks..(y + 1) * nblocks]);
+                columns_needed.copy_from_slice(&needs[y * nblocks..(y + 1) * nblocks]);
             }
         };
         for y in 0..h {
@@ -299,6 +393,9 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
                 values.as_deref_mut().map(|v| &mut v[index * plane + y * w..index * plane + (y + 1) * w]);
             for start in (0..blocks).step_by(L) {
                 if !marked[start / L] {
+                    if sums.is_some() {
+                        continue;
+                    }
                     // Nothing reads these values but through a 0: any finite value will do,
                     // and each pixel its own winner (its gradient, 0, is not scattered).
                     for (lane, t) in out[start..][..L].iter_mut().enumerate() {
@@ -322,6 +419,10 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
                 if let Some(out_values) = out_values.as_deref_mut() {
                     out_values[start..][..L].copy_from_slice(&v);
                 }
+                if let (Some(sums), Some(m)) = (sums.as_deref_mut(), mask_plane) {
+                    let m = &m[y * w + start..][..L];
+                    sums[index] += m.iter().zip(&v).map(|(&m, &v)| f64::from(m) * f64::from(v)).sum::<f64>();
+                }
             }
             for x in blocks..w {
                 let (mut v, mut i) = (sentinel, own[x]);
@@ -333,6 +434,9 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
                 out[x] = T::from(i);
                 if let Some(out_values) = out_values.as_deref_mut() {
                     out_values[x] = v;
+                }
+                if let (Some(sums), Some(m)) = (sums.as_deref_mut(), mask_plane) {
+                    sums[index] += f64::from(m[y * w + x]) * f64::from(v);
                 }
             }
         }
