@@ -453,6 +453,16 @@ impl Sweep<'_> {
                         load(&mut values[offset + k], stored);
                     }
                 }
+                // The backward sweep reads an exported softmax back from its frame (a pooling
+                // needed it there anyway) instead of computing it again.
+                Op::Softmax if backward && step.export.is_some() => {
+                    let frame = self.frames[step.export.expect("checked")];
+                    for k in 0..c {
+                        // SAFETY: this tile owns these rows of the frame; only read here.
+                        let stored = unsafe { self.frame_row(&frame.values, frame.width, tile, k) };
+                        load(&mut values[offset + k], stored);
+                    }
+                }
                 Op::Softmax => {
                     let rows = &mut values[offset..offset + c];
                     for (k, row) in rows.iter_mut().enumerate() {
