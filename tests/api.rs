@@ -151,6 +151,57 @@ fn forward_returns_exactly_the_fused_value() {
     assert_eq!(with_grad.device(), Device::Cpu);
 }
 
+/// The fused loss's autograd function (a C++ node that hands the kernel's gradient to
+/// libtorch): the gradient a plain `backward` leaves on the leaf is the reference path's; an
+/// upstream gradient scales it; a graph kept with `retain_graph` gives the same gradient
+/// again and the first one is not changed by the second pass; the loss composes with other
+/// autograd terms; a second backward through a freed graph is libtorch's error, not a crash.
+#[test]
+fn the_fused_gradient_behaves_as_an_autograd_node() {
+    let loss = biou(1);
+    let mut reference = biou(1);
+    reference.set_fast_path(false);
+    let (logits, labels) = batch(9, 2, 4, 12, 12);
+    assert!(loss.uses_fused_kernel(&logits));
+    let leaf = logits.copy().set_requires_grad(true);
+    reference.forward(&leaf, &labels).unwrap().backward();
+    let expected = leaf.grad().copy();
+    let scale = expected.abs().max().double_value(&[]);
+    assert!(scale > 0.0, "the gradient is not zero");
+    let close = |a: &Tensor, b: &Tensor, factor: f64| {
+        let error = (a - b * factor).abs().max().double_value(&[]);
+        assert!(error <= 1e-5 * scale * factor.abs().max(1.0), "gradient differs by {error} (scale {scale})");
+    };
+    // A plain backward.
+    let leaf = logits.copy().set_requires_grad(true);
+    loss.forward(&leaf, &labels).unwrap().backward();
+    close(&leaf.grad(), &expected, 1.0);
+    // Scaled, and combined with another term of the same logits.
+    let leaf = logits.copy().set_requires_grad(true);
+    let combined = loss.forward(&leaf, &labels).unwrap() * 2.5 + leaf.sum(Kind::Float) * 0.0;
+    combined.backward();
+    close(&leaf.grad(), &expected, 2.5);
+    // A kept graph: two backward passes accumulate twice the gradient, and the gradient
+    // taken after the first pass is not changed by the second.
+    let leaf = logits.copy().set_requires_grad(true);
+    let value = loss.forward(&leaf, &labels).unwrap();
+    let first = Tensor::run_backward(&[&value], &[&leaf], true, false).pop().unwrap();
+    let second = Tensor::run_backward(&[&value], &[&leaf], true, false).pop().unwrap();
+    close(&first, &expected, 1.0);
+    close(&second, &expected, 1.0);
+    // The graph freed by a first backward: the second is refused with libtorch's error.
+    let leaf = logits.copy().set_requires_grad(true);
+    let value = loss.forward(&leaf, &labels).unwrap();
+    value.backward();
+    let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Tensor::f_run_backward(&[&value], &[&leaf], false, false)
+    }));
+    match again {
+        Ok(result) => assert!(result.is_err(), "a second backward through a freed graph is refused"),
+        Err(_) => panic!("a second backward must be an error, not a panic"),
+    }
+}
+
 /// Boundary IoU as Cheng et al. define it, in plain float64 loops: per class, a mask's inner
 /// band is the mask minus its erosion by a (2d+1)-square with zero padding (pixels near the
 /// image border are band); intersection and union of the prediction's and the label's bands
