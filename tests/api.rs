@@ -140,7 +140,7 @@ fn loss_without_batches() -> losscc_loss::Evaluator {
 
 #[test]
 fn forward_returns_exactly_the_fused_value() {
-    // The linearization adds `x − x`, which is exactly zero: the value is the kernel's.
+    // The autograd node returns the kernel's value as it is.
     let loss = biou(1);
     let (logits, labels) = batch(8, 2, 4, 12, 12);
     let with_grad = loss.forward(&logits.copy().set_requires_grad(true), &labels).unwrap();

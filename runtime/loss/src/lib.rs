@@ -9,13 +9,14 @@
 //! * `reference` — the reference interpreters on libtorch tensors (any device, float32 or
 //!   float64, autograd): the surrogate op by op, and the exact counts.
 //! * `fused` — the fast path on CPU float32: the pixel part of a relaxed module fused into
-//!   a few vectorized sweeps, spliced into autograd by linearization.
+//!   a few vectorized sweeps; its gradient enters autograd through `autograd`, the crate's
+//!   one C++ part (a libtorch autograd node, `cpp/linearized.cpp`, compiled by `build.rs`).
 //! * `label_planes` — label-only parts on byte planes for the fused kernel.
 //! * `kernels` — CPU kernels those share: pooling and winners, SIMD dispatch, thread
 //!   splitting, scratch reuse.
 //!
-//! Import order (no circles): `loss`/`evaluator` → `fused` → `label_planes`, `reference` →
-//! `kernels`; `inputs` and `error` are leaves.
+//! Import order (no circles): `loss`/`evaluator` → `fused` → `label_planes`, `reference`,
+//! `autograd` → `kernels`; `inputs` and `error` are leaves.
 //!
 //! Architecture invariant: this crate interprets the compiler's IR; it never parses metric
 //! source, never decides where curves go, and never changes a module. It reads

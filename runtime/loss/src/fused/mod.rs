@@ -427,7 +427,7 @@ pub(crate) fn surrogate(
     drop(buffers);
     // The loss with exactly the kernel's value and gradient, as a libtorch autograd function.
     let loss = crate::autograd::linearized(logits, &result.loss.detach(), &gradient.to_kind(kind))?;
-    phases.mark("linearization");
+    phases.mark("autograd node");
     phases.report(&module.name);
     Ok(Surrogate { loss, ..result })
 }
