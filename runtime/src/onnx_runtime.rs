@@ -42,6 +42,27 @@ fn environment() -> Result<&'static ort::environment::Environment, OnnxRunError>
         .map_err(|e| OnnxRunError::Unavailable(e.clone()))
 }
 
+/// The `labels` input of a graph: int64 class indices (the logits' shape without C), or
+/// float32 labels of the logits' shape (a `--soft-labels` graph: soft labels, or a sigmoid
+/// metric's multi-hot labels).
+#[derive(Clone, Debug, PartialEq)]
+pub enum OnnxLabels {
+    Classes(Vec<i64>),
+    Channels(Vec<f32>),
+}
+
+impl From<Vec<i64>> for OnnxLabels {
+    fn from(labels: Vec<i64>) -> OnnxLabels {
+        OnnxLabels::Classes(labels)
+    }
+}
+
+impl From<Vec<f32>> for OnnxLabels {
+    fn from(labels: Vec<f32>) -> OnnxLabels {
+        OnnxLabels::Channels(labels)
+    }
+}
+
 /// A loaded ONNX model.
 pub struct OnnxModel {
     session: Session,
@@ -56,22 +77,31 @@ impl OnnxModel {
         Ok(OnnxModel { session })
     }
 
-    /// Run on float32 logits `[N,C,H,W]` (or `[N,C,D,H,W]`) and int64 labels of that shape
-    /// without C; every output as
-    /// `(name, values)` in float32.
+    /// Run on float32 logits `[N,C,H,W]` (or `[N,C,D,H,W]`) and labels: int64 class indices
+    /// of that shape without C, or float32 labels of that shape (see [`OnnxLabels`]); every
+    /// output as `(name, values)` in float32.
     pub fn run(
         &mut self,
         logits: Vec<f32>,
         shape: &[i64],
-        labels: Vec<i64>,
+        labels: impl Into<OnnxLabels>,
     ) -> Result<Vec<(String, Vec<f32>)>, OnnxRunError> {
         let run_error = |e: ort::Error| OnnxRunError::Run(e.to_string());
         let logits = OrtTensor::from_array((shape.to_vec(), logits)).map_err(run_error)?;
-        // Labels are the logits' shape without the class axis.
-        let label_shape: Vec<i64> = shape.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, d)| *d).collect();
-        let labels = OrtTensor::from_array((label_shape, labels)).map_err(run_error)?;
         let names: Vec<String> = self.session.outputs().iter().map(|o| o.name().to_string()).collect();
-        let outputs = self.session.run(ort::inputs! { "logits" => logits, "labels" => labels }).map_err(run_error)?;
+        let outputs = match labels.into() {
+            OnnxLabels::Classes(labels) => {
+                // Class indices are the logits' shape without the class axis.
+                let shape: Vec<i64> = shape.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, d)| *d).collect();
+                let labels = OrtTensor::from_array((shape, labels)).map_err(run_error)?;
+                self.session.run(ort::inputs! { "logits" => logits, "labels" => labels })
+            }
+            OnnxLabels::Channels(labels) => {
+                let labels = OrtTensor::from_array((shape.to_vec(), labels)).map_err(run_error)?;
+                self.session.run(ort::inputs! { "logits" => logits, "labels" => labels })
+            }
+        }
+        .map_err(run_error)?;
         let mut result = Vec::new();
         for name in names {
             let (_, values) = outputs[name.as_str()].try_extract_tensor::<f32>().map_err(run_error)?;
