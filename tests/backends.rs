@@ -5,6 +5,9 @@
 //!   with reused scratch poisoned; sigmoid metrics stay op by op) give its loss to 1e-5 of
 //!   max(|loss|, 1) and its gradient to 1e-5 (fused) or 1e-4 (float32 op by op) of the
 //!   gradient's largest entry;
+//! * soft labels never take the fused kernel (it reads class indices): there the fast path
+//!   is the float32 reference path, bit for bit; volumes with windows take the reference
+//!   path too (3-D pooling is libtorch's);
 //! * the ONNX loss graph in ONNX Runtime gives its loss to 1e-5, on the case's shape and on
 //!   a second shape through the same model (symbolic N, H, W);
 //! * the gradient graph (`compile --grad`) in ONNX Runtime gives its loss to 1e-5 and its
@@ -12,10 +15,15 @@
 //!   reference's own error, where that exceeds it), on both shapes;
 //! * the exact-count graph in ONNX Runtime gives exactly the exact evaluator's counts, and
 //!   the metric finished from them equals the evaluator's.
+//!
+//! Every label form of the corpus goes to every one of these back ends: class indices,
+//! binary, multi-hot and soft labels (the ONNX graphs compiled with `soft_labels` for the
+//! last two, fed float32 labels of the logits' shape), and volumes (graphs compiled with
+//! `volumes`).
 
 mod common;
 
-use common::corpus::{cases, Case};
+use common::corpus::{cases, Case, Labels};
 use compiler::accumulate::{self, Accumulator};
 use compiler::curve::Curve;
 use compiler::onnx::{self, EmitOptions};
@@ -39,6 +47,11 @@ fn forward_backward(loss: &mut Loss, fast: bool, logits: &Tensor, labels: &Tenso
 fn run_onnx(model: &mut OnnxModel, logits: &Tensor, labels: &Tensor) -> Vec<(String, Vec<f32>)> {
     let shape = logits.size();
     let logits: Vec<f32> = Vec::try_from(logits.to_kind(Kind::Float).reshape([-1])).unwrap();
+    // Float labels (soft or multi-hot) have the logits' shape and go in as float32.
+    if labels.is_floating_point() {
+        let labels: Vec<f32> = Vec::try_from(labels.to_kind(Kind::Float).reshape([-1])).unwrap();
+        return model.run(logits, &shape, labels).unwrap();
+    }
     let labels: Vec<i64> = Vec::try_from(labels.reshape([-1])).unwrap();
     model.run(logits, &shape, labels).unwrap()
 }
@@ -52,9 +65,22 @@ fn load(case: &Case) -> Loss {
 }
 
 /// The shape of a case with at least as many classes as its metric slices.
-fn shape_for(loss: &Loss, shape: [i64; 4]) -> [i64; 4] {
-    let [n, c, h, w] = shape;
-    [n, c.max(loss.compiled().relaxed.min_classes as i64), h, w]
+fn shape_for(loss: &Loss, shape: &[i64]) -> Vec<i64> {
+    let mut shape = shape.to_vec();
+    shape[1] = shape[1].max(loss.compiled().relaxed.min_classes as i64);
+    shape
+}
+
+/// Whether the loss looks at neighbourhoods (`erode`, `dilate`, `border`; `boundary` is
+/// built from them), which in a volume are cubes.
+fn has_windows(loss: &Loss) -> bool {
+    let module = loss.compiled().relaxed.module();
+    module.handles().any(|h| {
+        matches!(
+            module.node(h),
+            compiler::ir::Node::Erode { .. } | compiler::ir::Node::Dilate { .. } | compiler::ir::Node::Border { .. }
+        )
+    })
 }
 
 #[test]
@@ -62,12 +88,15 @@ fn every_case_agrees_across_back_ends() {
     losscc_loss::testing::set_scratch_poisoning(true);
     let cases = cases();
     assert!(cases.len() >= 20, "the corpus has {} cases", cases.len());
-    let (mut fused_cases, mut sigmoid_cases) = (0, 0);
+    let (mut fused_cases, mut sigmoid_cases, mut declined_cases) = (0, 0, 0);
+    let count = |form: Labels| cases.iter().filter(|case| case.labels == form).count();
+    assert!(count(Labels::MultiHot) >= 1 && count(Labels::Soft) >= 1, "multi-hot and soft label cases");
+    assert!(cases.iter().filter(|case| case.volumes()).count() >= 2, "volume cases");
     for case in &cases {
         let name = &case.name;
         let mut loss = load(case);
-        let shape = shape_for(&loss, case.shape);
-        let (logits, labels) = case.inputs(shape);
+        let shape = shape_for(&loss, &case.shape);
+        let (logits, labels) = case.inputs(&shape);
 
         let (truth, truth_grad) = forward_backward(&mut loss, false, &logits.to_kind(Kind::Double), &labels).unwrap();
         assert!(truth.is_finite(), "{name}: loss {truth}");
@@ -84,15 +113,30 @@ fn every_case_agrees_across_back_ends() {
         );
 
         loss.set_fast_path(true);
-        let fused = loss.uses_fused_kernel(&logits);
         // Every softmax loss with a curve takes the fused kernel; plain cross-entropy stays on
-        // libtorch's own kernels, and sigmoid metrics on the reference path.
+        // libtorch's own kernels, sigmoid metrics and volumes with windows (3-D pooling) on
+        // the reference path.
         let sigmoid = loss.compiled().relaxed.predictions.is_sigmoid();
-        assert_eq!(fused, !loss.compiled().manifest().curves.is_empty() && !sigmoid, "{name}: which path applies");
+        let window_volume = case.volumes() && has_windows(&loss);
+        assert_eq!(
+            loss.uses_fused_kernel(&logits),
+            !loss.compiled().manifest().curves.is_empty() && !sigmoid && !window_volume,
+            "{name}: which path applies"
+        );
+        // `uses_fused_kernel` looks at the logits only; the kernel reads class indices, so it
+        // declines soft labels at `forward`, which then runs the float32 reference path (held
+        // to it bit for bit below).
+        let soft = case.labels == Labels::Soft;
+        let fused = loss.uses_fused_kernel(&logits) && !soft;
         fused_cases += usize::from(fused);
         sigmoid_cases += usize::from(sigmoid);
+        declined_cases += usize::from(!sigmoid && (soft || window_volume));
         let (fast, fast_grad) = forward_backward(&mut loss, true, &logits, &labels).unwrap();
         assert!(close(fast), "{name}: fast path {fast} vs reference {truth}");
+        if soft {
+            assert_eq!(fast, single, "{name}: soft labels take the float32 reference path");
+            assert!(fast_grad.equal(&single_grad), "{name}: soft labels take the float32 reference path's gradient");
+        }
         // Off the fused kernel the fast path is the float32 reference, held to its bound.
         let fast_bound = if fused { 1e-5 } else { 1e-4 };
         assert!(
@@ -105,16 +149,21 @@ fn every_case_agrees_across_back_ends() {
         assert!((no_grad.double_value(&[]) - fast).abs() <= 1e-6 * fast.abs().max(1.0), "{name}: under no_grad");
         assert!(!no_grad.requires_grad(), "{name}: a value under no_grad needs no backward");
 
-        let options = EmitOptions { ignore_label: case.ignore, ..EmitOptions::default() };
+        let options = EmitOptions {
+            ignore_label: case.ignore,
+            volumes: case.volumes(),
+            soft_labels: case.channel_labels(),
+            ..EmitOptions::default()
+        };
         let model = onnx::emit_loss(loss.compiled(), &loss.params().curves, &options).unwrap();
         let mut session = OnnxModel::from_bytes(&onnx::to_bytes(&model)).unwrap();
         let outputs = run_onnx(&mut session, &logits, &labels);
         assert_eq!(outputs[0].0, "loss");
         let onnx_loss = outputs[0].1[0] as f64;
         assert!(close(onnx_loss), "{name}: ONNX Runtime {onnx_loss} vs tch {truth}");
-        // The same model on another shape (symbolic N, H, W; C as the metric needs).
-        let other = shape_for(&loss, [1, shape[1], 9, 11]);
-        let (other_logits, other_labels) = case.inputs(other);
+        // The same model on another shape (symbolic N, D, H, W; C as the metric needs).
+        let other = if case.volumes() { vec![1, shape[1], 3, 5, 6] } else { vec![1, shape[1], 9, 11] };
+        let (other_logits, other_labels) = case.inputs(&other);
         let expected =
             forward_backward(&mut loss, false, &other_logits.to_kind(Kind::Double), &other_labels).unwrap().0;
         let got = run_onnx(&mut session, &other_logits, &other_labels)[0].1[0] as f64;
@@ -210,9 +259,10 @@ fn every_case_agrees_across_back_ends() {
         let agree = (ours - theirs).abs() <= 1e-6 * ours.abs().max(1.0) || (ours.is_nan() && theirs.is_nan());
         assert!(agree, "{name}: exact metric {ours} vs {theirs}");
     }
-    assert!(sigmoid_cases >= 5, "{sigmoid_cases} sigmoid cases");
+    assert!(sigmoid_cases >= 8, "{sigmoid_cases} sigmoid cases");
+    // Off the kernel: sigmoid metrics, soft labels, volumes with windows and plain `ce`.
     assert!(
-        fused_cases + sigmoid_cases + 1 >= cases.len(),
+        fused_cases + sigmoid_cases + declined_cases + 1 >= cases.len(),
         "{fused_cases} of {} cases took the fused kernel",
         cases.len()
     );
