@@ -1,7 +1,7 @@
 """The gradient graph (`losscc compile FILE --grad`) in every framework it serves.
 
 For every case of the back-end corpus (the example library and `tests/corpus/`), compiled
-with random curves:
+with random curves (and `--volumes` / `--soft-labels` as its inputs need):
 * the graph passes `onnx.checker`'s full check (opset 17, IR 8, symbolic N, C, H, W) and, in
   ONNX Runtime, gives tch's loss (`losscc eval` in float64) to 1e-5 and tch's gradient to
   2e-5 of its largest entry (the Rust suite `tests/backends.rs` holds 1e-5, or 4x tch's own
@@ -65,16 +65,17 @@ class GradientGraphTest(unittest.TestCase):
         """The case's graphs, all with the same random curves: the gradient graph (baked and
         with a curves input), the loss graph and the exact-count graph."""
         probe = self.tmp / f"{case.name}.probe.onnx"
-        losscc("compile", case.path, "-o", probe, *case.flags())
+        losscc("compile", case.path, "-o", probe, *case.compile_flags())
         pieces = [c["pieces"] for c in json.loads(metadata(onnx.load(str(probe)))["losscc.curves"])]
         curves = random_curves(pieces, rng)
         params = self.tmp / f"{case.name}.params.json"
         params.write_text(json.dumps({"control_points": curves}))
         paths = {kind: self.tmp / f"{case.name}.{kind}.onnx" for kind in ("grad", "dynamic", "loss", "exact")}
-        losscc("compile", case.path, "--grad", "-o", paths["grad"], "--params", params, *case.flags())
-        losscc("compile", case.path, "--grad", "--curves-input", "-o", paths["dynamic"], *case.flags())
-        losscc("compile", case.path, "-o", paths["loss"], "--params", params, *case.flags())
-        losscc("compile", case.path, "--exact", "-o", paths["exact"], *case.flags())
+        flags = case.compile_flags()
+        losscc("compile", case.path, "--grad", "-o", paths["grad"], "--params", params, *flags)
+        losscc("compile", case.path, "--grad", "--curves-input", "-o", paths["dynamic"], *flags)
+        losscc("compile", case.path, "-o", paths["loss"], "--params", params, *flags)
+        losscc("compile", case.path, "--exact", "-o", paths["exact"], *flags)
         flat = np.concatenate([np.asarray(c, dtype=np.float32) for c in curves]) if curves else np.zeros(0, np.float32)
         return paths, params, flat
 
@@ -138,7 +139,7 @@ class GradientGraphTest(unittest.TestCase):
                 self.assertEqual((model.opset_import[0].version, model.ir_version), (17, 8))
                 self.assertEqual([o.name for o in model.graph.output], ["loss", "dloss_dlogits"])
                 dims = [d.dim_param for d in model.graph.output[1].type.tensor_type.shape.dim]
-                self.assertEqual(dims, ["N", "C", "H", "W"])
+                self.assertEqual(dims, ["N", "C", "D", "H", "W"] if case.volumes else ["N", "C", "H", "W"])
 
                 logits, labels = case.inputs(case.shape)
                 tch_loss, tch_grad, floor = self.tch_reference(case, params, logits, labels)
@@ -162,7 +163,7 @@ class GradientGraphTest(unittest.TestCase):
                 close_gradient(self, x.grad.numpy(), tch_grad, 2e-5, f"{case.name} through OnnxLoss", floor)
 
                 # tract, on the case's shape and another one through the same loaded graphs.
-                other = (1, case.shape[1], 9, 11)
+                other = case.other_shape(case.shape[1])
                 for shape in (case.shape, other):
                     x, y = case.inputs(shape)
                     for kind in ("loss", "grad", "exact"):
@@ -172,7 +173,7 @@ class GradientGraphTest(unittest.TestCase):
                         classes = str(dim.dim_value) if dim.HasField("dim_value") else "C"
                         fixed = {"class_weights": "5", "per_image_terms": "4"}
                         self.assertEqual(classes, fixed.get(case.name, "C"), kind)
-                        self.assertEqual(facts, [f"N,{classes},H,W,f32", "N,H,W,i64"], kind)
+                        self.assertEqual(facts, case.facts(classes), kind)
                         theirs = onnxruntime.InferenceSession(str(paths[kind])).run(None, {"logits": x, "labels": y})
                         for index, (a, b) in enumerate(zip(ours, theirs)):
                             if kind == "exact" and np.all(b == np.round(b)):

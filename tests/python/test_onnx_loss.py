@@ -1,7 +1,8 @@
 """The ONNX losses as other frameworks see them.
 
 Every case of the back-end corpus (the example library and `tests/corpus/`, see its README)
-is compiled with random curves; the model must pass `onnx.checker`'s full check, give the tch
+is compiled with random curves (with `--volumes` for `N,C,D,H,W` shapes and `--soft-labels`
+for multi-hot and soft labels, which are float32 of the logits' shape); the model must pass `onnx.checker`'s full check, give the tch
 loss (`losscc eval`) in ONNX Runtime, and convert with onnx2torch, without a warning, into a
 PyTorch module whose value and autograd gradient equal tch's. Run by `make test`:
 
@@ -45,7 +46,7 @@ class Case:
         self.scale = 3.0
         self.ignore = 255
         self.ignored = 0.1
-        self.binary = False
+        self.labels = "classes"
         self.sets = []
         for line in path.read_text().splitlines():
             if not line.startswith("#") or line.startswith("##"):
@@ -55,6 +56,7 @@ class Case:
                     key, value = item.split("=")
                     if key == "shape":
                         self.shape = tuple(int(d) for d in value.split(","))
+                        assert len(self.shape) in (4, 5), f"{path}: shape is N,C,H,W or N,C,D,H,W"
                     elif key == "seed":
                         self.seed = int(value)
                     elif key == "scale":
@@ -64,28 +66,77 @@ class Case:
                     elif key == "ignored":
                         self.ignored = float(value)
                     elif key == "labels":
-                        self.binary = value == "binary"
+                        assert value in ("classes", "binary", "multihot", "soft"), f"{path}: labels={value}"
+                        self.labels = value
+                    else:
+                        raise AssertionError(f"{path}: unknown corpus key `{key}`")
             elif line.startswith("# set:"):
                 self.sets = line[len("# set:"):].split()
 
+    @property
+    def volumes(self):
+        return len(self.shape) == 5
+
+    @property
+    def channel_labels(self):
+        """Labels of the logits' shape (multi-hot or soft), float32."""
+        return self.labels in ("multihot", "soft")
+
     def flags(self):
+        """Overrides and the ignore label (`losscc eval` and `compile`)."""
         flags = []
         for item in self.sets:
             flags += ["--set", item]
         flags += ["--ignore-label", "none" if self.ignore is None else str(self.ignore)]
         return flags
 
+    def compile_flags(self):
+        """`flags()` and the graph's input form: `--volumes`, `--soft-labels`."""
+        return self.flags() + ["--volumes"] * self.volumes + ["--soft-labels"] * self.channel_labels
+
+    def facts(self, classes="C"):
+        """The graph inputs as tract states them: logits, then labels."""
+        spatial = "D,H,W" if self.volumes else "H,W"
+        labels = f"N,{classes},{spatial},f32" if self.channel_labels else f"N,{spatial},i64"
+        return [f"N,{classes},{spatial},f32", labels]
+
+    def other_shape(self, classes):
+        """A second, smaller shape for the same graph (symbolic N, D, H, W)."""
+        return (1, classes, 3, 5, 6) if self.volumes else (1, classes, 9, 11)
+
     def inputs(self, shape):
-        """Logits uniform in [-scale, scale] and blocky labels, some ignored."""
+        """Logits uniform in [-scale, scale] and blocky labels of the case's form, `ignored`
+        of the pixels ignored: class indices (or 0 and 1) with the ignore label, multi-hot
+        channels with the ignore label in one channel, or soft labels all 0."""
         rng = np.random.default_rng(self.seed)
-        n, c, h, w = shape
+        n, c = shape[:2]
         logits = rng.uniform(-self.scale, self.scale, size=shape).astype(np.float32)
-        ys, xs = np.mgrid[0:h, 0:w]
+        grid = np.mgrid[tuple(slice(0, d) for d in shape[2:])]
+        zs, (ys, xs) = (grid[0], grid[1:]) if self.volumes else (0, grid)
         bh, bw = rng.integers(1, 5), rng.integers(2, 6)
-        classes = 2 if self.binary else c
-        labels = np.stack([(ys // bh + 2 * (xs // bw) + i) % classes for i in range(n)]).astype(np.int64)
-        if self.ignore is not None:
-            labels[rng.random(labels.shape) < self.ignored] = self.ignore
+        bd = rng.integers(1, 4) if self.volumes else 1
+        blocks = np.stack([zs // bd + ys // bh + 2 * (xs // bw) + i for i in range(n)])
+        if self.labels in ("classes", "binary"):
+            labels = (blocks % (2 if self.labels == "binary" else c)).astype(np.int64)
+            if self.ignore is not None:
+                labels[rng.random(labels.shape) < self.ignored] = self.ignore
+        elif self.labels == "multihot":
+            # Overlapping blocks: a pixel may carry several channels, or none.
+            k = np.arange(c).reshape((1, c) + (1,) * (len(shape) - 2))
+            on = ((blocks[:, None] + k) % 3 == 0) | (((ys // bh + xs // bw)[None, None] + k) % 4 == 0)
+            labels = on.astype(np.float32)
+            if self.ignore is not None:
+                ignored = np.argwhere(rng.random(blocks.shape) < self.ignored)
+                channels = rng.integers(0, c, len(ignored))
+                labels[(ignored[:, 0], channels, *ignored[:, 1:].T)] = self.ignore
+        else:
+            # Each pixel's blocky class holds at least 0.6 (a clear argmax), the rest is spread
+            # at random; ignored pixels are all 0.
+            spread = rng.random(shape) + 1e-3
+            hard = np.moveaxis(np.eye(c)[blocks % c], -1, 1)
+            labels = 0.6 * hard + 0.4 * spread / spread.sum(axis=1, keepdims=True)
+            labels[np.broadcast_to((rng.random(blocks.shape) < self.ignored)[:, None], shape)] = 0.0
+            labels = labels.astype(np.float32)
         return logits, labels
 
 
@@ -120,12 +171,12 @@ class CorpusThroughOnnxTest(unittest.TestCase):
     def compile_case(self, case, rng):
         """Compile with identity curves to learn the manifest, then with random curves."""
         first = self.tmp / f"{case.name}.identity.onnx"
-        losscc("compile", case.path, "-o", first, *case.flags())
+        losscc("compile", case.path, "-o", first, *case.compile_flags())
         pieces = [c["pieces"] for c in json.loads(metadata(onnx.load(str(first)))["losscc.curves"])]
         params = self.tmp / f"{case.name}.params.json"
         params.write_text(json.dumps({"control_points": random_curves(pieces, rng)}))
         model_path = self.tmp / f"{case.name}.onnx"
-        losscc("compile", case.path, "-o", model_path, "--params", params, *case.flags())
+        losscc("compile", case.path, "-o", model_path, "--params", params, *case.compile_flags())
         return model_path, params
 
     def tch_reference(self, case, params, logits, labels):
