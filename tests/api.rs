@@ -562,7 +562,21 @@ fn soft_labels_are_used_as_given_and_one_hot_ones_equal_class_indices() {
     let message = dice.forward(&logits, &with_ignore).unwrap_err().to_string();
     assert!(message.contains("an ignore value such as 255 has no place in soft labels"), "{message}");
     let message = dice.forward(&logits, &(&hot * 0.5)).unwrap_err().to_string();
-    assert!(message.contains("sum to neither 1 nor 0 (one of them: 0.5)"), "{message}");
+    let halves = valid.sum(Kind::Int64).int64_value(&[]);
+    assert!(
+        message.contains(&format!("but {halves} pixels sum to neither 1 nor 0 (one of them: 0.5); multi-hot")),
+        "{message}"
+    );
+    // A count of 0 is left out, and one pixel is one pixel.
+    assert!(!message.contains("outside [0, 1] and"), "{message}");
+    let one_off = hot.copy();
+    for class in 0..4 {
+        let _ = one_off.get(0).get(class).get(0).get(0).fill_(if class == 0 { 0.5 } else { 0.0 });
+    }
+    let message = dice.forward(&logits, &one_off).unwrap_err().to_string();
+    assert!(message.contains("but 1 pixel sums to neither 1 nor 0 (0.5); multi-hot"), "{message}");
+    let message = dice.forward(&logits, &(&hot * 2.0 - 1.0)).unwrap_err().to_string();
+    assert!(message.contains(" values are outside [0, 1] (one of them: -1) and "), "{message}");
     let multi_hot = (&hot + hot.roll([1], [1])).clamp(0.0, 1.0);
     let message = dice.forward(&logits, &multi_hot).unwrap_err().to_string();
     assert!(message.contains("one of them: 2)") && message.contains("multi-hot labels"), "{message}");
@@ -650,8 +664,26 @@ fn sigmoid_metrics_threshold_each_channel_and_misuse_is_one_sentence() {
     let (logits, labels) = binary_batch(64, 1, 6, 7);
     let twos = labels.where_self(&labels.ne(1), &Tensor::from(2i64));
     let message = dice.forward(&logits, &twos).unwrap_err().to_string();
+    let ones = labels.eq(1).sum(Kind::Int64).int64_value(&[]);
     assert!(
-        message.contains("binary labels, 0 (background) and 1 (foreground)") && message.contains("value"),
+        message.contains("binary labels, 0 (background) and 1 (foreground)")
+            && message.contains(&format!("but {ones} pixels have other values (one of them: 2);")),
+        "{message}"
+    );
+    let one_two = labels.copy();
+    let _ = one_two.get(0).get(2).get(3).fill_(2);
+    let message = dice.forward(&logits, &one_two).unwrap_err().to_string();
+    assert!(message.contains("but 1 pixel has another value (2);"), "{message}");
+    // Labels of neither form for a sigmoid metric: the logits' shape is offered too.
+    let message = dice.forward(&logits, &labels.unsqueeze(1).repeat([1, 3, 1, 1])).unwrap_err().to_string();
+    assert!(message.contains("or, for a sigmoid metric, the logits' shape (one target per channel), but"), "{message}");
+    // A softmax metric on one channel with labels 0 and 1: a binary model is a sigmoid one.
+    let softmax_dice = example("dice", Overrides::new());
+    let message = softmax_dice.forward(&logits, &labels).unwrap_err().to_string();
+    assert!(
+        message.contains("label value 1 is neither a class in 0..1")
+            && message
+                .contains("; for a binary model with one output channel declare the metric `with sigmoid = true`"),
         "{message}"
     );
     let (logits, _) = batch(65, 1, 3, 6, 7);
@@ -664,9 +696,7 @@ fn sigmoid_metrics_threshold_each_channel_and_misuse_is_one_sentence() {
         .unwrap_err()
         .to_string();
     assert!(message.contains("multi-hot") && message.contains("`with sigmoid = true`"), "{message}");
-    for message in [message] {
-        assert_eq!(message.lines().count(), 1, "{message}");
-    }
+    assert_eq!(message.lines().count(), 1, "{message}");
 }
 
 #[test]

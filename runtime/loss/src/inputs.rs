@@ -19,31 +19,93 @@ use tch::{Kind, Tensor};
 pub enum InputError {
     #[error("logits must be images [N, C, H, W] or volumes [N, C, D, H, W], but they have shape {0:?}; add a batch dimension or check the layout")]
     LogitsRank(Vec<i64>),
-    #[error("labels must have one dimension less than the logits ([N, H, W] for [N, C, H, W], [N, D, H, W] for [N, C, D, H, W]), but they have shape {labels:?} for logits {logits:?}")]
-    LabelsRank { logits: Vec<i64>, labels: Vec<i64> },
+    #[error("labels must have one dimension less than the logits ([N, H, W] for [N, C, H, W], [N, D, H, W] for [N, C, D, H, W]){}, but they have shape {labels:?} for logits {logits:?}", same_shape_text(*.same_shape))]
+    LabelsRank { logits: Vec<i64>, labels: Vec<i64>, same_shape: SameShape },
     #[error("logits of shape {logits:?} and labels of shape {labels:?} disagree on N or the spatial sizes; labels must be the logits' shape without C")]
     ShapeMismatch { logits: Vec<i64>, labels: Vec<i64> },
     #[error("logits must be float32, float64, float16 or bfloat16, but they are {0:?}")]
     LogitsKind(Kind),
     #[error("labels must be integer class indices {labels_shape} (uint8, int32 or int64, say) or soft labels, float probabilities of the logits' shape {logits:?}, but they are {kind:?} of shape {labels:?}", labels_shape = without_classes(.logits))]
     LabelsKind { kind: Kind, labels: Vec<i64>, logits: Vec<i64> },
-    #[error("soft labels must be probabilities in [0, 1] that sum to 1 over the classes at each pixel (all 0 marks an ignored pixel; an ignore value such as 255 has no place in soft labels), but {values} values are outside [0, 1] and {pixels} pixels sum to neither 1 nor 0 (one of them: {example}); multi-hot labels (several classes at a pixel) need a sigmoid metric: declare it `with sigmoid = true`")]
-    SoftLabels { values: i64, pixels: i64, example: f64 },
+    #[error("soft labels must be probabilities in [0, 1] that sum to 1 over the classes at each pixel (all 0 marks an ignored pixel; an ignore value such as 255 has no place in soft labels), but {}; multi-hot labels (several classes at a pixel) need a sigmoid metric: declare it `with sigmoid = true`", soft_label_problems(*.values, *.value, *.pixels, *.sum))]
+    SoftLabels {
+        /// Values outside `[0, 1]` (or not finite), and one of them.
+        values: i64,
+        value: f64,
+        /// Pixels whose labels sum to neither 1 nor 0, and one of their sums.
+        pixels: i64,
+        sum: f64,
+    },
     #[error("a sigmoid metric's labels of the logits' shape hold one target per channel, in [0, 1] (0 and 1 for multi-hot labels) or the ignore label{} at ignored pixels, but {count} values are neither (one of them: {example})", ignore_text(.ignore))]
     ChannelLabels { count: i64, example: f64, ignore: Option<i64> },
-    #[error("a sigmoid metric with one channel takes binary labels, 0 (background) and 1 (foreground){}, but {count} {} (one of them: {value}); for several classes give the logits one channel per class", ignore_or(.ignore), pixels_with_value(.count))]
+    #[error("a sigmoid metric with one channel takes binary labels, 0 (background) and 1 (foreground){}, but {}; for several classes give the logits one channel per class", ignore_or(.ignore), counted(*.count, "pixel has another value", "pixels have other values", &.value.to_string()))]
     BinaryLabels { value: i64, count: i64, ignore: Option<i64> },
     #[error("integer labels of the logits' shape {0:?} are multi-hot (a 0/1 per class), which a softmax metric cannot read: declare the metric `with sigmoid = true` for multi-label predictions, or give class indices without C (or float soft labels)")]
     MultiHotForSoftmax(Vec<i64>),
     #[error("the logits contain {0} non-finite values (NaN or infinity); check the network's output")]
     NonFinite(i64),
-    #[error("label value {value} is neither a class in 0..{classes} nor the ignore label{} ({count} {})", ignore_text(.ignore), pixels_with_value(.count))]
+    #[error("label value {value} is neither a class in 0..{classes} nor the ignore label{} ({count} {}){}", ignore_text(.ignore), pixels_with_value(.count), binary_hint(*.classes))]
     LabelValue { value: i64, classes: i64, count: i64, ignore: Option<i64> },
     /// Too few classes for the metric's slices, or not as many as its per-class weights.
     #[error("{0}")]
     Classes(String),
     #[error("an image must be at least 1x1 pixels, but the logits have shape {0:?}")]
     Empty(Vec<i64>),
+}
+
+/// Which labels of the logits' own shape the metric would take, named in
+/// [`InputError::LabelsRank`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameShape {
+    /// None offered (integer labels for a softmax metric).
+    None,
+    /// A sigmoid metric's per-channel targets (multi-hot labels).
+    Channels,
+    /// Soft labels (float labels for a softmax metric).
+    Soft,
+}
+
+fn same_shape_text(same_shape: SameShape) -> &'static str {
+    match same_shape {
+        SameShape::None => "",
+        SameShape::Channels => " or, for a sigmoid metric, the logits' shape (one target per channel)",
+        SameShape::Soft => " or, for soft labels, the logits' shape",
+    }
+}
+
+/// `1 {one} ({example})` or `{count} {many} (one of them: {example})`.
+fn counted(count: i64, one: &str, many: &str, example: &str) -> String {
+    if count == 1 {
+        format!("1 {one} ({example})")
+    } else {
+        format!("{count} {many} (one of them: {example})")
+    }
+}
+
+/// The problems of soft labels, leaving out those with a count of 0.
+fn soft_label_problems(values: i64, value: f64, pixels: i64, sum: f64) -> String {
+    let mut problems = Vec::new();
+    if values > 0 {
+        problems.push(counted(values, "value is outside [0, 1]", "values are outside [0, 1]", &value.to_string()));
+    }
+    if pixels > 0 {
+        problems.push(counted(
+            pixels,
+            "pixel sums to neither 1 nor 0",
+            "pixels sum to neither 1 nor 0",
+            &sum.to_string(),
+        ));
+    }
+    problems.join(" and ")
+}
+
+/// One class for a softmax metric: a binary model is a sigmoid one.
+fn binary_hint(classes: i64) -> &'static str {
+    if classes == 1 {
+        "; for a binary model with one output channel declare the metric `with sigmoid = true`"
+    } else {
+        ""
+    }
 }
 
 /// The labels' shape for these logits: without the class axis.
@@ -170,7 +232,14 @@ pub(crate) fn check(
         return Err(InputError::MultiHotForSoftmax(ys));
     }
     if ys.len() + 1 != ls.len() {
-        return Err(InputError::LabelsRank { logits: ls, labels: ys });
+        let same_shape = if module.predictions.is_sigmoid() {
+            SameShape::Channels
+        } else if is_float(labels.kind()) {
+            SameShape::Soft
+        } else {
+            SameShape::None
+        };
+        return Err(InputError::LabelsRank { logits: ls, labels: ys, same_shape });
     }
     if ls[0] != ys[0] || ls[2..] != ys[1..] {
         return Err(InputError::ShapeMismatch { logits: ls, labels: ys });
@@ -321,12 +390,19 @@ fn check_soft(logits: &Tensor, labels: &Tensor, module: &Module) -> Result<Check
     let bad_sums = (&sums - 1.0).abs().gt(1e-3).logical_and(&sums.ne(0.0));
     let bad_pixels = bad_sums.sum(Kind::Int64).int64_value(&[]);
     if bad_values > 0 || bad_pixels > 0 {
-        let example = if bad_values > 0 {
-            soft.masked_select(&out_of_range).get(0).double_value(&[])
-        } else {
-            sums.masked_select(&bad_sums).get(0).double_value(&[])
+        let first = |values: &Tensor, mask: &Tensor, count: i64| {
+            if count > 0 {
+                values.masked_select(mask).get(0).double_value(&[])
+            } else {
+                f64::NAN
+            }
         };
-        return Err(InputError::SoftLabels { values: bad_values, pixels: bad_pixels, example });
+        return Err(InputError::SoftLabels {
+            values: bad_values,
+            value: first(&soft, &out_of_range, bad_values),
+            pixels: bad_pixels,
+            sum: first(&sums, &bad_sums, bad_pixels),
+        });
     }
     let hard = soft.argmax(1, false).where_self(&sums.ne(0.0), &Tensor::from(SOFT_IGNORED).to_device(logits.device()));
     Ok(Checked { logits, labels: hard, ignore_label: Some(SOFT_IGNORED), soft_labels: Some(soft) })
