@@ -128,12 +128,13 @@ pub(super) fn curve_rows<const L: usize>(
     curve: &LaneCurve,
 ) {
     let p = &curve.pieces;
+    // A copy of the pieces in an array of known length, so that the piece loop unrolls.
     macro_rules! go {
         ($n:literal, $straight:literal) => {{
             let pieces: [Folded<f32>; $n] = std::array::from_fn(|i| p[i]);
             match slopes {
-                Some(slopes) => rows::<L, $n, $straight, true>(xs, ys, slopes, &pieces),
-                None => rows::<L, $n, $straight, false>(xs, ys, &mut [], &pieces),
+                Some(slopes) => rows::<L, true>(xs, ys, slopes, &pieces, $straight),
+                None => rows::<L, false>(xs, ys, &mut [], &pieces, $straight),
             }
         }};
     }
@@ -145,39 +146,15 @@ pub(super) fn curve_rows<const L: usize>(
         (3, true) => go!(3, true),
         (3, false) => go!(3, false),
         (_, straight) => match slopes {
-            Some(slopes) => rows_of_any::<L, true>(xs, ys, slopes, p, straight),
-            None => rows_of_any::<L, false>(xs, ys, &mut [], p, straight),
+            Some(slopes) => rows::<L, true>(xs, ys, slopes, p, straight),
+            None => rows::<L, false>(xs, ys, &mut [], p, straight),
         },
     }
 }
 
+/// `g` (and with `SLOPE` `g'`) of every lane of `xs`, chunk by chunk.
 #[inline(always)]
-fn rows<const L: usize, const N: usize, const STRAIGHT: bool, const SLOPE: bool>(
-    xs: &[[f32; L]],
-    ys: &mut [[f32; L]],
-    slopes: &mut [[f32; L]],
-    pieces: &[Folded<f32>; N],
-) {
-    for (k, (x, y)) in xs.iter().zip(ys.iter_mut()).enumerate() {
-        for c in 0..L / CHUNK {
-            let mut lanes = [0.0f32; CHUNK];
-            lanes.copy_from_slice(&x[c * CHUNK..(c + 1) * CHUNK]);
-            let (mut values, mut derivatives) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
-            for j in 0..CHUNK {
-                let (value, slope) = math::eval_folded(&mut Lanes, &lanes[j], pieces, STRAIGHT, SLOPE);
-                values[j] = value;
-                derivatives[j] = slope.unwrap_or(0.0);
-            }
-            y[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&values);
-            if SLOPE {
-                slopes[k][c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&derivatives);
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn rows_of_any<const L: usize, const SLOPE: bool>(
+fn rows<const L: usize, const SLOPE: bool>(
     xs: &[[f32; L]],
     ys: &mut [[f32; L]],
     slopes: &mut [[f32; L]],

@@ -219,40 +219,30 @@ impl FusedPlan {
             }
             let imports: Vec<usize> =
                 (0..self.steps.len()).filter(|&i| matches!(self.steps[i].op, Op::Import(f) if f == output)).collect();
-            let mut mask = None;
-            let mut maskable = !imports.is_empty();
-            for step in &self.steps {
-                let reads: Vec<usize> = step_operands(&step.op).into_iter().filter(|o| imports.contains(o)).collect();
-                if reads.is_empty() {
-                    continue;
-                }
-                let plane = match step.op {
-                    Op::CountProduct { a, b, .. } => {
-                        let other = if imports.contains(&a) { b } else { a };
-                        match self.steps[other].op {
-                            Op::Plane(index) if !imports.contains(&other) => Some(index),
-                            _ => None,
-                        }
-                    }
-                    _ => None,
-                };
-                match (plane, mask) {
-                    (Some(index), None) => mask = Some(index),
-                    (Some(index), Some(known)) if index == known => {}
-                    _ => maskable = false,
-                }
-            }
-            if maskable {
-                self.pools[p].mask = mask;
-            }
-            // Absorb the counts: every reader is a per-class count of the whole output (as
-            // wide as the frame) times a mask one plane wide or as wide.
-            let width = self.frames[output];
             let readers: Vec<usize> = (0..self.steps.len())
                 .filter(|&i| step_operands(&self.steps[i].op).iter().any(|o| imports.contains(o)))
                 .collect();
-            let absorbable = maskable
-                && imports.iter().all(|&i| self.steps[i].width == width)
+            // The label plane a reader multiplies the output by, when it counts that product.
+            let plane_of = |r: usize| match self.steps[r].op {
+                Op::CountProduct { a, b, .. } => {
+                    let other = if imports.contains(&a) { b } else { a };
+                    match self.steps[other].op {
+                        Op::Plane(index) if !imports.contains(&other) => Some(index),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let mask = readers.first().and_then(|&r| plane_of(r));
+            let maskable = mask.is_some() && readers.iter().all(|&r| plane_of(r) == mask);
+            if !maskable {
+                continue;
+            }
+            self.pools[p].mask = mask;
+            // Absorb the counts: every reader is a per-class count of the whole output (as
+            // wide as the frame) times a mask one plane wide or as wide.
+            let width = self.frames[output];
+            let absorbable = imports.iter().all(|&i| self.steps[i].width == width)
                 && readers.iter().all(|&r| match self.steps[r].op {
                     Op::CountProduct { a, b, width: product, count } => {
                         let other = if imports.contains(&a) { b } else { a };
@@ -624,7 +614,7 @@ impl FusedPlan {
                 }
                 let scatter = self.pools.iter().filter(|pool| pool.input == frame).map(|pool| pool.stage).max();
                 match (import, scatter) {
-                    (Some(step), scatter) if scatter.is_none_or(|stage| self.steps[step].stage >= stage) => {
+                    (Some(step), scatter) if scatter.map_or(true, |stage| self.steps[step].stage >= stage) => {
                         self.import_assigns[step] = true;
                         false
                     }
