@@ -25,9 +25,27 @@ pub enum Value {
 
 /// Per-class sums of a `[N, width, H, W]` byte plane (over images and pixels).
 pub(crate) fn class_sums(data: &[i8], width: usize, pixels: usize) -> Vec<f64> {
+    let planes: Vec<&[i8]> = data.chunks(pixels.max(1)).collect();
+    let per_part = planes.len().div_ceil(threads()).max(1);
+    let parts: Vec<Vec<(usize, &[i8])>> =
+        planes.into_iter().enumerate().collect::<Vec<_>>().chunks(per_part).map(<[_]>::to_vec).collect();
     let mut sums = vec![0i64; width];
-    for (index, row) in data.chunks(pixels.max(1)).enumerate() {
-        sums[index % width] += row.iter().map(|&x| x as i64).sum::<i64>();
+    for part in run_parts(parts, |part| {
+        // Blocks small enough that their sum fits an i32 (the loop then vectorizes).
+        part.iter()
+            .map(|(index, row)| {
+                (
+                    index % width,
+                    row.chunks(1 << 20)
+                        .map(|block| i64::from(block.iter().map(|&x| i32::from(x)).sum::<i32>()))
+                        .sum::<i64>(),
+                )
+            })
+            .collect::<Vec<_>>()
+    }) {
+        for (class, sum) in part {
+            sums[class] += sum;
+        }
     }
     sums.into_iter().map(|s| s as f64).collect()
 }
@@ -151,6 +169,59 @@ fn relaxed_xor(module: &RelaxedModule, handle: Handle) -> Option<(Handle, Handle
     (inner == product && ((a, b) == (c, d) || (a, b) == (d, c))).then_some((*a, *b))
 }
 
+/// The radius `r` when `handle` is the label boundary `L ^ erode(L, r)` (relaxed) of at most
+/// 127 classes, which [`boundary_planes`] computes from the class indices.
+fn label_boundary(module: &RelaxedModule, handle: Handle, classes: usize) -> Option<u32> {
+    let (a, b) = relaxed_xor(module, handle)?;
+    let is_labels = |h: Handle| matches!(module.node(h), Node::Labels);
+    let eroded = |h: Handle| match module.node(h) {
+        Node::Erode { input, radius } if is_labels(*input) => Some(*radius),
+        _ => None,
+    };
+    let radius = if is_labels(a) {
+        eroded(b)
+    } else if is_labels(b) {
+        eroded(a)
+    } else {
+        None
+    }?;
+    (classes <= i8::MAX as usize).then_some(radius)
+}
+
+/// The label boundary `L ^ erode(L, radius)` as `[N, C, H, W]` bytes, from the class indices:
+/// a pixel is on its own class's boundary when some pixel of its clipped window has another
+/// label or is ignored (where `erode` of its class's one-hot plane is 0), that is where the
+/// window's smallest and largest label differ. Two poolings of one byte plane of labels
+/// instead of an erosion of every class's plane and a `^` of them all.
+fn boundary_planes(labels: &[i64], dims: Dims, ignore: i64, radius: usize) -> Vec<i8> {
+    let (hw, c) = (dims.pixels(), dims.classes);
+    // Checked labels are in 0..C or the ignore label; C ≤ 127, and −1 is no class.
+    let mut map = buffer(labels.len());
+    for (m, &label) in map.iter_mut().zip(labels) {
+        *m = if label != ignore && (0..c as i64).contains(&label) { label as i8 } else { -1 };
+    }
+    let (mut low, mut high) = (buffer(map.len()), buffer(map.len()));
+    pool::pool_bytes(&map, &mut low, (dims.height, dims.width), radius, true);
+    pool::pool_bytes(&map, &mut high, (dims.height, dims.width), radius, false);
+    let mut out = buffer(dims.images * c * hw);
+    let parts: Vec<_> = out.chunks_mut(c * hw).enumerate().collect();
+    run_parts(parts, |(image, planes)| {
+        planes.fill(0);
+        let pixels = image * hw..(image + 1) * hw;
+        for (p, ((&label, &low), &high)) in
+            map[pixels.clone()].iter().zip(&low[pixels.clone()]).zip(&high[pixels]).enumerate()
+        {
+            if label >= 0 && low != high {
+                planes[label as usize * hw + p] = 1;
+            }
+        }
+    });
+    give_back(map);
+    give_back(low);
+    give_back(high);
+    out
+}
+
 /// Give the planes of evaluated values back to the scratch pool.
 pub(crate) fn give_back_values(values: Vec<Option<Value>>) {
     for value in values.into_iter().flatten() {
@@ -187,6 +258,10 @@ pub(crate) fn evaluate(
     }
     for handle in module.handles().rev() {
         if need[handle.index()] {
+            if label_boundary(module, handle, dims.classes).is_some() {
+                // Computed from the class indices.
+                continue;
+            }
             match (dilated_any(module, handle), relaxed_xor(module, handle)) {
                 (Some((x, _, _)), _) => need[x.index()] = true,
                 (None, Some((a, b))) => {
@@ -206,6 +281,10 @@ pub(crate) fn evaluate(
         let out_width = shape_width(module.shape(handle), dims.classes);
         let v = |h: &Handle| values[h.index()].as_ref().expect("operands come first");
         let value = match module.node(handle) {
+            Node::Sub(..) if label_boundary(module, handle, dims.classes).is_some() => {
+                let radius = label_boundary(module, handle, dims.classes).expect("checked");
+                Value::Plane { data: boundary_planes(labels, dims, ignore, radius as usize), width: dims.classes }
+            }
             // In 32 bits: the interval analysis bounds the result, not `2ab` on the way.
             Node::Sub(..) if relaxed_xor(module, handle).is_some() => {
                 let (a, b) = relaxed_xor(module, handle).expect("checked");

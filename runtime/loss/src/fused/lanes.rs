@@ -179,6 +179,110 @@ fn rows<const L: usize, const SLOPE: bool>(
     }
 }
 
+/// The four curves of a relaxed `^` (`a ^ b` is `or_a(a) | or_b(b) − and_a(a)·and_b(b)`, the
+/// `|` relaxed as `p + q − p·q`), evaluated as one step: the curves' values and slopes stay
+/// in registers instead of going through a tile's rows. Every curve has the same number of
+/// pieces (at most three), so each piece loop unrolls.
+#[derive(Clone, Debug)]
+pub(crate) struct XorCurves {
+    /// `and_a`, `and_b`, `or_a`, `or_b`.
+    curves: [LaneCurve; 4],
+    straight: bool,
+}
+
+impl XorCurves {
+    /// The fused form, when the four curves have the same number of pieces (at most three).
+    pub(crate) fn new(curves: [&Curve; 4]) -> Option<XorCurves> {
+        let curves = curves.map(LaneCurve::new);
+        let pieces = curves[0].pieces.len();
+        let same = curves.iter().all(|c| c.pieces.len() == pieces);
+        let straight = curves.iter().all(|c| c.straight);
+        (same && (1..=3).contains(&pieces)).then_some(XorCurves { curves, straight })
+    }
+}
+
+/// The four curves' pieces as arrays of known length, then `$body` with them bound to
+/// `$pieces` (a `[[Folded<f32>; N]; 4]`) and `$straight` a constant.
+macro_rules! with_xor_pieces {
+    ($xor:expr, |$pieces:ident, $straight:ident| $body:expr) => {{
+        let xor: &XorCurves = $xor;
+        macro_rules! go {
+            ($n:literal, $s:literal) => {{
+                let $pieces: [[Folded<f32>; $n]; 4] =
+                    std::array::from_fn(|c| std::array::from_fn(|i| xor.curves[c].pieces[i]));
+                let $straight = $s;
+                $body
+            }};
+        }
+        match (xor.curves[0].pieces.len(), xor.straight) {
+            (1, true) => go!(1, true),
+            (1, false) => go!(1, false),
+            (2, true) => go!(2, true),
+            (2, false) => go!(2, false),
+            (3, true) => go!(3, true),
+            _ => go!(3, false),
+        }
+    }};
+}
+
+/// `out = a ^ b` (relaxed, see [`XorCurves`]) for rows of lanes.
+#[inline(always)]
+pub(super) fn xor_rows<const L: usize>(a: &[[f32; L]], b: &[[f32; L]], out: &mut [[f32; L]], xor: &XorCurves) {
+    with_xor_pieces!(xor, |pieces, straight| {
+        for ((a, b), out) in a.iter().zip(b).zip(out.iter_mut()) {
+            for c in 0..L / CHUNK {
+                let (mut x, mut y) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+                x.copy_from_slice(&a[c * CHUNK..(c + 1) * CHUNK]);
+                y.copy_from_slice(&b[c * CHUNK..(c + 1) * CHUNK]);
+                let mut r = [0.0f32; CHUNK];
+                for j in 0..CHUNK {
+                    let value =
+                        |curve: usize, v: &f32| math::eval_folded(&mut Lanes, v, &pieces[curve], straight, false).0;
+                    let (and_a, and_b) = (value(0, &x[j]), value(1, &y[j]));
+                    let (or_a, or_b) = (value(2, &x[j]), value(3, &y[j]));
+                    r[j] = or_a + or_b - or_a * or_b - and_a * and_b;
+                }
+                out[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&r);
+            }
+        }
+    })
+}
+
+/// The gradients of `a ^ b` (relaxed, see [`XorCurves`]) for one row of lanes, from the
+/// result's gradient `g`: `∂/∂a = or_a'(a)·(1 − or_b(b)) − and_a'(a)·and_b(b)` and likewise
+/// for `b`.
+#[inline(always)]
+pub(super) fn xor_gradients<const L: usize>(
+    a: &[f32; L],
+    b: &[f32; L],
+    g: &[f32; L],
+    xor: &XorCurves,
+) -> ([f32; L], [f32; L]) {
+    let (mut da, mut db) = ([0.0f32; L], [0.0f32; L]);
+    with_xor_pieces!(xor, |pieces, straight| {
+        for c in 0..L / CHUNK {
+            let (mut x, mut y, mut d) = ([0.0f32; CHUNK], [0.0f32; CHUNK], [0.0f32; CHUNK]);
+            x.copy_from_slice(&a[c * CHUNK..(c + 1) * CHUNK]);
+            y.copy_from_slice(&b[c * CHUNK..(c + 1) * CHUNK]);
+            d.copy_from_slice(&g[c * CHUNK..(c + 1) * CHUNK]);
+            let (mut ra, mut rb) = ([0.0f32; CHUNK], [0.0f32; CHUNK]);
+            for j in 0..CHUNK {
+                let eval = |curve: usize, v: &f32| {
+                    let (value, slope) = math::eval_folded(&mut Lanes, v, &pieces[curve], straight, true);
+                    (value, slope.unwrap_or(0.0))
+                };
+                let ((and_a, and_a_d), (and_b, and_b_d)) = (eval(0, &x[j]), eval(1, &y[j]));
+                let ((or_a, or_a_d), (or_b, or_b_d)) = (eval(2, &x[j]), eval(3, &y[j]));
+                ra[j] = d[j] * (or_a_d * (1.0 - or_b) - and_a_d * and_b);
+                rb[j] = d[j] * (or_b_d * (1.0 - or_a) - and_b_d * and_a);
+            }
+            da[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&ra);
+            db[c * CHUNK..(c + 1) * CHUNK].copy_from_slice(&rb);
+        }
+    });
+    (da, db)
+}
+
 /// `e^x` for `x ≤ 0` (a logit minus its pixel's maximum), written so that loops over it
 /// vectorize (fused multiply-adds, which the SIMD versions have): round-to-nearest by the
 /// 1.5·2²³ trick, a degree-6 polynomial on

@@ -53,7 +53,9 @@ mod sweep;
 use crate::error::LossError;
 use crate::inputs::Batch;
 use crate::kernels::parallel::run_parts;
-use crate::kernels::pool::{self, masked_pooled_sums, masked_scatter, scatter_planes, window_winners};
+use crate::kernels::pool::{
+    self, masked_pooled_sums, masked_scatter, scatter3, scatter_planes, window3_codes, window_winners,
+};
 use crate::kernels::scratch::{give_back, take};
 use crate::kernels::{threads, zero};
 use crate::label_planes;
@@ -123,7 +125,8 @@ impl Drop for Planes {
 #[derive(Default)]
 struct Buffers {
     frames: Vec<(Vec<f32>, Vec<f32>)>,
-    winners: Vec<Vec<u32>>,
+    /// Per pooling: its winners as indices, or (3×3 windows) as byte codes.
+    winners: Vec<(Vec<u32>, Vec<i8>)>,
 }
 
 impl Drop for Buffers {
@@ -132,8 +135,9 @@ impl Drop for Buffers {
             give_back(values);
             give_back(grads);
         }
-        for winners in std::mem::take(&mut self.winners) {
+        for (winners, codes) in std::mem::take(&mut self.winners) {
             give_back(winners);
+            give_back(codes);
         }
     }
 }
@@ -288,12 +292,19 @@ pub(crate) fn surrogate(
             width,
         })
         .collect();
-    // Winners only matter for a backward sweep's scatter.
+    // Winners only matter for a backward sweep's scatter (and for the counts a pooling
+    // computes itself); a 3×3 window's are byte codes.
+    let coded = |pool: &plan::PoolStage| needs_backward && pool.radius == 1 && pool.counts.is_empty();
     buffers.winners = plan
         .pools
         .iter()
         .map(|pool| {
-            take(if needs_backward || !pool.counts.is_empty() { frame_len(plan.frames[pool.output]) } else { 0 })
+            let len = frame_len(plan.frames[pool.output]);
+            if coded(pool) {
+                (take(0), take(len))
+            } else {
+                (take(if needs_backward || !pool.counts.is_empty() { len } else { 0 }), take(0))
+            }
         })
         .collect();
     // The mask of a pooling, when its label plane is on bytes.
@@ -322,7 +333,9 @@ pub(crate) fn surrogate(
     let mut counts: Vec<Vec<f64>> = plan.count_widths.iter().map(|w| vec![0.0; (*w).max(1)]).collect();
     for stage in 0..plan.stages {
         // Poolings whose output this stage reads, from frames complete by now.
-        for (pool, winners) in plan.pools.iter().zip(buffers.winners.iter_mut()).filter(|(p, _)| p.stage == stage) {
+        for (pool, (winners, codes)) in
+            plan.pools.iter().zip(buffers.winners.iter_mut()).filter(|(p, _)| p.stage == stage)
+        {
             let (input, output) = (frames[pool.input].values, frames[pool.output].values);
             // SAFETY: between sweeps nothing else touches the frames; input and output are
             // distinct buffers (an output frame is always a buffer of its own).
@@ -336,13 +349,15 @@ pub(crate) fn surrogate(
                         counts[slot][plane % frame_width] += sum;
                     }
                 }
+            } else if coded(pool) {
+                window3_codes(input, output, codes, (h, w), pool.erode);
             } else if needs_backward {
                 let mask = mask_of(pool).map(|mask| (mask, frame_width));
                 window_winners(input, winners, output, (h, w), pool.radius, pool.erode, mask);
             } else {
                 pool::pool(input, output, (h, w), pool.radius, pool.erode);
             }
-            phases.mark("pooling (winner search)");
+            phases.mark(format!("pooling (winner search) {stage}"));
         }
         if !plan.sweeps(stage) {
             continue;
@@ -406,7 +421,7 @@ pub(crate) fn surrogate(
         }
         // Every reader of these poolings' outputs is done: send their gradients back to the
         // winners, in the input frames (read by an earlier stage, which runs next).
-        for (pool, winners) in plan.pools.iter().zip(&buffers.winners).filter(|(p, _)| p.stage == stage) {
+        for (pool, (winners, codes)) in plan.pools.iter().zip(&buffers.winners).filter(|(p, _)| p.stage == stage) {
             let (from, to) = (frames[pool.output].grads, frames[pool.input].grads);
             // SAFETY: two distinct frames' gradient buffers, not used by anything else now.
             let (from, to) = unsafe { (from.row(0, from.len), to.row(0, to.len)) };
@@ -418,9 +433,10 @@ pub(crate) fn surrogate(
                         (0..frame_width).map(|k| pool.counts.iter().map(|&slot| count_grads[slot][k]).sum()).collect();
                     masked_scatter(&upstream, winners, mask, frame_width, to, pixels_per_image);
                 }
+                _ if coded(pool) => scatter3(from, codes, to, (h, w)),
                 _ => scatter_planes(from, winners, to, pixels_per_image),
             }
-            phases.mark("pooling gradient (scatter)");
+            phases.mark(format!("pooling gradient (scatter) {stage}"));
         }
     }
     drop(logits_contiguous);

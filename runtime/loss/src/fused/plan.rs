@@ -8,7 +8,7 @@
 //! is computed in the first stage only (later stages import its frame), so only the first
 //! stage's backward sweep writes the logits' gradient.
 
-use super::lanes::LaneCurve;
+use super::lanes::{LaneCurve, XorCurves};
 use compiler::curve::Curve;
 use compiler::ir::{Handle, Node, Shape};
 use compiler::RelaxedModule;
@@ -29,6 +29,14 @@ pub(super) enum Op {
     Mul(usize, usize),
     /// `a + b − a·b` (the relaxed `|`): one step where the IR has three.
     Or(usize, usize),
+    /// The relaxed `a ^ b` with its four curves (see [`XorCurves`]): one step where the IR
+    /// has nine (four curves, the relaxed `|` of two, a product and a difference), whose
+    /// parts nothing else reads.
+    Xor {
+        a: usize,
+        b: usize,
+        curves: XorCurves,
+    },
     Neg(usize),
     AnyClass(usize),
     Slice {
@@ -141,6 +149,8 @@ struct Lowering<'a> {
     step_of: std::collections::HashMap<(usize, usize), usize>,
     /// Frame holding a node's value for later stages.
     frame_of: Vec<Option<usize>>,
+    /// How many nodes (and the root and reports) read each node.
+    uses: Vec<usize>,
 }
 
 pub(super) fn width(shape: Shape, classes: usize) -> usize {
@@ -192,6 +202,7 @@ impl FusedPlan {
             node_stage,
             step_of: std::collections::HashMap::new(),
             frame_of: vec![None; n],
+            uses: use_counts(module),
         };
         for handle in module.handles() {
             let node = module.node(handle);
@@ -286,7 +297,7 @@ impl FusedPlan {
     /// Whether the program evaluates any curve. A module without curves (plain
     /// cross-entropy, say) is cheaper through libtorch's own fused kernels.
     pub(crate) fn has_curves(&self) -> bool {
-        self.steps.iter().any(|step| matches!(step.op, Op::Curve { .. }))
+        self.steps.iter().any(|step| matches!(step.op, Op::Curve { .. } | Op::Xor { .. }))
     }
 
     /// Add a step; steps of one stage share a tile's scratch rows, stages reuse them.
@@ -442,6 +453,12 @@ impl FusedPlan {
             let frame = self.frame(lowering, handle)?;
             self.push(Op::Import(frame), w, stage)
         } else {
+            // A relaxed `^` whose parts nothing else reads becomes one step.
+            let xor = match node {
+                Node::Sub(x, y) => xor_parts(module, &lowering.uses, *x, *y),
+                _ => None,
+            };
+            let all_curves = lowering.curves;
             let mut operand = |this: &mut Self, h: &Handle| this.lower(lowering, *h, stage);
             let op = match node {
                 // One softmax step per sweep, shared with the cross-entropy.
@@ -451,9 +468,20 @@ impl FusedPlan {
                     curve: LaneCurve::new(&lowering.curves[curve.0 as usize]),
                 },
                 Node::Add(a, b) => Op::Add(operand(self, a)?, operand(self, b)?),
-                Node::Sub(x, y) => match or_operands(module, *x, *y) {
-                    Some((a, b)) => Op::Or(operand(self, &a)?, operand(self, &b)?),
-                    None => Op::Sub(operand(self, x)?, operand(self, y)?),
+                Node::Sub(x, y) => match (xor, or_operands(module, *x, *y)) {
+                    (Some((a, b, ids)), _) => {
+                        let curves = XorCurves::new(ids.map(|id| &all_curves[id as usize]));
+                        let widths = [a, b].map(|h| width(module.shape(h), self.classes));
+                        match curves {
+                            Some(curves) if widths == [w, w] => {
+                                Op::Xor { a: operand(self, &a)?, b: operand(self, &b)?, curves }
+                            }
+                            // Curves of different piece counts or broadcast operands: step by step.
+                            _ => Op::Sub(operand(self, x)?, operand(self, y)?),
+                        }
+                    }
+                    (None, Some((a, b))) => Op::Or(operand(self, &a)?, operand(self, &b)?),
+                    (None, None) => Op::Sub(operand(self, x)?, operand(self, y)?),
                 },
                 Node::Mul(a, b) => Op::Mul(operand(self, a)?, operand(self, b)?),
                 Node::Neg(a) => Op::Neg(operand(self, a)?),
@@ -536,6 +564,11 @@ impl FusedPlan {
                     need[index] = true;
                 }
                 Op::Softmax | Op::Curve { .. } => need[index] = true,
+                // Its curves' slopes need both operands.
+                Op::Xor { a, b, .. } => {
+                    need[a] = true;
+                    need[b] = true;
+                }
                 _ => {}
             }
         }
@@ -573,9 +606,12 @@ impl FusedPlan {
                     | Op::Neg(input)
                     | Op::AnyClass(input)
                     | Op::Slice { input, .. } => [Some(input), None],
-                    Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Or(a, b) | Op::CountProduct { a, b, .. } => {
-                        [self.pred[a].then_some(a), self.pred[b].then_some(b)]
-                    }
+                    Op::Add(a, b)
+                    | Op::Sub(a, b)
+                    | Op::Mul(a, b)
+                    | Op::Or(a, b)
+                    | Op::Xor { a, b, .. }
+                    | Op::CountProduct { a, b, .. } => [self.pred[a].then_some(a), self.pred[b].then_some(b)],
                     Op::NllSum { .. }
                     | Op::Softmax
                     | Op::Import(_)
@@ -633,12 +669,58 @@ fn or_operands(module: &RelaxedModule, x: Handle, y: Handle) -> Option<(Handle, 
     }
 }
 
+/// How many nodes read each node (the root and the reports count as readers).
+fn use_counts(module: &RelaxedModule) -> Vec<usize> {
+    let mut uses = vec![0usize; module.len()];
+    for handle in module.handles() {
+        for operand in module.node(handle).operands() {
+            uses[operand.index()] += 1;
+        }
+    }
+    uses[module.root.index()] += 1;
+    for report in &module.reports {
+        uses[report.value.index()] += 1;
+    }
+    uses
+}
+
+/// `(a, b, [and_a, and_b, or_a, or_b])` (the curves' indices) when `x − y` is the relaxed
+/// `a ^ b`: `x` the relaxed `|` of `or_a(a)` and `or_b(b)`, `y` the product
+/// `and_a(a) · and_b(b)`, with no other reader of any part (the fused step computes them
+/// inside).
+fn xor_parts(module: &RelaxedModule, uses: &[usize], x: Handle, y: Handle) -> Option<(Handle, Handle, [u32; 4])> {
+    let Node::Sub(sum, product) = module.node(x) else { return None };
+    let (p, q) = or_operands(module, *sum, *product)?;
+    let Node::Mul(r, t) = module.node(y) else { return None };
+    let curve = |h: Handle| match module.node(h) {
+        Node::Curve { input, curve } => Some((*input, curve.0)),
+        _ => None,
+    };
+    let ((a, or_a), (b, or_b)) = (curve(p)?, curve(q)?);
+    let ((ra, and_r), (tb, and_t)) = (curve(*r)?, curve(*t)?);
+    let (and_a, and_b) = if (ra, tb) == (a, b) {
+        (and_r, and_t)
+    } else if (ra, tb) == (b, a) {
+        (and_t, and_r)
+    } else {
+        return None;
+    };
+    let single = [x, *sum, *product, y, *r, *t].iter().all(|h| uses[h.index()] == 1);
+    let shared = [p, q].iter().all(|h| uses[h.index()] == 2);
+    (p != q && r != t && single && shared).then_some((a, b, [and_a, and_b, or_a, or_b]))
+}
+
 /// The steps an operation reads.
 pub(super) fn step_operands(op: &Op) -> Vec<usize> {
     match *op {
         Op::Curve { input, .. } | Op::Neg(input) | Op::AnyClass(input) | Op::Slice { input, .. } => vec![input],
         Op::Count { input, .. } | Op::NllSum { softmax: input, .. } => vec![input],
-        Op::Add(a, b) | Op::Sub(a, b) | Op::Mul(a, b) | Op::Or(a, b) | Op::CountProduct { a, b, .. } => vec![a, b],
+        Op::Add(a, b)
+        | Op::Sub(a, b)
+        | Op::Mul(a, b)
+        | Op::Or(a, b)
+        | Op::Xor { a, b, .. }
+        | Op::CountProduct { a, b, .. } => vec![a, b],
         Op::Softmax | Op::Labels | Op::Valid | Op::Const(_) | Op::Plane(_) | Op::Import(_) => Vec::new(),
     }
 }

@@ -15,7 +15,7 @@
 //! zeros, class index −1 (no class, not valid) and a zero lane mask, so they add nothing to
 //! the counts, and nothing past `n` is ever written out.
 
-use super::lanes::{curve_rows, exp_nonpositive, unit};
+use super::lanes::{curve_rows, exp_nonpositive, unit, xor_gradients, xor_rows};
 use super::plan::{FusedPlan, Op, Step};
 use crate::kernels::scratch;
 use crate::kernels::simd::with_best_simd;
@@ -535,6 +535,11 @@ impl Sweep<'_> {
                 Op::Or(a, b) => {
                     binary(values, &self.plan.steps[*a], &self.plan.steps[*b], offset, w, |x, y| x + y - x * y)
                 }
+                Op::Xor { a, b, curves } => {
+                    let (a, b) = (self.plan.steps[*a].offset, self.plan.steps[*b].offset);
+                    let (head, tail) = values.split_at_mut(offset);
+                    xor_rows(&head[a..a + w], &head[b..b + w], &mut tail[..w], curves);
+                }
                 Op::Neg(a) => {
                     let source = self.plan.steps[*a].offset;
                     let (head, tail) = values.split_at_mut(offset);
@@ -762,6 +767,20 @@ impl Sweep<'_> {
                                     put2(&mut head[rb], g, &values[ra], assign_b, |g, other| g * other);
                                 }
                             }
+                        }
+                    }
+                }
+                Op::Xor { a, b, curves } => {
+                    let (ra, rb) = (plan.steps[*a].offset, plan.steps[*b].offset);
+                    let (to_a, to_b) = (plan.pred[*a], plan.pred[*b]);
+                    let (head, tail) = grads.split_at_mut(offset);
+                    for (k, g) in tail[..w].iter().enumerate() {
+                        let (da, db) = xor_gradients(&values[ra + k], &values[rb + k], g, curves);
+                        if to_a {
+                            put1(&mut head[ra + k], &da, first_a, |d| d);
+                        }
+                        if to_b {
+                            put1(&mut head[rb + k], &db, first_b, |d| d);
                         }
                     }
                 }

@@ -41,9 +41,9 @@ with_best_simd!(
     (inputs: &[i8], outputs: &mut [i8], h: usize, w: usize, radius: usize, erode: bool),
     {
         if erode {
-            pool_planes_of(inputs, outputs, h, w, radius, Ord::min)
+            pool_planes_of(inputs, outputs, h, w, radius, i8::MAX, Ord::min)
         } else {
-            pool_planes_of(inputs, outputs, h, w, radius, Ord::max)
+            pool_planes_of(inputs, outputs, h, w, radius, i8::MIN, Ord::max)
         }
     }
 );
@@ -69,54 +69,99 @@ with_best_simd!(
     (inputs: &[f32], outputs: &mut [f32], h: usize, w: usize, radius: usize, erode: bool),
     {
         if erode {
-            pool_planes_of(inputs, outputs, h, w, radius, f32::min)
+            pool_planes_of(inputs, outputs, h, w, radius, f32::INFINITY, f32::min)
         } else {
-            pool_planes_of(inputs, outputs, h, w, radius, f32::max)
+            pool_planes_of(inputs, outputs, h, w, radius, f32::NEG_INFINITY, f32::max)
         }
     }
 );
 
 /// Square-window `combine` (min or max) of every `[H, W]` plane of `inputs`, the window clipped
-/// at the border: a row pass, then a column pass over whole rows, each a few contiguous
-/// sweeps over shifted rows (inlined into each SIMD version; shared by the float and byte
-/// planes).
+/// at the border (`neutral`, the identity of `combine`, pads it): a row pass, then a column
+/// pass, each by doubling (a window of 2^k values combined from two of 2^(k−1), then the
+/// last span from two overlapping ones), so a window of `2r + 1` costs about `log2(2r + 1)`
+/// passes instead of `2r`. Every pass is a contiguous sweep over whole padded rows (or whole
+/// planes, for the column pass), so it vectorizes with no remainder per shift. Inlined into
+/// each SIMD version; shared by the float and byte planes.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn pool_planes_of<T: Copy + Default>(
     inputs: &[T],
     outputs: &mut [T],
     h: usize,
     w: usize,
     radius: usize,
+    neutral: T,
     combine: impl Fn(T, T) -> T + Copy,
 ) {
     let plane = h * w;
-    let mut rows = vec![T::default(); plane];
+    let span = 2 * radius + 1;
+    // Padded rows (the row pass), then padded planes (the column pass), with a second
+    // buffer for the doubling passes.
+    // `SLACK` past the end lets every pass run a whole number of vectors (see
+    // `window_by_doubling`).
+    let longest = (w + 2 * radius).max((h + 2 * radius) * w) + SLACK;
+    let (mut a, mut b) = (vec![neutral; longest], vec![neutral; longest]);
+    let mut columns = vec![neutral; (h + 2 * radius) * w + SLACK];
     for (source, target) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)) {
-        // Row pass into `rows`.
-        for (line, out) in source.chunks(w).zip(rows.chunks_mut(w)) {
-            out.copy_from_slice(line);
-            for d in 1..=radius.min(w.saturating_sub(1)) {
-                for (o, &v) in out[..w - d].iter_mut().zip(&line[d..]) {
-                    *o = combine(*o, v);
-                }
-                for (o, &v) in out[d..].iter_mut().zip(&line[..w - d]) {
-                    *o = combine(*o, v);
-                }
-            }
+        // Row pass: each row into the padded plane of the column pass, between `radius`
+        // neutral rows on either side (the doubling used the plane as scratch before).
+        columns[..radius * w].fill(neutral);
+        columns[(radius + h) * w..].fill(neutral);
+        for (y, line) in source.chunks(w).enumerate() {
+            a[..radius].fill(neutral);
+            a[radius..radius + w].copy_from_slice(line);
+            a[radius + w..w + 2 * radius].fill(neutral);
+            let result = window_by_doubling(&mut a, &mut b, w, span, 1, combine);
+            columns[(radius + y) * w..(radius + y + 1) * w].copy_from_slice(&result[..w]);
         }
-        // Column pass: whole rows at a time.
-        for y in 0..h {
-            let out = &mut target[y * w..(y + 1) * w];
-            out.copy_from_slice(&rows[y * w..(y + 1) * w]);
-            for neighbour in y.saturating_sub(radius)..(y + radius + 1).min(h) {
-                if neighbour != y {
-                    for (o, &v) in out.iter_mut().zip(&rows[neighbour * w..(neighbour + 1) * w]) {
-                        *o = combine(*o, v);
-                    }
-                }
-            }
-        }
+        // Column pass over the whole padded plane, one row of `w` values per element.
+        let result = window_by_doubling(&mut columns, &mut b, h, span, w, combine);
+        target.copy_from_slice(&result[..plane]);
     }
+}
+
+/// Values past a pooling buffer's end so that each pass can run in whole blocks of this many.
+const SLACK: usize = 64;
+
+/// Sliding-window `combine` of `span` consecutive elements (each `stride` values) of `a`,
+/// which holds `elements + span − 1` of them: the window starting at each of the first
+/// `elements` elements, returned as a prefix of `a` or `b` (the other is scratch). Doubling:
+/// after step k an element holds the combination of 2^k consecutive ones; the last step
+/// combines two overlapping windows (exact for min and max).
+#[inline(always)]
+fn window_by_doubling<'b, T: Copy>(
+    a: &'b mut [T],
+    b: &'b mut [T],
+    elements: usize,
+    span: usize,
+    stride: usize,
+    combine: impl Fn(T, T) -> T + Copy,
+) -> &'b [T] {
+    let (mut from, mut to) = (a, b);
+    let mut covered = 1;
+    let shift = |from: &[T], to: &mut [T], count: usize, by: usize| {
+        // Rounded up to whole blocks where the buffers' slack allows: the values past
+        // `count` elements are scratch nobody reads, and the loop needs no scalar remainder.
+        let exact = count * stride;
+        let rounded = exact.next_multiple_of(SLACK);
+        let n = if by * stride + rounded <= from.len() && rounded <= to.len() { rounded } else { exact };
+        for ((o, &x), &y) in to[..n].iter_mut().zip(&from[..n]).zip(&from[by * stride..by * stride + n]) {
+            *o = combine(x, y);
+        }
+    };
+    while covered * 2 <= span {
+        // Elements still whole after this step: those whose 2·covered window fits.
+        let count = elements + span - 2 * covered;
+        shift(from, to, count, covered);
+        std::mem::swap(&mut from, &mut to);
+        covered *= 2;
+    }
+    if covered < span {
+        shift(from, to, elements, span - covered);
+        std::mem::swap(&mut from, &mut to);
+    }
+    from
 }
 
 /// `if take { a } else { b }` on bit patterns, so loops using it vectorize.
@@ -458,6 +503,114 @@ fn take_better<const ERODE: bool, const L: usize>(v: &mut [f32; L], i: &mut [u32
     }
 }
 
+/// A radius-1 pooling (3×3 window) of every `[H, W]` plane of `input` into `values`, with
+/// each output's winner as a byte code `3·dy + dx` (the winner is at row `y + dy − 1`,
+/// column `x + dx − 1`) instead of an index: a quarter of the memory of [`window_winners`]'s
+/// winners, which BF1's erosion of the softmax writes and its backward reads. Values,
+/// winners and ties equal [`window_winners`] (column pass first, the first strictly better
+/// candidate wins). Split over the cores by planes.
+pub(crate) fn window3_codes(input: &[f32], values: &mut [f32], codes: &mut [i8], (h, w): (usize, usize), erode: bool) {
+    let plane = h * w;
+    if plane == 0 || input.is_empty() {
+        return;
+    }
+    let chunk = plane_chunk(input.len(), plane);
+    let parts: Vec<_> = input.chunks(chunk).zip(values.chunks_mut(chunk)).zip(codes.chunks_mut(chunk)).collect();
+    run_parts(parts, |((inputs, values), codes)| window3_planes(inputs, values, codes, h, w, erode));
+}
+
+with_best_simd!(
+    window3_planes,
+    (inputs: &[f32], values: &mut [f32], codes: &mut [i8], h: usize, w: usize, erode: bool),
+    {
+        if erode {
+            window3_of_planes::<true>(inputs, values, codes, h, w)
+        } else {
+            window3_of_planes::<false>(inputs, values, codes, h, w)
+        }
+    }
+);
+
+/// The body of [`window3_codes`] for some planes (inlined into each SIMD version).
+#[inline(always)]
+fn window3_of_planes<const ERODE: bool>(inputs: &[f32], values: &mut [f32], codes: &mut [i8], h: usize, w: usize) {
+    let plane = h * w;
+    let sentinel = if ERODE { f32::INFINITY } else { f32::NEG_INFINITY };
+    // One row's column pass, padded by a sentinel column on each side for the row pass; a
+    // row of sentinels stands for the rows outside the plane.
+    let mut column_value = vec![sentinel; w + 2];
+    let mut column_code = vec![1u32; w + 2];
+    let outside = vec![sentinel; w];
+    for ((source, out), out_codes) in inputs.chunks(plane).zip(values.chunks_mut(plane)).zip(codes.chunks_mut(plane)) {
+        for y in 0..h {
+            let line = |row: Option<usize>| match row.filter(|&row| row < h) {
+                Some(row) => &source[row * w..(row + 1) * w],
+                None => &outside[..],
+            };
+            let (up, middle, down) = (line(y.checked_sub(1)), line(Some(y)), line(Some(y + 1)));
+            // Rows y − 1, y, y + 1 in order: the first strictly better wins. Each output is
+            // computed in registers and stored once (a select per candidate, not a masked
+            // store).
+            for (x, (v, c)) in column_value[1..=w].iter_mut().zip(column_code[1..=w].iter_mut()).enumerate() {
+                let (mut best, mut code) = (sentinel, 1u32);
+                for (dy, candidate) in [up[x], middle[x], down[x]].into_iter().enumerate() {
+                    let take = if ERODE { candidate < best } else { candidate > best };
+                    best = f32::from_bits(select_bits(take, candidate.to_bits(), best.to_bits()));
+                    code = select_bits(take, dy as u32, code);
+                }
+                *v = best;
+                *c = code;
+            }
+            // The row pass over columns x − 1, x, x + 1 (the sentinels never win).
+            let out = &mut out[y * w..(y + 1) * w];
+            let out_codes = &mut out_codes[y * w..(y + 1) * w];
+            let (left, middle, right) = (&column_value[..w], &column_value[1..=w], &column_value[2..]);
+            let (left_code, middle_code, right_code) = (&column_code[..w], &column_code[1..=w], &column_code[2..]);
+            for x in 0..w {
+                let mut best = sentinel;
+                let mut code = 3 * middle_code[x] + 1;
+                for (dx, (value, dy)) in
+                    [(left[x], left_code[x]), (middle[x], middle_code[x]), (right[x], right_code[x])]
+                        .into_iter()
+                        .enumerate()
+                {
+                    let take = if ERODE { value < best } else { value > best };
+                    best = f32::from_bits(select_bits(take, value.to_bits(), best.to_bits()));
+                    code = select_bits(take, 3 * dy + dx as u32, code);
+                }
+                out[x] = best;
+                out_codes[x] = code as i8;
+            }
+        }
+    }
+}
+
+/// The backward of [`window3_codes`]: `target[winner] += source[i]` within each `[H, W]`
+/// plane, the winner given by its code; zero gradients are skipped. Split over the cores
+/// by planes.
+pub(crate) fn scatter3(source: &[f32], codes: &[i8], target: &mut [f32], (h, w): (usize, usize)) {
+    let plane = h * w;
+    if plane == 0 || source.is_empty() {
+        return;
+    }
+    let chunk = plane_chunk(source.len(), plane);
+    let parts = source.chunks(chunk).zip(codes.chunks(chunk)).zip(target.chunks_mut(chunk)).collect();
+    run_parts(parts, |((source, codes), target): ((&[f32], &[i8]), &mut [f32])| {
+        // Each code's winner relative to the output's own position (always inside the plane:
+        // the search never picks a position outside it).
+        let offsets: [isize; 9] =
+            std::array::from_fn(|code| ((code / 3) as isize - 1) * w as isize + (code % 3) as isize - 1);
+        for ((source, codes), target) in source.chunks(plane).zip(codes.chunks(plane)).zip(target.chunks_mut(plane)) {
+            for (p, (&g, &code)) in source.iter().zip(codes).enumerate() {
+                if g != 0.0 {
+                    let winner = p as isize + offsets[code as usize];
+                    target[winner as usize] += g;
+                }
+            }
+        }
+    });
+}
+
 /// `target[winner[i]] += source[i]` within each `[H, W]` plane (a pooling's backward: each
 /// output's gradient goes to its window's winner), split over the cores by planes.
 pub(crate) fn scatter_planes(source: &[f32], winners: &[u32], target: &mut [f32], plane: usize) {
@@ -493,6 +646,75 @@ mod tests {
                 (state % levels) as f32 / levels as f32
             })
             .collect()
+    }
+
+    /// Pooling by doubling equals the clipped window's minimum or maximum computed directly,
+    /// on floats and bytes, for windows smaller and larger than the plane.
+    #[test]
+    fn pooling_by_doubling_equals_the_direct_window() {
+        for (h, w) in [(19, 23), (1, 7), (6, 1), (1, 1), (16, 64), (5, 40)] {
+            for radius in [0, 1, 2, 3, 5, 8, 30] {
+                for erode in [true, false] {
+                    let (images, plane) = (2, h * w);
+                    let input = values(images * plane, (h * w + radius) as u64, 9);
+                    let bytes: Vec<i8> = input.iter().map(|&v| (v * 9.0) as i8 - 4).collect();
+                    let (mut floats_out, mut bytes_out) = (vec![f32::NAN; input.len()], vec![0i8; input.len()]);
+                    pool(&input, &mut floats_out, (h, w), radius, erode);
+                    pool_bytes(&bytes, &mut bytes_out, (h, w), radius, erode);
+                    for index in 0..input.len() {
+                        let (base, y, x) = (index / plane * plane, index % plane / w, index % w);
+                        let window = (y.saturating_sub(radius)..(y + radius + 1).min(h)).flat_map(|row| {
+                            (x.saturating_sub(radius)..(x + radius + 1).min(w)).map(move |col| base + row * w + col)
+                        });
+                        let (mut f, mut b) = (input[index], bytes[index]);
+                        for at in window {
+                            (f, b) = if erode {
+                                (f.min(input[at]), b.min(bytes[at]))
+                            } else {
+                                (f.max(input[at]), b.max(bytes[at]))
+                            };
+                        }
+                        assert_eq!(
+                            (floats_out[index], bytes_out[index]),
+                            (f, b),
+                            "{h}x{w} r={radius} erode={erode}: {index}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The radius-1 search with byte codes finds the values and winners of the general one
+    /// (ties included), and its scatter sends gradients where the general scatter does.
+    #[test]
+    fn window3_codes_equal_window_winners() {
+        for (h, w) in [(19, 23), (1, 7), (6, 1), (1, 1), (2, 2), (16, 64)] {
+            for erode in [true, false] {
+                let (images, plane) = (3, h * w);
+                let len = images * plane;
+                let input = values(len, (h * w) as u64 + u64::from(erode), 3);
+                let (mut winners, mut expected) = (vec![0u32; len], vec![0.0f32; len]);
+                window_winners(&input, &mut winners, &mut expected, (h, w), 1, erode, None);
+                let (mut codes, mut found) = (vec![i8::MIN; len], vec![f32::NAN; len]);
+                window3_codes(&input, &mut found, &mut codes, (h, w), erode);
+                for index in 0..len {
+                    let (pixel, code) = (index % plane, codes[index] as usize);
+                    let (y, x) = ((pixel / w) as isize, (pixel % w) as isize);
+                    let winner = (y + code as isize / 3 - 1) * w as isize + x + code as isize % 3 - 1;
+                    assert_eq!(
+                        (winner, found[index]),
+                        (winners[index] as isize, expected[index]),
+                        "{h}x{w} erode={erode}: output {index}"
+                    );
+                }
+                let gradient = values(len, 7, 5);
+                let (mut by_codes, mut by_winners) = (vec![0.5f32; len], vec![0.5f32; len]);
+                scatter3(&gradient, &codes, &mut by_codes, (h, w));
+                scatter_planes(&gradient, &winners, &mut by_winners, plane);
+                assert_eq!(by_codes, by_winners, "{h}x{w} erode={erode}: scatter");
+            }
+        }
     }
 
     /// Where a mask is set, the masked search finds the unmasked one's winners and values,
