@@ -176,9 +176,9 @@ with_best_simd!(
     (inputs: &[f32], outputs: &mut [i64], h: usize, w: usize, radius: usize, erode: bool),
     {
         if erode {
-            winners_of_planes::<true, i64>(inputs, outputs, None, None, None, h, w, radius)
+            winners_of_planes::<true, i64>(inputs, outputs, None, None, h, w, radius)
         } else {
-            winners_of_planes::<false, i64>(inputs, outputs, None, None, None, h, w, radius)
+            winners_of_planes::<false, i64>(inputs, outputs, None, None, h, w, radius)
         }
     }
 );
@@ -197,30 +197,9 @@ with_best_simd!(
     ),
     {
         if erode {
-            winners_of_planes::<true, u32>(inputs, outputs, Some(values), mask, None, h, w, radius)
+            winners_of_planes::<true, u32>(inputs, outputs, Some(values), mask, h, w, radius)
         } else {
-            winners_of_planes::<false, u32>(inputs, outputs, Some(values), mask, None, h, w, radius)
-        }
-    }
-);
-
-with_best_simd!(
-    masked_sum_planes,
-    (
-        inputs: &[f32],
-        outputs: &mut [u32],
-        mask: PlaneMask<'_>,
-        sums: &mut [f64],
-        h: usize,
-        w: usize,
-        radius: usize,
-        erode: bool
-    ),
-    {
-        if erode {
-            winners_of_planes::<true, u32>(inputs, outputs, None, Some(mask), Some(sums), h, w, radius)
-        } else {
-            winners_of_planes::<false, u32>(inputs, outputs, None, Some(mask), Some(sums), h, w, radius)
+            winners_of_planes::<false, u32>(inputs, outputs, Some(values), mask, h, w, radius)
         }
     }
 );
@@ -283,7 +262,10 @@ pub(crate) fn window_winners(
 /// Per `[H, W]` plane of `input` (`[N, frame_width, H, W]`), the sum over the pixels where
 /// `mask` is set of the mask's value times the window's maximum (minimum for erosion), with
 /// those pixels' winners in `winners` (other pixels' winners are not written): a masked
-/// pooling's counts, without writing the pooled planes.
+/// pooling's counts, without writing the pooled planes. The search is sparse: rows without
+/// a masked pixel are skipped a word at a time, and a row's column pass runs only for the
+/// columns some masked pixel's window reads (BF1's label boundaries mark about 1% of a
+/// class's plane). Values, winners and ties equal [`window_winners`]'.
 pub(crate) fn masked_pooled_sums(
     input: &[f32],
     winners: &mut [u32],
@@ -303,9 +285,89 @@ pub(crate) fn masked_pooled_sums(
         input.chunks(chunk).zip(winners.chunks_mut(chunk)).zip(sums.chunks_mut(chunk / plane)).enumerate().collect();
     run_parts(parts, |(part, ((inputs, outputs), sums))| {
         let mask = PlaneMask { mask, first: part * chunk / plane, frame_width };
-        masked_sum_planes(inputs, outputs, mask, sums, h, w, radius, erode)
+        let mut columns = SparseColumns::new(w);
+        for (index, ((source, out), sum)) in inputs.chunks(plane).zip(outputs.chunks_mut(plane)).zip(sums).enumerate() {
+            *sum = if erode {
+                columns.masked_plane::<true>(source, mask.plane(index, plane), out, h, radius)
+            } else {
+                columns.masked_plane::<false>(source, mask.plane(index, plane), out, h, radius)
+            };
+        }
     });
     sums
+}
+
+/// The nonzero positions of a byte row, skipping zero words (masks are mostly zero).
+fn set_positions(row: &[i8]) -> impl Iterator<Item = usize> + '_ {
+    const WORD: usize = 8;
+    let words = row.len() / WORD;
+    (0..words)
+        .filter(move |&word| {
+            let bytes: [i8; WORD] = row[word * WORD..][..WORD].try_into().expect("a word");
+            u64::from_ne_bytes(bytes.map(|b| b as u8)) != 0
+        })
+        .flat_map(move |word| word * WORD..(word + 1) * WORD)
+        .chain(words * WORD..row.len())
+        .filter(move |&x| row[x] != 0)
+}
+
+/// One row's column-pass results, computed on demand for a sparse search.
+struct SparseColumns {
+    value: Vec<f32>,
+    index: Vec<u32>,
+    /// The row each column's entry was computed for (`usize::MAX`: none yet).
+    row: Vec<usize>,
+}
+
+impl SparseColumns {
+    fn new(w: usize) -> SparseColumns {
+        SparseColumns { value: vec![0.0; w], index: vec![0; w], row: vec![usize::MAX; w] }
+    }
+
+    /// The masked sum and winners of one plane (see [`masked_pooled_sums`]).
+    fn masked_plane<const ERODE: bool>(
+        &mut self,
+        source: &[f32],
+        mask: &[i8],
+        winners: &mut [u32],
+        h: usize,
+        radius: usize,
+    ) -> f64 {
+        let w = self.value.len();
+        let sentinel = if ERODE { f32::INFINITY } else { f32::NEG_INFINITY };
+        let better = |c: f32, best: f32| if ERODE { c < best } else { c > best };
+        self.row.fill(usize::MAX);
+        let mut sum = 0.0f64;
+        for y in 0..h {
+            let rows = y.saturating_sub(radius)..(y + radius + 1).min(h);
+            for x in set_positions(&mask[y * w..(y + 1) * w]) {
+                let columns = x.saturating_sub(radius)..(x + radius + 1).min(w);
+                // The column pass first (as the separable reference): rows in order, the
+                // first strictly better wins.
+                for c in columns.clone() {
+                    if self.row[c] != y {
+                        let (mut v, mut i) = (sentinel, (y * w + c) as u32);
+                        for r in rows.clone() {
+                            if better(source[r * w + c], v) {
+                                (v, i) = (source[r * w + c], (r * w + c) as u32);
+                            }
+                        }
+                        (self.value[c], self.index[c], self.row[c]) = (v, i, y);
+                    }
+                }
+                // Then the row pass over the window's columns, in order.
+                let (mut v, mut i) = (sentinel, self.index[x]);
+                for c in columns {
+                    if better(self.value[c], v) {
+                        (v, i) = (self.value[c], self.index[c]);
+                    }
+                }
+                winners[y * w + x] = i;
+                sum += f64::from(mask[y * w + x]) * f64::from(v);
+            }
+        }
+        sum
+    }
 }
 
 /// The backward of [`masked_pooled_sums`]: `target[winner] += upstream[class] · mask` for
@@ -327,18 +389,15 @@ pub(crate) fn masked_scatter(
             if g == 0.0 {
                 continue;
             }
-            for (&m, &winner) in planes.plane(index, plane).iter().zip(winners) {
-                if m != 0 {
-                    target[winner as usize] += g * f32::from(m);
-                }
+            let mask = planes.plane(index, plane);
+            for p in set_positions(mask) {
+                target[winners[p] as usize] += g * f32::from(mask[p]);
             }
         }
     });
 }
 
-/// The body of [`winners`] for some planes (inlined into each SIMD version). With `sums`, a
-/// masked search adds `mask · value` per plane instead of writing the values, and leaves
-/// unmasked blocks unwritten.
+/// The body of [`winners`] for some planes (inlined into each SIMD version).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
@@ -346,7 +405,6 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
     outputs: &mut [T],
     mut values: Option<&mut [f32]>,
     mask: Option<PlaneMask<'_>>,
-    mut sums: Option<&mut [f64]>,
     h: usize,
     w: usize,
     radius: usize,
@@ -438,9 +496,6 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
                 values.as_deref_mut().map(|v| &mut v[index * plane + y * w..index * plane + (y + 1) * w]);
             for start in (0..blocks).step_by(L) {
                 if !marked[start / L] {
-                    if sums.is_some() {
-                        continue;
-                    }
                     // Nothing reads these values but through a 0: any finite value will do,
                     // and each pixel its own winner (its gradient, 0, is not scattered).
                     for (lane, t) in out[start..][..L].iter_mut().enumerate() {
@@ -464,10 +519,6 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
                 if let Some(out_values) = out_values.as_deref_mut() {
                     out_values[start..][..L].copy_from_slice(&v);
                 }
-                if let (Some(sums), Some(m)) = (sums.as_deref_mut(), mask_plane) {
-                    let m = &m[y * w + start..][..L];
-                    sums[index] += m.iter().zip(&v).map(|(&m, &v)| f64::from(m) * f64::from(v)).sum::<f64>();
-                }
             }
             for x in blocks..w {
                 let (mut v, mut i) = (sentinel, own[x]);
@@ -479,9 +530,6 @@ fn winners_of_planes<const ERODE: bool, T: From<u32> + Copy>(
                 out[x] = T::from(i);
                 if let Some(out_values) = out_values.as_deref_mut() {
                     out_values[x] = v;
-                }
-                if let (Some(sums), Some(m)) = (sums.as_deref_mut(), mask_plane) {
-                    sums[index] += f64::from(m[y * w + x]) * f64::from(v);
                 }
             }
         }
@@ -646,6 +694,58 @@ mod tests {
                 (state % levels) as f32 / levels as f32
             })
             .collect()
+    }
+
+    /// The sparse masked sums equal the sums over the full search's values where the mask is
+    /// set (times the mask), with the same winners there, and the masked scatter sends each
+    /// class's gradient to those winners.
+    #[test]
+    fn masked_pooled_sums_equal_the_full_search() {
+        let (images, classes) = (2, 3);
+        for (h, w) in [(19, 23), (9, 40), (17, 16), (6, 5), (1, 9)] {
+            for radius in [1, 2, 5, 17] {
+                for (mask_width, erode) in [(1, false), (classes, false), (classes, true)] {
+                    let plane = h * w;
+                    let len = images * classes * plane;
+                    let input = values(len, (h * w * radius) as u64 + 3, 7);
+                    let (mut all_winners, mut all_values) = (vec![0u32; len], vec![0.0f32; len]);
+                    window_winners(&input, &mut all_winners, &mut all_values, (h, w), radius, erode, None);
+                    let mask: Vec<i8> = values(images * mask_width * plane, radius as u64 + 1, 40)
+                        .iter()
+                        .map(|&v| if v < 0.03 { 2 } else { i8::from(v < 0.08) })
+                        .collect();
+                    let masked = Mask { data: &mask, width: mask_width };
+                    let mut winners = vec![u32::MAX; len];
+                    let sums = masked_pooled_sums(&input, &mut winners, (h, w), radius, erode, masked, classes);
+                    let mask_at = |index: usize| {
+                        let (image, class, pixel) = (index / (classes * plane), index / plane % classes, index % plane);
+                        mask[(image * mask_width + if mask_width == 1 { 0 } else { class }) * plane + pixel]
+                    };
+                    let mut expected = vec![0.0f64; images * classes];
+                    for index in 0..len {
+                        let m = mask_at(index);
+                        if m != 0 {
+                            expected[index / plane] += f64::from(m) * f64::from(all_values[index]);
+                            assert_eq!(winners[index], all_winners[index], "{h}x{w} r={radius}: winner {index}");
+                        }
+                    }
+                    assert_eq!(sums, expected, "{h}x{w} r={radius} erode={erode} mask width {mask_width}");
+                    let upstream: Vec<f32> = (0..classes).map(|k| 0.5 + k as f32).collect();
+                    let mut target = vec![0.0f32; len];
+                    masked_scatter(&upstream, &winners, masked, classes, &mut target, plane);
+                    let mut expected_target = vec![0.0f32; len];
+                    for index in 0..len {
+                        let m = mask_at(index);
+                        if m != 0 {
+                            let base = index / plane * plane;
+                            expected_target[base + all_winners[index] as usize] +=
+                                upstream[index / plane % classes] * f32::from(m);
+                        }
+                    }
+                    assert_eq!(target, expected_target, "{h}x{w} r={radius}: scatter");
+                }
+            }
+        }
     }
 
     /// Pooling by doubling equals the clipped window's minimum or maximum computed directly,
