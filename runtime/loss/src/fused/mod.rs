@@ -84,6 +84,20 @@ impl<'a> FusedBatch<'a> {
     }
 }
 
+/// Slack, in values, that a frame's buffer has for [`aligned`].
+const ALIGN: usize = 16;
+
+/// A frame's planes inside its buffer (`ALIGN` values longer than the planes), starting at a
+/// 64-byte boundary, so that the tiles' rows of a plane whose size is a multiple of 16 are
+/// aligned for streaming stores.
+fn aligned(buffer: &mut [f32]) -> SharedPlanes {
+    if buffer.is_empty() {
+        return SharedPlanes { data: buffer.as_mut_ptr(), len: 0 };
+    }
+    let skip = buffer.as_ptr().align_offset(64).min(ALIGN);
+    SharedPlanes { data: buffer[skip..].as_mut_ptr(), len: buffer.len() - ALIGN }
+}
+
 /// Whether libtorch records gradients on this thread now (`tch::no_grad` turns it off).
 fn grad_mode_enabled() -> bool {
     // libtorch answers with the previous mode when the mode is set: set it to what it was.
@@ -274,7 +288,7 @@ pub(crate) fn surrogate(
         .zip(&plan.zeroed_frames)
         .enumerate()
         .map(|(frame, (&width, &zeroed))| {
-            let len = if plan.frame_used(frame) { frame_len(width) } else { 0 };
+            let len = if plan.frame_used(frame) { frame_len(width) + ALIGN } else { 0 };
             let mut grads = take(if needs_backward { len } else { 0 });
             if zeroed {
                 zero(&mut grads);
@@ -286,11 +300,7 @@ pub(crate) fn surrogate(
         .frames
         .iter_mut()
         .zip(&plan.frames)
-        .map(|((values, grads), &width)| Frame {
-            values: SharedPlanes { data: values.as_mut_ptr(), len: values.len() },
-            grads: SharedPlanes { data: grads.as_mut_ptr(), len: grads.len() },
-            width,
-        })
+        .map(|((values, grads), &width)| Frame { values: aligned(values), grads: aligned(grads), width })
         .collect();
     // Winners only matter for a backward sweep's scatter (and for the counts a pooling
     // computes itself); a 3×3 window's are byte codes.

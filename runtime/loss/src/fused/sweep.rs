@@ -47,6 +47,7 @@ with_best_simd!(
             }
         }
         buffers.fold();
+        fence();
     }
 );
 
@@ -66,6 +67,7 @@ with_best_simd!(
             sweep.compute(tile, buffers, true);
             sweep.backward_tile(tile, buffers, count_grads, gradient);
         }
+        fence();
     }
 );
 
@@ -385,6 +387,35 @@ fn store(target: &mut [f32], row: &Row) {
     }
 }
 
+/// `target = row` for a row that nothing reads again soon (a frame's values or gradients,
+/// the logits' gradient): a whole row at a 16-byte boundary is written with streaming
+/// stores, which skip reading the lines first (the frames do not fit in the caches).
+/// Measured on BF1 (4×21×256×256): the sweeps 0.3 to 0.9 ms faster each, the poolings that
+/// read the frames next unchanged.
+#[inline(always)]
+fn store_out(target: &mut [f32], row: &Row) {
+    #[cfg(target_arch = "x86_64")]
+    if target.len() == TILE && target.as_ptr().align_offset(16) == 0 {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        for j in (0..TILE).step_by(4) {
+            // SAFETY: `j + 4 ≤ TILE = target.len()`, and the address is 16-byte aligned.
+            unsafe { _mm_stream_ps(target.as_mut_ptr().add(j), _mm_loadu_ps(row.as_ptr().add(j))) };
+        }
+        return;
+    }
+    store(target, row);
+}
+
+/// Make this thread's streaming stores visible before its part of a sweep ends.
+#[inline(always)]
+fn fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a store fence has no other effect.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 impl Sweep<'_> {
     /// Tile `index` of the batch (tiles never cross an image boundary).
     #[inline(always)]
@@ -618,7 +649,7 @@ impl Sweep<'_> {
                 for k in 0..w {
                     // SAFETY: this tile owns these rows of the frame.
                     let stored = unsafe { self.frame_row(&frame.values, frame.width, tile, k) };
-                    store(stored, &values[offset + k]);
+                    store_out(stored, &values[offset + k]);
                 }
             }
         }
@@ -665,7 +696,7 @@ impl Sweep<'_> {
                         // SAFETY: this tile owns these rows of the frame.
                         let target = unsafe { self.frame_row(&frame.grads, frame.width, tile, k) };
                         if plan.import_assigns[index] {
-                            store(target, &grads[offset + k]);
+                            store_out(target, &grads[offset + k]);
                         } else {
                             add_into(target, &grads[offset + k]);
                         }
@@ -842,7 +873,7 @@ impl Sweep<'_> {
             for (k, row) in dlogits.iter().enumerate() {
                 // SAFETY: this tile owns these rows of the gradient.
                 let out = unsafe { logit_grads.row(base + k * hw, n) };
-                store(out, row);
+                store_out(out, row);
             }
         }
     }
