@@ -151,6 +151,33 @@ fn forward_returns_exactly_the_fused_value() {
     assert_eq!(with_grad.device(), Device::Cpu);
 }
 
+/// Non-finite logits are one error with their count on every path: the fused kernel's
+/// softmax sweep checks them (the input checks leave it there), the reference path before it
+/// runs, for one-stage and pooling modules, per-image ones, with or without a gradient.
+#[test]
+fn non_finite_logits_are_counted_on_every_path() {
+    let examples = ["miou", "bf1", "miou_per_image"];
+    for (name, fast) in examples.iter().flat_map(|name| [(name, true), (name, false)]) {
+        let mut loss = Loss::from_file(&root().join(format!("examples/{name}.metric")), &Overrides::new()).unwrap();
+        loss.set_fast_path(fast);
+        let (logits, labels) = batch(5, 2, 4, 9, 70);
+        assert_eq!(loss.uses_fused_kernel(&logits), fast, "{name}");
+        let flat = logits.copy().reshape([-1]);
+        let _ = flat.get(3).fill_(f64::NAN);
+        let _ = flat.get(700).fill_(f64::INFINITY);
+        let _ = flat.get(4000).fill_(f64::NEG_INFINITY);
+        let bad = flat.view([2, 4, 9, 70]);
+        for leaf in [bad.copy(), bad.copy().set_requires_grad(true)] {
+            match loss.forward(&leaf, &labels) {
+                Err(LossError::Input(InputError::NonFinite(count))) => assert_eq!(count, 3, "{name} fast={fast}"),
+                other => panic!("{name} fast={fast}: expected the non-finite error, got {:?}", other.map(|t| t.size())),
+            }
+        }
+        // Finite logits still pass, with the same value on both paths.
+        assert!(loss.forward(&logits, &labels).unwrap().double_value(&[]).is_finite(), "{name}");
+    }
+}
+
 /// The fused loss's autograd function (a C++ node that hands the kernel's gradient to
 /// libtorch): the gradient a plain `backward` leaves on the leaf is the reference path's; an
 /// upstream gradient scales it; a graph kept with `retain_graph` gives the same gradient

@@ -217,6 +217,27 @@ pub(crate) fn check(
     module: &Module,
     ignore_label: Option<i64>,
 ) -> Result<Checked, InputError> {
+    check_with(logits, labels, module, ignore_label, Finiteness::Here)
+}
+
+/// Where the logits' finiteness is checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finiteness {
+    /// By [`check`], in a pass of its own.
+    Here,
+    /// By the fused kernel's softmax sweep, which reads every logit anyway (float32 CPU logits
+    /// with class-index labels only): it returns [`InputError::NonFinite`] itself.
+    InKernel,
+}
+
+/// [`check`], with the logits' finiteness checked where `finiteness` says.
+pub(crate) fn check_with(
+    logits: &Tensor,
+    labels: &Tensor,
+    module: &Module,
+    ignore_label: Option<i64>,
+    finiteness: Finiteness,
+) -> Result<Checked, InputError> {
     let ls = logits.size();
     let ys = labels.size();
     if ls.len() != 4 && ls.len() != 5 {
@@ -255,7 +276,12 @@ pub(crate) fn check(
     }
     let classes = ls[1];
     module.check_classes(classes as usize).map_err(InputError::Classes)?;
-    let logits = checked_logits(logits)?;
+    let logits = match finiteness {
+        Finiteness::InKernel if logits.kind() == Kind::Float && logits.device() == tch::Device::Cpu => {
+            logits.shallow_clone()
+        }
+        _ => checked_logits(logits)?,
+    };
     let labels = labels.to_device(logits.device()).to_kind(Kind::Int64);
     let binary = module.predictions.is_sigmoid() && classes == 1;
     // Class indices on the CPU: one pass in place (the tensor operations below take about a
@@ -349,6 +375,11 @@ fn check_channel_labels(
     Ok(Checked { logits, labels: marks, ignore_label: Some(SOFT_IGNORED), soft_labels: Some(targets) })
 }
 
+/// The error for logits that are not all finite, counting the bad values.
+pub(crate) fn non_finite(logits: &Tensor) -> InputError {
+    InputError::NonFinite(logits.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]))
+}
+
 /// Logits in float32 or float64 (half precision computed in float32), every value finite.
 fn checked_logits(logits: &Tensor) -> Result<Tensor, InputError> {
     let logits = match logits.kind() {
@@ -363,9 +394,9 @@ fn checked_logits(logits: &Tensor) -> Result<Tensor, InputError> {
     // the loss itself.
     let surely_finite = logits.sum(logits.kind()).double_value(&[]).is_finite();
     if !surely_finite {
-        let non_finite = logits.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
-        if non_finite > 0 {
-            return Err(InputError::NonFinite(non_finite));
+        let error = non_finite(&logits);
+        if !matches!(error, InputError::NonFinite(0)) {
+            return Err(error);
         }
     }
     Ok(logits)

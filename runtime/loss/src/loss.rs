@@ -3,7 +3,7 @@
 use crate::error::LossError;
 use crate::evaluator::Evaluator;
 use crate::fused::{self, FusedBatch};
-use crate::inputs;
+use crate::inputs::{self, InputError};
 use crate::reference::{self, Surrogate};
 use compiler::curve::Curve;
 use compiler::ir::DEFAULT_IGNORE_LABEL;
@@ -237,14 +237,21 @@ impl Loss {
     /// The surrogate with its undefined flags and reported values.
     pub fn forward_detailed(&self, logits: &Tensor, labels: &Tensor) -> Result<Surrogate, LossError> {
         let module = &self.compiled.relaxed;
-        let mut checked = inputs::check(logits, labels, module, self.ignore_label)?;
+        // The fused kernel's softmax sweep checks the logits' finiteness as it reads them.
+        let finiteness =
+            if self.uses_fused_kernel(logits) { inputs::Finiteness::InKernel } else { inputs::Finiteness::Here };
+        let mut checked = inputs::check_with(logits, labels, module, self.ignore_label, finiteness)?;
         if !inputs::has_windows(module) {
             checked = checked.volumes_as_images();
         }
-        if module.per_image {
-            return self.per_image(&checked);
+        let result = if module.per_image { self.per_image(&checked) } else { self.surrogate(&checked) };
+        match result {
+            // The kernel saw them in one image (or volume slice): count them in the batch.
+            Err(LossError::Input(InputError::NonFinite(_))) if finiteness == inputs::Finiteness::InKernel => {
+                Err(inputs::non_finite(logits).into())
+            }
+            result => result,
         }
-        self.surrogate(&checked)
     }
 
     /// The surrogate of a per-image metric: each image's loss from that image alone, averaged

@@ -376,9 +376,14 @@ pub(crate) fn surrogate(
         let locals = run_parts(runs.clone(), |run| {
             let mut buffers = TileBuffers::new(plan);
             forward_run(&sweep, run, &mut buffers);
-            buffers.counts
+            (buffers.saw_non_finite(), buffers.counts)
         });
-        for local in locals {
+        // The first sweep's softmax read every logit: the input checks left their
+        // finiteness to it.
+        if locals.iter().any(|(non_finite, _)| *non_finite) {
+            return Err(crate::inputs::non_finite(logits).into());
+        }
+        for (_, local) in locals {
             for (total, part) in counts.iter_mut().zip(local) {
                 for (t, p) in total.iter_mut().zip(part) {
                     *t += p;

@@ -161,6 +161,8 @@ pub(super) struct TileBuffers {
     /// Per pixel, the softmax's log-normalizer `max + ln Σ exp(x − max)` (for the
     /// cross-entropy).
     log_norm: Row,
+    /// `Σ 0·x` over the logits the forward softmax read: NaN once any is infinite or NaN.
+    non_finite: Row,
 }
 
 impl TileBuffers {
@@ -178,7 +180,13 @@ impl TileBuffers {
             classes_of: [-1; TILE],
             live: ZERO,
             log_norm: ZERO,
+            non_finite: ZERO,
         }
+    }
+
+    /// Whether a logit the forward softmax read was infinite or NaN.
+    pub(super) fn saw_non_finite(&self) -> bool {
+        self.non_finite.iter().any(|x| x.is_nan())
     }
 
     /// Add the float32 lanes to the float64 counts and clear them.
@@ -469,7 +477,7 @@ impl Sweep<'_> {
         let hw = self.pixels_per_image;
         let n = tile.n;
         let logit_base = tile.image * c * hw + tile.within;
-        let TileBuffers { values, slopes, lanes, counts, classes_of, live, log_norm, .. } = b;
+        let TileBuffers { values, slopes, lanes, counts, classes_of, live, log_norm, non_finite, .. } = b;
         for (index, step) in self.plan.steps.iter().enumerate() {
             if step.stage != self.stage || (backward && !self.plan.back_value[index]) || self.plan.absorbed[index] {
                 continue;
@@ -502,6 +510,12 @@ impl Sweep<'_> {
                     let mut max = [f32::NEG_INFINITY; TILE];
                     for row in rows.iter() {
                         update1(&mut max, row, f32::max);
+                    }
+                    if !backward {
+                        // The logits' finiteness check (the input checks leave it here).
+                        for row in rows.iter() {
+                            update1(non_finite, row, |acc, x| x.mul_add(0.0, acc));
+                        }
                     }
                     let mut sum = ZERO;
                     for row in rows.iter_mut() {
