@@ -66,7 +66,7 @@ use compiler::ir::{Handle, Node, Shape};
 use compiler::RelaxedModule;
 use plan::{width, FusedPlan};
 use std::ops::Range;
-use sweep::{backward_run, forward_run, Frame, PlaneData, SharedPlanes, Sweep, TileBuffers, TILE};
+use sweep::{backward_run, forward_run, Frame, PlaneData, SharedBytes, SharedPlanes, Sweep, TileBuffers, TILE};
 use tch::{Kind, Tensor};
 
 /// A checked batch whose logits are float32 on the CPU: what the fused kernel reads in place.
@@ -290,7 +290,7 @@ pub(crate) fn surrogate(
         .map(|(frame, (&width, &zeroed))| {
             let len = if plan.frame_used(frame) { frame_len(width) + ALIGN } else { 0 };
             let mut grads = take(if needs_backward { len } else { 0 });
-            if zeroed {
+            if zeroed && !plan.sparse_grads(frame) {
                 zero(&mut grads);
             }
             (take(len), grads)
@@ -317,6 +317,20 @@ pub(crate) fn surrogate(
             }
         })
         .collect();
+    let tiles_per_image = pixels_per_image.div_ceil(TILE);
+    // Per frame whose gradient only masked scatters write: which tiles' rows they wrote.
+    let mut touched: Vec<Vec<u8>> = (0..plan.frames.len())
+        .map(|frame| {
+            let used = needs_backward && plan.sparse_grads(frame);
+            if used {
+                vec![0u8; n * plan.frames[frame] * tiles_per_image]
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    let touched_rows: Vec<SharedBytes> =
+        touched.iter_mut().map(|marks| SharedBytes { data: marks.as_mut_ptr(), len: marks.len() }).collect();
     // The mask of a pooling, when its label plane is on bytes.
     let mask_of = |pool: &plan::PoolStage| {
         pool.mask.and_then(|plane| match &plane_values[plane] {
@@ -324,7 +338,6 @@ pub(crate) fn surrogate(
             PlaneData::Floats(_) => None,
         })
     };
-    let tiles_per_image = pixels_per_image.div_ceil(TILE);
     let sweep = Sweep {
         plan,
         logits: logit_values,
@@ -336,6 +349,7 @@ pub(crate) fn surrogate(
         tiles_per_image,
         stage: 0,
         frames: &frames,
+        touched: &touched_rows,
         ignore,
     };
     let runs = tile_runs(n * tiles_per_image, threads());
@@ -446,7 +460,19 @@ pub(crate) fn surrogate(
                     let frame_width = plan.frames[pool.output];
                     let upstream: Vec<f32> =
                         (0..frame_width).map(|k| pool.counts.iter().map(|&slot| count_grads[slot][k]).sum()).collect();
-                    masked_scatter(&upstream, winners, mask, frame_width, to, pixels_per_image);
+                    // SAFETY: the marks of the input frame, used by nothing else now.
+                    let marks = touched_rows[pool.input];
+                    let marks =
+                        (marks.len > 0).then(|| unsafe { std::slice::from_raw_parts_mut(marks.data, marks.len) });
+                    masked_scatter(
+                        &upstream,
+                        winners,
+                        mask,
+                        frame_width,
+                        to,
+                        pixels_per_image,
+                        marks.map(|m| (m, TILE)),
+                    );
                 }
                 _ if coded(pool) => scatter3(from, codes, to, (h, w)),
                 _ => scatter_planes(from, winners, to, pixels_per_image),

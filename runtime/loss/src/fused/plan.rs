@@ -294,6 +294,20 @@ impl FusedPlan {
         !self.pools.iter().any(|pool| pool.output == frame && !pool.counts.is_empty())
     }
 
+    /// Whether a frame's gradient plane is written only by masked scatters (of poolings that
+    /// compute their own counts) and read only by the export of its values: it then needs no
+    /// zeroing, the scatters mark the tiles' rows they write (see
+    /// [`crate::kernels::pool::masked_scatter`]) and the backward sweep reads only those.
+    pub(super) fn sparse_grads(&self, frame: usize) -> bool {
+        let scattered = self.pools.iter().filter(|pool| pool.input == frame).collect::<Vec<_>>();
+        self.zeroed_frames[frame]
+            && !scattered.is_empty()
+            && scattered.iter().all(|pool| !pool.counts.is_empty() && pool.mask.is_some())
+            && !self.pools.iter().any(|pool| pool.output == frame)
+            && !self.steps.iter().any(|step| matches!(step.op, Op::Import(f) if f == frame))
+            && self.steps.iter().any(|step| step.export == Some(frame))
+    }
+
     /// Whether the program evaluates any curve. A module without curves (plain
     /// cross-entropy, say) is cheaper through libtorch's own fused kernels.
     pub(crate) fn has_curves(&self) -> bool {

@@ -103,6 +103,18 @@ impl SharedPlanes {
     }
 }
 
+/// Bytes that threads read, or write in disjoint pieces, through a raw pointer (the
+/// masked scatters' marks of the tiles' rows they wrote).
+#[derive(Clone, Copy)]
+pub(super) struct SharedBytes {
+    pub(super) data: *mut u8,
+    pub(super) len: usize,
+}
+
+// SAFETY: writers touch disjoint pieces, and no sweep reads while one writes.
+unsafe impl Send for SharedBytes {}
+unsafe impl Sync for SharedBytes {}
+
 /// Inputs of one sweep, shared by the threads.
 #[derive(Clone, Copy)]
 pub(super) struct Sweep<'a> {
@@ -119,6 +131,9 @@ pub(super) struct Sweep<'a> {
     pub(super) stage: usize,
     /// Every frame's values and gradients, `[N, width, H, W]`.
     pub(super) frames: &'a [Frame],
+    /// Per frame, when its gradient is sparse ([`FusedPlan::sparse_grads`]): one byte per
+    /// tile row (`[N, width, tiles]`), set where a scatter wrote the row; empty otherwise.
+    pub(super) touched: &'a [SharedBytes],
     /// The ignore label, or a value no checked label has.
     pub(super) ignore: i64,
 }
@@ -684,9 +699,19 @@ impl Sweep<'_> {
         dlogits.fill(ZERO);
         // Values that later stages read start from the gradient those left in the frame.
         for step in plan.steps.iter().filter(|s| s.stage == self.stage) {
-            if let Some(frame) = step.export {
-                let frame = self.frames[frame];
+            if let Some(index) = step.export {
+                let (frame, touched) = (self.frames[index], self.touched[index]);
                 for k in 0..step.width {
+                    if touched.len > 0 {
+                        let mark = (tile.image * frame.width + k) * self.tiles_per_image + tile.within / TILE;
+                        assert!(mark < touched.len, "a tile row's mark");
+                        // SAFETY: inside the marks (checked); no scatter runs during a sweep.
+                        if unsafe { *touched.data.add(mark) } == 0 {
+                            // No scatter wrote this row: its gradient is zero (never zeroed).
+                            grads[step.offset + k] = ZERO;
+                            continue;
+                        }
+                    }
                     // SAFETY: this tile owns these rows of the frame; only read here.
                     let later = unsafe { self.frame_row(&frame.grads, frame.width, tile, k) };
                     load(&mut grads[step.offset + k], later);

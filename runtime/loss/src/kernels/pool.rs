@@ -372,6 +372,12 @@ impl SparseColumns {
 
 /// The backward of [`masked_pooled_sums`]: `target[winner] += upstream[class] · mask` for
 /// every pixel where the mask is set, plane by plane (`upstream` per class of the frame).
+///
+/// With `touched` (one byte per segment of `segment` values of each plane, all 0 on entry),
+/// `target` need not be zeroed first: a segment is zeroed when the scatter first writes into
+/// it, and marked; the unmarked segments are zero for whoever reads the gradient next (the
+/// fused kernel's sweep, which then skips reading them). The winners of a masked pooling are
+/// few, so most of a frame's gradient is then neither zeroed nor read.
 pub(crate) fn masked_scatter(
     upstream: &[f32],
     winners: &[u32],
@@ -379,10 +385,20 @@ pub(crate) fn masked_scatter(
     frame_width: usize,
     target: &mut [f32],
     plane: usize,
+    touched: Option<(&mut [u8], usize)>,
 ) {
     let chunk = plane_chunk(target.len(), plane);
-    let parts: Vec<_> = winners.chunks(chunk).zip(target.chunks_mut(chunk)).enumerate().collect();
-    run_parts(parts, |(part, (winners, target))| {
+    let (mut touched, segment) = match touched {
+        Some((touched, segment)) => (Some(touched), segment.max(1)),
+        None => (None, 1),
+    };
+    let segments = plane.div_ceil(segment);
+    let marks: Vec<Option<&mut [u8]>> = match touched.as_deref_mut() {
+        Some(touched) => touched.chunks_mut(chunk / plane * segments).map(Some).collect(),
+        None => (0..target.len().div_ceil(chunk)).map(|_| None).collect(),
+    };
+    let parts: Vec<_> = winners.chunks(chunk).zip(target.chunks_mut(chunk)).zip(marks).enumerate().collect();
+    run_parts(parts, |(part, ((winners, target), mut marks))| {
         let planes = PlaneMask { mask, first: part * chunk / plane, frame_width };
         for (index, (winners, target)) in winners.chunks(plane).zip(target.chunks_mut(plane)).enumerate() {
             let g = upstream[(planes.first + index) % frame_width];
@@ -390,8 +406,17 @@ pub(crate) fn masked_scatter(
                 continue;
             }
             let mask = planes.plane(index, plane);
+            let mut marks = marks.as_deref_mut().map(|marks| &mut marks[index * segments..(index + 1) * segments]);
             for p in set_positions(mask) {
-                target[winners[p] as usize] += g * f32::from(mask[p]);
+                let winner = winners[p] as usize;
+                if let Some(marks) = marks.as_deref_mut() {
+                    let at = winner / segment;
+                    if marks[at] == 0 {
+                        marks[at] = 1;
+                        target[at * segment..((at + 1) * segment).min(plane)].fill(0.0);
+                    }
+                }
+                target[winner] += g * f32::from(mask[p]);
             }
         }
     });
@@ -732,7 +757,16 @@ mod tests {
                     assert_eq!(sums, expected, "{h}x{w} r={radius} erode={erode} mask width {mask_width}");
                     let upstream: Vec<f32> = (0..classes).map(|k| 0.5 + k as f32).collect();
                     let mut target = vec![0.0f32; len];
-                    masked_scatter(&upstream, &winners, masked, classes, &mut target, plane);
+                    masked_scatter(&upstream, &winners, masked, classes, &mut target, plane, None);
+                    // With segments marked instead of a zeroed target: the same gradient.
+                    let mut unzeroed = vec![f32::NAN; len];
+                    let mut touched = vec![0u8; images * classes * plane.div_ceil(4)];
+                    masked_scatter(&upstream, &winners, masked, classes, &mut unzeroed, plane, Some((&mut touched, 4)));
+                    for index in 0..len {
+                        let segment = index / plane * plane.div_ceil(4) + index % plane / 4;
+                        let value = if touched[segment] == 0 { 0.0 } else { unzeroed[index] };
+                        assert_eq!(value, target[index], "{h}x{w} r={radius}: marked scatter {index}");
+                    }
                     let mut expected_target = vec![0.0f32; len];
                     for index in 0..len {
                         let m = mask_at(index);
