@@ -388,13 +388,10 @@ pub(crate) fn masked_scatter(
     touched: Option<(&mut [u8], usize)>,
 ) {
     let chunk = plane_chunk(target.len(), plane);
-    let (mut touched, segment) = match touched {
-        Some((touched, segment)) => (Some(touched), segment.max(1)),
-        None => (None, 1),
-    };
+    let segment = touched.as_ref().map_or(1, |(_, segment)| (*segment).max(1));
     let segments = plane.div_ceil(segment);
-    let marks: Vec<Option<&mut [u8]>> = match touched.as_deref_mut() {
-        Some(touched) => touched.chunks_mut(chunk / plane * segments).map(Some).collect(),
+    let marks: Vec<Option<&mut [u8]>> = match touched {
+        Some((touched, _)) => touched.chunks_mut(chunk / plane * segments).map(Some).collect(),
         None => (0..target.len().div_ceil(chunk)).map(|_| None).collect(),
     };
     let parts: Vec<_> = winners.chunks(chunk).zip(target.chunks_mut(chunk)).zip(marks).enumerate().collect();
